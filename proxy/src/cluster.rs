@@ -1,0 +1,412 @@
+//! A running cluster: its endpoints' state, how one is picked for a new connection, and how failures
+//! take endpoints out of rotation.
+//!
+//! Three things decide whether an endpoint is *routable*: the active health check (a TCP connect every
+//! `interval`, with healthy/unhealthy thresholds), passive outlier ejection (N consecutive connect
+//! failures from real traffic eject it for a while), and nothing else. [`Cluster::connect`] picks a
+//! routable endpoint by the load-balancing policy and, when the connect fails or times out, moves on to
+//! the next one. When no endpoint is routable at all, every endpoint is tried ("panic routing", as Envoy
+//! does), because a health check that is wrong about every endpoint should not stop all traffic.
+//!
+//! Endpoint state lives in [`Endpoint`]s shared by `Arc`: a reload that keeps an endpoint keeps its
+//! health, ejection and connection count.
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use keel_schemas::config::{Cluster as ClusterConfig, HealthCheck, LoadBalancing};
+use keel_schemas::types::HostPort;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::{ClusterMetrics, EndpointMetrics, Metrics};
+
+/// Longest an ejection lasts, in multiples of the base ejection time.
+const MAX_EJECTION_MULTIPLIER: u32 = 10;
+
+/// What the active health check last concluded about an endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Health {
+    /// Not checked yet (or no health check configured): routable.
+    Unknown = 0,
+    Healthy = 1,
+    Unhealthy = 2,
+}
+
+impl Health {
+    fn from_u8(value: u8) -> Self {
+        match value {
+            1 => Health::Healthy,
+            2 => Health::Unhealthy,
+            _ => Health::Unknown,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Unknown => "unknown",
+            Health::Healthy => "healthy",
+            Health::Unhealthy => "unhealthy",
+        }
+    }
+}
+
+/// Milliseconds on tokio's clock since the first call; ejection deadlines are stored as these so they fit
+/// in an atomic. tokio's clock (not std's) so that tests with a paused clock can step through ejections.
+fn now_millis() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    let epoch = *EPOCH.get_or_init(Instant::now);
+    u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// One upstream address and everything known about it.
+pub struct Endpoint {
+    pub address: HostPort,
+    label: String,
+    active: AtomicUsize,
+    health: AtomicU8,
+    consecutive_failures: AtomicU32,
+    /// `now_millis()` until which the endpoint is ejected; 0 when it is not.
+    ejected_until: AtomicU64,
+    /// Ejections since the endpoint last accepted a connection; scales the next ejection's length.
+    ejections: AtomicU32,
+    metrics: EndpointMetrics,
+}
+
+impl fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("address", &self.label)
+            .field("health", &self.health())
+            .field("active", &self.active())
+            .finish()
+    }
+}
+
+impl Endpoint {
+    fn new(address: HostPort, metrics: EndpointMetrics) -> Self {
+        metrics.healthy.set(1.0);
+        Self {
+            label: address.to_string(),
+            address,
+            active: AtomicUsize::new(0),
+            health: AtomicU8::new(Health::Unknown as u8),
+            consecutive_failures: AtomicU32::new(0),
+            ejected_until: AtomicU64::new(0),
+            ejections: AtomicU32::new(0),
+            metrics,
+        }
+    }
+
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    pub fn health(&self) -> Health {
+        Health::from_u8(self.health.load(Ordering::Relaxed))
+    }
+
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    pub fn is_ejected(&self) -> bool {
+        self.ejected_until.load(Ordering::Relaxed) > now_millis()
+    }
+
+    /// Healthy (or unchecked) and not ejected.
+    pub fn is_routable(&self) -> bool {
+        self.health() != Health::Unhealthy && !self.is_ejected()
+    }
+
+    fn refresh_gauge(&self) {
+        self.metrics.healthy.set(if self.is_routable() { 1.0 } else { 0.0 });
+    }
+
+    fn set_health(&self, health: Health) {
+        self.health.store(health as u8, Ordering::Relaxed);
+        self.refresh_gauge();
+    }
+}
+
+/// An open upstream connection. Dropping it gives back the endpoint's and cluster's connection counts.
+#[derive(Debug)]
+pub struct Upstream {
+    pub stream: TcpStream,
+    pub endpoint: Arc<Endpoint>,
+    cluster_metrics: ClusterMetrics,
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.endpoint.active.fetch_sub(1, Ordering::Relaxed);
+        self.cluster_metrics.active.decrement(1.0);
+    }
+}
+
+/// Why no upstream connection could be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("cluster {cluster}: every endpoint was tried")]
+    Exhausted { cluster: String },
+    #[error("cluster {cluster}: {attempts} connect attempt(s) failed, the last to {endpoint}: {error}")]
+    Failed { cluster: String, attempts: u32, endpoint: String, error: io::Error },
+}
+
+/// A cluster as it runs: its config, endpoints and counters.
+pub struct Cluster {
+    pub config: ClusterConfig,
+    endpoints: Vec<Arc<Endpoint>>,
+    next: AtomicUsize,
+    metrics: ClusterMetrics,
+    /// Stops this cluster's health-check tasks.
+    health_checks: CancellationToken,
+}
+
+impl fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Cluster").field("name", &self.config.name).field("endpoints", &self.endpoints).finish()
+    }
+}
+
+impl Cluster {
+    /// Builds a cluster, keeping the state of every endpoint that `previous` already had.
+    pub fn new(config: ClusterConfig, previous: Option<&Cluster>, metrics: &Metrics) -> Self {
+        let endpoints = config
+            .endpoints
+            .iter()
+            .map(|address| {
+                previous
+                    .and_then(|old| old.endpoints.iter().find(|e| e.address == *address))
+                    .cloned()
+                    .unwrap_or_else(|| {
+                        let labels = EndpointMetrics::new(metrics, &config.name, &address.to_string());
+                        Arc::new(Endpoint::new(address.clone(), labels))
+                    })
+            })
+            .collect();
+        Self {
+            metrics: ClusterMetrics::new(metrics, &config.name),
+            config,
+            endpoints,
+            next: AtomicUsize::new(0),
+            health_checks: CancellationToken::new(),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    pub fn endpoints(&self) -> &[Arc<Endpoint>] {
+        &self.endpoints
+    }
+
+    pub fn metrics(&self) -> &ClusterMetrics {
+        &self.metrics
+    }
+
+    /// Starts one health-check task per endpoint, if the cluster has a health check.
+    pub fn start_health_checks(self: &Arc<Self>) {
+        let Some(check) = self.config.health_check.clone() else { return };
+        for endpoint in &self.endpoints {
+            let (cluster, endpoint, check) = (Arc::clone(self), Arc::clone(endpoint), check.clone());
+            tokio::spawn(async move {
+                let stop = cluster.health_checks.clone();
+                tokio::select! {
+                    () = stop.cancelled() => {}
+                    () = cluster.health_check_loop(&endpoint, &check) => {}
+                }
+            });
+        }
+    }
+
+    /// Stops the health checks; the cluster keeps serving connections already made.
+    pub fn stop_health_checks(&self) {
+        self.health_checks.cancel();
+    }
+
+    async fn health_check_loop(&self, endpoint: &Endpoint, check: &HealthCheck) {
+        let (mut successes, mut failures) = (0u32, 0u32);
+        loop {
+            let ok = matches!(
+                tokio::time::timeout(check.timeout.get(), connect_to(&endpoint.address)).await,
+                Ok(Ok(_))
+            );
+            if self.health_checks.is_cancelled() {
+                return;
+            }
+            let before = endpoint.health();
+            let after = if ok {
+                self.metrics.health_checks_ok.increment(1);
+                (successes, failures) = (successes + 1, 0);
+                // A passing active check lifts an outlier ejection, as Envoy does by default.
+                endpoint.ejected_until.store(0, Ordering::Relaxed);
+                match before {
+                    Health::Unhealthy if successes < check.healthy_threshold => Health::Unhealthy,
+                    _ => Health::Healthy,
+                }
+            } else {
+                self.metrics.health_checks_failed.increment(1);
+                (successes, failures) = (0, failures + 1);
+                match before {
+                    Health::Healthy if failures < check.unhealthy_threshold => Health::Healthy,
+                    _ => Health::Unhealthy,
+                }
+            };
+            if after != before {
+                tracing::info!(
+                    cluster = %self.config.name, endpoint = %endpoint.label,
+                    from = before.as_str(), to = after.as_str(), "endpoint health changed"
+                );
+            }
+            endpoint.set_health(after);
+            // Up to 10% jitter keeps the checks of many proxies from lining up.
+            let interval = check.interval.get();
+            let jitter = interval.mul_f64(fastrand::f64() * 0.1);
+            tokio::time::sleep(interval + jitter).await;
+        }
+    }
+
+    /// Picks the next endpoint to try, skipping `tried`.
+    fn pick(&self, tried: &[usize]) -> Option<usize> {
+        let count = self.endpoints.len();
+        let untried = |i: &usize| !tried.contains(i);
+        let mut candidates: Vec<usize> =
+            (0..count).filter(untried).filter(|&i| self.endpoints[i].is_routable()).collect();
+        if candidates.is_empty() && !self.endpoints.iter().any(|e| e.is_routable()) {
+            candidates = (0..count).filter(untried).collect();
+        }
+        if candidates.is_empty() {
+            return None;
+        }
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        Some(match self.config.load_balancing {
+            LoadBalancing::RoundRobin => {
+                // The first candidate at or after the rotating position.
+                let position = start % count;
+                *candidates.iter().find(|&&i| i >= position).unwrap_or(&candidates[0])
+            }
+            LoadBalancing::LeastConnections => {
+                // Ties go round-robin, so equal endpoints share the load.
+                let offset = start % candidates.len();
+                let rotated = candidates[offset..].iter().chain(&candidates[..offset]);
+                *rotated.min_by_key(|&&i| self.endpoints[i].active()).expect("candidates is not empty")
+            }
+            LoadBalancing::Random => candidates[fastrand::usize(..candidates.len())],
+        })
+    }
+
+    /// Connects to an endpoint, trying up to `connect_attempts` different ones.
+    pub async fn connect(&self) -> Result<Upstream, ConnectError> {
+        let timeout = self.config.connect_timeout.get();
+        let mut tried = Vec::with_capacity(self.config.connect_attempts as usize);
+        let mut last_error = None;
+        while tried.len() < self.config.connect_attempts as usize {
+            let Some(index) = self.pick(&tried) else { break };
+            tried.push(index);
+            let endpoint = &self.endpoints[index];
+            let started = Instant::now();
+            let result = match tokio::time::timeout(timeout, connect_to(&endpoint.address)).await {
+                Ok(result) => result,
+                Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, format!("no answer within {timeout:?}"))),
+            };
+            match result {
+                Ok(stream) => {
+                    self.metrics.connect_duration.record(started.elapsed().as_secs_f64());
+                    self.metrics.connections.increment(1);
+                    self.metrics.active.increment(1.0);
+                    endpoint.active.fetch_add(1, Ordering::Relaxed);
+                    self.record_success(endpoint);
+                    return Ok(Upstream {
+                        stream,
+                        endpoint: Arc::clone(endpoint),
+                        cluster_metrics: self.metrics.clone(),
+                    });
+                }
+                Err(error) => {
+                    self.metrics.connect_failures.increment(1);
+                    tracing::debug!(cluster = %self.config.name, endpoint = %endpoint.label, %error, "connect failed");
+                    self.record_failure(endpoint);
+                    last_error = Some((endpoint.label.clone(), error));
+                }
+            }
+        }
+        self.metrics.no_endpoint.increment(1);
+        let cluster = self.config.name.clone();
+        Err(match last_error {
+            Some((endpoint, error)) => {
+                ConnectError::Failed { cluster, attempts: tried.len() as u32, endpoint, error }
+            }
+            None => ConnectError::Exhausted { cluster },
+        })
+    }
+
+    fn record_success(&self, endpoint: &Endpoint) {
+        endpoint.consecutive_failures.store(0, Ordering::Relaxed);
+        endpoint.ejections.store(0, Ordering::Relaxed);
+    }
+
+    fn record_failure(&self, endpoint: &Arc<Endpoint>) {
+        let Some(outlier) = &self.config.outlier_detection else { return };
+        let failures = endpoint.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if failures < outlier.consecutive_failures || endpoint.is_ejected() {
+            return;
+        }
+        let ejected_now = self.endpoints.iter().filter(|e| e.is_ejected()).count();
+        let allowed = (self.endpoints.len() * usize::from(outlier.max_ejection_percent) / 100).max(1);
+        if ejected_now >= allowed {
+            return;
+        }
+        let ejections = endpoint.ejections.fetch_add(1, Ordering::Relaxed) + 1;
+        let length = outlier.base_ejection_time.get() * ejections.min(MAX_EJECTION_MULTIPLIER);
+        let until = now_millis() + u64::try_from(length.as_millis()).unwrap_or(u64::MAX / 2);
+        endpoint.ejected_until.store(until, Ordering::Relaxed);
+        endpoint.consecutive_failures.store(0, Ordering::Relaxed);
+        endpoint.metrics.ejections.increment(1);
+        endpoint.refresh_gauge();
+        tracing::warn!(
+            cluster = %self.config.name, endpoint = %endpoint.label, failures, ejection = ?length,
+            "endpoint ejected after consecutive connect failures"
+        );
+        // Put the gauge back when the ejection ends, unless something else changed it meanwhile.
+        let endpoint = Arc::clone(endpoint);
+        tokio::spawn(async move {
+            tokio::time::sleep(length + Duration::from_millis(1)).await;
+            endpoint.refresh_gauge();
+        });
+    }
+}
+
+/// Opens a TCP connection to a host:port, resolving a name if it is one, with Nagle off: the relay
+/// forwards what it reads at once, and coalescing would only add latency.
+pub async fn connect_to(address: &HostPort) -> io::Result<TcpStream> {
+    let stream = match address.socket_addr() {
+        Some(addr) => TcpStream::connect(addr).await?,
+        None => {
+            let host = address.to_string();
+            let addrs: Vec<SocketAddr> = tokio::net::lookup_host(&host).await?.collect();
+            let mut last = io::Error::new(io::ErrorKind::NotFound, format!("{host} resolved to no address"));
+            let mut connected = None;
+            for addr in addrs {
+                match TcpStream::connect(addr).await {
+                    Ok(stream) => {
+                        connected = Some(stream);
+                        break;
+                    }
+                    Err(error) => last = error,
+                }
+            }
+            connected.ok_or(last)?
+        }
+    };
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}

@@ -1,0 +1,141 @@
+//! `proxy`: parse arguments, set up logging and signals, and hand over to the `keel_proxy` library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use keel_proxy::source::{self, LoadError, Loaded};
+use keel_proxy::{ProcessEnvironment, Proxy, Shutdown};
+
+#[derive(Parser)]
+#[command(name = "proxy", version, about = "Keel: a config-driven sidecar proxy")]
+struct Cli {
+    /// keel.yaml to run; without it, the embedded quickstart config runs.
+    #[arg(long, short, env = "KEEL_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    /// Log format.
+    #[arg(long, value_enum, default_value = "text", env = "KEEL_LOG_FORMAT", global = true)]
+    log_format: LogFormat,
+    /// Log filter, such as `info` or `keel_proxy=debug,info`.
+    #[arg(long, default_value = "info", env = "KEEL_LOG", global = true)]
+    log_level: String,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check a config file and print OK or every error; binds nothing.
+    Validate,
+    /// Print the JSON Schema of keel.yaml.
+    Schema,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Validate) => validate(cli.config),
+        Some(Command::Schema) => {
+            print!("{}", keel_schemas::json_schema_text());
+            ExitCode::SUCCESS
+        }
+        None => {
+            init_logging(cli.log_format, &cli.log_level);
+            match run(cli.config) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    tracing::error!("{error:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn load(config: Option<&PathBuf>) -> Result<Loaded, LoadError> {
+    match config {
+        Some(path) => source::load_file(path, &ProcessEnvironment),
+        None => source::load_text(keel_proxy::EMBEDDED_CONFIG, "embedded:quickstart.yaml", &ProcessEnvironment),
+    }
+}
+
+fn validate(config: Option<PathBuf>) -> ExitCode {
+    let Some(path) = config else {
+        eprintln!("proxy validate needs --config FILE");
+        return ExitCode::from(2);
+    };
+    match load(Some(&path)) {
+        Ok(_) => {
+            println!("OK");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("{error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat, filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|error| {
+        eprintln!("invalid --log-level {filter:?} ({error}); using info");
+        tracing_subscriber::EnvFilter::new("info")
+    });
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let loaded = load(config.as_ref()).map_err(|error| anyhow::anyhow!("{error}"))?;
+        let source = match &config {
+            Some(path) => source::file_source_name(path),
+            None => "embedded:quickstart.yaml".to_string(),
+        };
+        let proxy = Proxy::new(Arc::new(ProcessEnvironment), config.clone());
+        let admin = keel_proxy::bind_admin(&loaded.config).context("cannot bind the admin API")?;
+        proxy.apply(loaded.config, &source, &loaded.version).await?;
+        tokio::spawn(handle_signals(proxy.clone()));
+        keel_proxy::serve(proxy, admin).await?;
+        Ok(())
+    })
+}
+
+/// SIGTERM/SIGINT: graceful shutdown, a second one: fast. SIGHUP: reload the config file.
+async fn handle_signals(proxy: Proxy) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) =
+        (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup()))
+    else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    let mut stopping = false;
+    loop {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+            _ = hup.recv() => {
+                match proxy.reload().await {
+                    Ok(report) => tracing::info!(version = %report.version, "SIGHUP: config reloaded"),
+                    Err(error) => tracing::warn!(%error, "SIGHUP: reload failed"),
+                }
+                continue;
+            }
+        }
+        proxy.shutdown(if stopping { Shutdown::Fast } else { Shutdown::Graceful });
+        stopping = true;
+    }
+}

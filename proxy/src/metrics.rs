@@ -1,0 +1,220 @@
+//! The proxy's Prometheus metrics: names, help texts, and the handles the hot paths hold.
+//!
+//! Each [`Proxy`](crate::Proxy) owns one [`Metrics`] with its own recorder rather than a process-global
+//! one, so tests can run several proxies in one process and read each one's output. Hot paths never look a
+//! metric up by name: a listener or cluster is given its [`ListenerMetrics`] / [`ClusterMetrics`] once,
+//! and each update is an atomic add on a handle.
+
+use std::fmt;
+
+use metrics::{Counter, Gauge, Histogram, Key, Label, Metadata, Recorder, SharedString, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+
+const CONNECT_DURATION: &str = "keel_cluster_upstream_connect_duration_seconds";
+
+/// Connect-time histogram buckets, in seconds: loopback connects take tens of microseconds, a connect
+/// timeout several seconds.
+const CONNECT_BUCKETS: [f64; 14] =
+    [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
+
+/// Every metric the proxy exports: name, kind, unit and help text.
+const DESCRIPTIONS: &[(&str, Kind, Unit, &str)] = &[
+    ("keel_build_info", Kind::Gauge, Unit::Count, "Always 1; the version label says which build runs."),
+    ("keel_server_ready", Kind::Gauge, Unit::Count, "1 while listeners are up and the proxy is not draining."),
+    ("keel_config_reloads_total", Kind::Counter, Unit::Count, "Configs applied, by source."),
+    ("keel_config_reload_failures_total", Kind::Counter, Unit::Count, "Configs rejected, by source."),
+    ("keel_config_last_reload_success_timestamp_seconds", Kind::Gauge, Unit::Seconds, "When the running config was applied."),
+    ("keel_listener_downstream_connections_total", Kind::Counter, Unit::Count, "Connections accepted."),
+    ("keel_listener_downstream_connections_active", Kind::Gauge, Unit::Count, "Connections open now."),
+    ("keel_listener_downstream_connections_rejected_total", Kind::Counter, Unit::Count, "Connections closed at accept, by reason."),
+    ("keel_listener_downstream_received_bytes_total", Kind::Counter, Unit::Bytes, "Bytes received from clients."),
+    ("keel_listener_downstream_sent_bytes_total", Kind::Counter, Unit::Bytes, "Bytes sent to clients."),
+    ("keel_listener_accept_errors_total", Kind::Counter, Unit::Count, "Failed accept calls (such as running out of file descriptors)."),
+    ("keel_cluster_upstream_connections_total", Kind::Counter, Unit::Count, "Upstream connections established."),
+    ("keel_cluster_upstream_connections_active", Kind::Gauge, Unit::Count, "Upstream connections open now."),
+    ("keel_cluster_upstream_connect_failures_total", Kind::Counter, Unit::Count, "Upstream connect attempts that failed or timed out."),
+    ("keel_cluster_upstream_no_endpoint_total", Kind::Counter, Unit::Count, "Downstream connections refused because no endpoint could be reached."),
+    (CONNECT_DURATION, Kind::Histogram, Unit::Seconds, "Time to establish an upstream connection."),
+    ("keel_cluster_upstream_sent_bytes_total", Kind::Counter, Unit::Bytes, "Bytes sent to upstream endpoints."),
+    ("keel_cluster_upstream_received_bytes_total", Kind::Counter, Unit::Bytes, "Bytes received from upstream endpoints."),
+    ("keel_cluster_endpoint_healthy", Kind::Gauge, Unit::Count, "1 if the endpoint takes new connections (healthy and not ejected), else 0."),
+    ("keel_cluster_endpoint_ejections_total", Kind::Counter, Unit::Count, "Outlier ejections of the endpoint."),
+    ("keel_cluster_health_checks_total", Kind::Counter, Unit::Count, "Active health checks, by result."),
+];
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// The recorder and the renderer of one proxy's metrics.
+pub struct Metrics {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+}
+
+impl fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+static METADATA: Metadata<'static> = Metadata::new(module_path!(), metrics::Level::INFO, None);
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Full(CONNECT_DURATION.into()), &CONNECT_BUCKETS)
+            .expect("the bucket list is not empty")
+            .build_recorder();
+        for (name, kind, unit, help) in DESCRIPTIONS {
+            let (name, help) = (metrics::KeyName::from_const_str(name), SharedString::const_str(help));
+            match kind {
+                Kind::Counter => recorder.describe_counter(name, Some(*unit), help),
+                Kind::Gauge => recorder.describe_gauge(name, Some(*unit), help),
+                Kind::Histogram => recorder.describe_histogram(name, Some(*unit), help),
+            }
+        }
+        let handle = recorder.handle();
+        let metrics = Self { recorder, handle };
+        metrics.gauge("keel_build_info", &[("version", env!("CARGO_PKG_VERSION"))]).set(1.0);
+        metrics
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        self.handle.render()
+    }
+
+    pub fn counter(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Counter {
+        self.recorder.register_counter(&key(name, labels), &METADATA)
+    }
+
+    pub fn gauge(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Gauge {
+        self.recorder.register_gauge(&key(name, labels), &METADATA)
+    }
+
+    pub fn histogram(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Histogram {
+        self.recorder.register_histogram(&key(name, labels), &METADATA)
+    }
+}
+
+fn key(name: &'static str, labels: &[(&'static str, &str)]) -> Key {
+    let labels: Vec<Label> = labels.iter().map(|(k, v)| Label::new(*k, v.to_string())).collect();
+    Key::from_parts(name, labels)
+}
+
+/// Handles for one listener.
+#[derive(Clone, Debug)]
+pub struct ListenerMetrics {
+    pub accepted: Counter,
+    pub active: Gauge,
+    pub rejected_over_limit: Counter,
+    pub rejected_source: Counter,
+    pub received_bytes: Counter,
+    pub sent_bytes: Counter,
+    pub accept_errors: Counter,
+}
+
+impl ListenerMetrics {
+    pub fn new(metrics: &Metrics, listener: &str) -> Self {
+        let labels = [("listener", listener)];
+        let rejected = |reason| {
+            metrics.counter(
+                "keel_listener_downstream_connections_rejected_total",
+                &[("listener", listener), ("reason", reason)],
+            )
+        };
+        Self {
+            accepted: metrics.counter("keel_listener_downstream_connections_total", &labels),
+            active: metrics.gauge("keel_listener_downstream_connections_active", &labels),
+            rejected_over_limit: rejected("max_connections"),
+            rejected_source: rejected("source_not_allowed"),
+            received_bytes: metrics.counter("keel_listener_downstream_received_bytes_total", &labels),
+            sent_bytes: metrics.counter("keel_listener_downstream_sent_bytes_total", &labels),
+            accept_errors: metrics.counter("keel_listener_accept_errors_total", &labels),
+        }
+    }
+}
+
+/// Handles for one cluster.
+#[derive(Clone, Debug)]
+pub struct ClusterMetrics {
+    pub connections: Counter,
+    pub active: Gauge,
+    pub connect_failures: Counter,
+    pub no_endpoint: Counter,
+    pub connect_duration: Histogram,
+    pub sent_bytes: Counter,
+    pub received_bytes: Counter,
+    pub health_checks_ok: Counter,
+    pub health_checks_failed: Counter,
+}
+
+impl ClusterMetrics {
+    pub fn new(metrics: &Metrics, cluster: &str) -> Self {
+        let labels = [("cluster", cluster)];
+        let checks =
+            |result| metrics.counter("keel_cluster_health_checks_total", &[("cluster", cluster), ("result", result)]);
+        Self {
+            connections: metrics.counter("keel_cluster_upstream_connections_total", &labels),
+            active: metrics.gauge("keel_cluster_upstream_connections_active", &labels),
+            connect_failures: metrics.counter("keel_cluster_upstream_connect_failures_total", &labels),
+            no_endpoint: metrics.counter("keel_cluster_upstream_no_endpoint_total", &labels),
+            connect_duration: metrics.histogram(CONNECT_DURATION, &labels),
+            sent_bytes: metrics.counter("keel_cluster_upstream_sent_bytes_total", &labels),
+            received_bytes: metrics.counter("keel_cluster_upstream_received_bytes_total", &labels),
+            health_checks_ok: checks("success"),
+            health_checks_failed: checks("failure"),
+        }
+    }
+}
+
+/// Handles for one endpoint of a cluster.
+#[derive(Clone, Debug)]
+pub struct EndpointMetrics {
+    pub healthy: Gauge,
+    pub ejections: Counter,
+}
+
+impl EndpointMetrics {
+    pub fn new(metrics: &Metrics, cluster: &str, endpoint: &str) -> Self {
+        let labels = [("cluster", cluster), ("endpoint", endpoint)];
+        Self {
+            healthy: metrics.gauge("keel_cluster_endpoint_healthy", &labels),
+            ejections: metrics.counter("keel_cluster_endpoint_ejections_total", &labels),
+        }
+    }
+}
+
+/// Handles for the config apply path.
+#[derive(Clone, Debug)]
+pub struct ConfigMetrics {
+    pub ready: Gauge,
+    pub last_success: Gauge,
+}
+
+impl ConfigMetrics {
+    pub fn new(metrics: &Metrics) -> Self {
+        Self {
+            ready: metrics.gauge("keel_server_ready", &[]),
+            last_success: metrics.gauge("keel_config_last_reload_success_timestamp_seconds", &[]),
+        }
+    }
+
+    pub fn applied(metrics: &Metrics, source: &str) -> Counter {
+        metrics.counter("keel_config_reloads_total", &[("source", source)])
+    }
+
+    pub fn rejected(metrics: &Metrics, source: &str) -> Counter {
+        metrics.counter("keel_config_reload_failures_total", &[("source", source)])
+    }
+}

@@ -1,0 +1,431 @@
+//! The running proxy and its one apply path.
+//!
+//! Every config, whatever its source (a file, `POST /reload`, SIGHUP, later the control plane), reaches
+//! the listeners and clusters through [`Proxy::apply`], which takes only a [`ValidatedConfig`]:
+//!
+//! 1. diff it against the running config into typed changes ([`crate::diff`]);
+//! 2. bind the sockets of added listeners; if any bind fails, stop here: nothing has changed;
+//! 3. build the new cluster set (endpoints keep their state) and publish it through `ArcSwap`;
+//! 4. update listeners in place, start added ones, and drain removed ones with the drain deadline;
+//! 5. publish the applied config (version, source, time) for `/config_dump`.
+//!
+//! A config that fails validation or binding is recorded as the last rejected one, and the running config
+//! stays as it was. Applies are serialized by the listener-table lock; the data path never takes it.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use keel_schemas::{ConfigErrors, ConfigPath, Diagnostic, Environment, ValidatedConfig};
+use tokio::sync::{Mutex, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::cluster::Cluster;
+use crate::diff::{ClusterChange, ListenerChange, diff};
+use crate::listener::{self, RunningListener};
+use crate::metrics::{ConfigMetrics, Metrics};
+use crate::source;
+
+/// The clusters the data path reads, by name.
+pub type ClusterMap = HashMap<String, Arc<Cluster>>;
+
+/// The config that is running, and where it came from.
+#[derive(Debug)]
+pub struct Applied {
+    pub config: ValidatedConfig,
+    pub version: String,
+    pub source: String,
+    pub applied_at: SystemTime,
+}
+
+/// The last config that was refused, and why.
+#[derive(Debug)]
+pub struct Rejected {
+    pub version: Option<String>,
+    pub source: String,
+    pub rejected_at: SystemTime,
+    pub errors: Vec<String>,
+}
+
+/// How the proxy should stop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Shutdown {
+    /// Stop accepting, mark not ready, let connections finish within the drain timeout.
+    Graceful,
+    /// Close everything now.
+    Fast,
+}
+
+/// Why a config could not be applied.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("{0}")]
+    Bind(ConfigErrors),
+    #[error("the proxy is draining and takes no new config")]
+    Draining,
+}
+
+/// Why a reload did not apply a new config.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("no config file to reload: the proxy runs its embedded default config")]
+    NoSource,
+    #[error(transparent)]
+    Load(#[from] source::LoadError),
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+}
+
+/// What an apply did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApplyReport {
+    pub version: String,
+    pub summary: String,
+    pub changed: bool,
+}
+
+/// A handle to the running proxy; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Proxy {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    metrics: Metrics,
+    config_metrics: ConfigMetrics,
+    env: Arc<dyn Environment + Send + Sync>,
+    config_file: Option<PathBuf>,
+    applied: ArcSwapOption<Applied>,
+    rejected: ArcSwapOption<Rejected>,
+    clusters: Arc<ArcSwap<ClusterMap>>,
+    listeners: Mutex<HashMap<String, RunningListener>>,
+    draining: AtomicBool,
+    close_all: CancellationToken,
+    all_connections: TaskTracker,
+    shutdown: watch::Sender<Option<Shutdown>>,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy").field("config_file", &self.config_file).finish_non_exhaustive()
+    }
+}
+
+impl Proxy {
+    /// A proxy with nothing running yet. `config_file` is what reloads read; `None` for a config that
+    /// did not come from a file.
+    pub fn new(env: Arc<dyn Environment + Send + Sync>, config_file: Option<PathBuf>) -> Self {
+        let metrics = Metrics::new();
+        let config_metrics = ConfigMetrics::new(&metrics);
+        config_metrics.ready.set(0.0);
+        Self {
+            inner: Arc::new(Inner {
+                metrics,
+                config_metrics,
+                env,
+                config_file,
+                applied: ArcSwapOption::empty(),
+                rejected: ArcSwapOption::empty(),
+                clusters: Arc::new(ArcSwap::from_pointee(ClusterMap::new())),
+                listeners: Mutex::new(HashMap::new()),
+                draining: AtomicBool::new(false),
+                close_all: CancellationToken::new(),
+                all_connections: TaskTracker::new(),
+                shutdown: watch::channel(None).0,
+            }),
+        }
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    pub fn env(&self) -> &(dyn Environment + Send + Sync) {
+        &*self.inner.env
+    }
+
+    pub fn config_file(&self) -> Option<&PathBuf> {
+        self.inner.config_file.as_ref()
+    }
+
+    /// The running config, once one has been applied.
+    pub fn applied(&self) -> Option<Arc<Applied>> {
+        self.inner.applied.load_full()
+    }
+
+    pub fn last_rejected(&self) -> Option<Arc<Rejected>> {
+        self.inner.rejected.load_full()
+    }
+
+    pub fn clusters(&self) -> Arc<ClusterMap> {
+        self.inner.clusters.load_full()
+    }
+
+    /// Ready: a config is applied (so its listeners are bound) and the proxy is not draining.
+    pub fn is_ready(&self) -> bool {
+        self.inner.applied.load().is_some() && !self.is_draining()
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.inner.draining.load(Ordering::SeqCst)
+    }
+
+    /// Each listener's name, configured address, bound address and open connections.
+    pub async fn listeners(&self) -> Vec<ListenerStatus> {
+        let table = self.inner.listeners.lock().await;
+        let mut out: Vec<ListenerStatus> = table
+            .values()
+            .map(|listener| {
+                let settings = listener.settings.load();
+                ListenerStatus {
+                    name: settings.config.name.clone(),
+                    cluster: settings.config.cluster.clone(),
+                    configured: settings.config.address.0,
+                    bound: listener.local_addr,
+                    active_connections: listener.active_connections(),
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    /// The address a listener is bound to (useful with port 0).
+    pub async fn listener_addr(&self, name: &str) -> Option<SocketAddr> {
+        self.inner.listeners.lock().await.get(name).map(|listener| listener.local_addr)
+    }
+
+    /// Applies a validated config from `source`, labelled `version`.
+    pub async fn apply(&self, config: ValidatedConfig, source: &str, version: &str) -> Result<ApplyReport, ApplyError> {
+        let result = self.apply_inner(config, source, version).await;
+        match &result {
+            Ok(report) => {
+                ConfigMetrics::applied(&self.inner.metrics, source_kind(source)).increment(1);
+                let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+                self.inner.config_metrics.last_success.set(now.as_secs_f64());
+                self.refresh_ready_gauge();
+                tracing::info!(version = %report.version, source, changes = %report.summary, "config applied");
+            }
+            Err(ApplyError::Bind(errors)) => self.record_rejected(source, Some(version), errors),
+            Err(ApplyError::Draining) => {}
+        }
+        result
+    }
+
+    async fn apply_inner(&self, config: ValidatedConfig, source: &str, version: &str) -> Result<ApplyReport, ApplyError> {
+        let inner = &self.inner;
+        let mut table = inner.listeners.lock().await;
+        if self.is_draining() {
+            return Err(ApplyError::Draining);
+        }
+        let previous = inner.applied.load_full();
+        let empty = keel_schemas::Config::default();
+        let old = previous.as_ref().map_or(&empty, |applied| applied.config.config());
+        let changes = diff(old, config.config());
+        if changes.admin_address_changed && previous.is_some() {
+            tracing::warn!(
+                from = %old.admin.address, to = %config.admin.address,
+                "admin.address changes take effect on restart; the admin API stays where it is"
+            );
+        }
+
+        // Bind every new socket first: a failure here leaves the running config untouched.
+        let mut bound = Vec::new();
+        let mut failures = Vec::new();
+        for change in &changes.listeners {
+            if let ListenerChange::Added(listener) = change {
+                match listener::bind(listener.address.0) {
+                    Ok(socket) => bound.push((listener.clone(), socket)),
+                    Err(error) => {
+                        let index = config.listeners.iter().position(|l| l.name == listener.name).unwrap_or(0);
+                        let path = ConfigPath::root().key("listeners").index(index).key("address");
+                        failures.push(Diagnostic::new(path, format!("cannot bind {}: {error}", listener.address)));
+                    }
+                }
+            }
+        }
+        if !failures.is_empty() {
+            return Err(ApplyError::Bind(ConfigErrors { origin: source.to_string(), diagnostics: failures }));
+        }
+
+        // Clusters before listeners, so a listener never points at a cluster that is not there yet.
+        let mut clusters: ClusterMap = (**inner.clusters.load()).clone();
+        for change in &changes.clusters {
+            match change {
+                ClusterChange::Added(config) => {
+                    let cluster = Arc::new(Cluster::new(config.clone(), None, &inner.metrics));
+                    cluster.start_health_checks();
+                    clusters.insert(config.name.clone(), cluster);
+                }
+                ClusterChange::Updated { new, .. } => {
+                    let old = clusters.get(&new.name).cloned();
+                    let cluster = Arc::new(Cluster::new(new.clone(), old.as_deref(), &inner.metrics));
+                    if let Some(old) = old {
+                        old.stop_health_checks();
+                    }
+                    cluster.start_health_checks();
+                    clusters.insert(new.name.clone(), cluster);
+                }
+                ClusterChange::Removed(config) => {
+                    if let Some(old) = clusters.remove(&config.name) {
+                        old.stop_health_checks();
+                    }
+                }
+            }
+        }
+        inner.clusters.store(Arc::new(clusters));
+
+        let drain_timeout = config.drain_timeout.get();
+        for change in &changes.listeners {
+            match change {
+                ListenerChange::Updated { old, new } => {
+                    if let Some(running) = table.remove(&old.name) {
+                        running.update(new.clone(), &inner.metrics);
+                        table.insert(new.name.clone(), running);
+                    }
+                }
+                ListenerChange::Removed(old) => {
+                    if let Some(running) = table.remove(&old.name) {
+                        running.stop_accepting();
+                        tokio::spawn(async move {
+                            let closed = running.drain(drain_timeout).await;
+                            tracing::info!(listener = %running.name(), closed, "removed listener drained");
+                        });
+                    }
+                }
+                ListenerChange::Added(_) => {}
+            }
+        }
+        for (config, socket) in bound {
+            let name = config.name.clone();
+            let running = RunningListener::start(
+                socket,
+                config,
+                &inner.metrics,
+                Arc::clone(&inner.clusters),
+                inner.close_all.child_token(),
+                inner.all_connections.clone(),
+            );
+            match running {
+                Ok(running) => {
+                    tracing::info!(listener = %name, address = %running.local_addr, "listening");
+                    table.insert(name, running);
+                }
+                Err(error) => tracing::error!(listener = %name, %error, "listener socket failed after bind"),
+            }
+        }
+
+        let changed = !changes.is_empty();
+        inner.applied.store(Some(Arc::new(Applied {
+            config,
+            version: version.to_string(),
+            source: source.to_string(),
+            applied_at: SystemTime::now(),
+        })));
+        Ok(ApplyReport { version: version.to_string(), summary: changes.summary(), changed })
+    }
+
+    /// Records a config that was refused, for `/config_dump` and the metrics.
+    pub fn record_rejected(&self, source: &str, version: Option<&str>, errors: &ConfigErrors) {
+        ConfigMetrics::rejected(&self.inner.metrics, source_kind(source)).increment(1);
+        let lines = errors.lines();
+        tracing::warn!(source, errors = %lines.join("; "), "config rejected; the running config stays");
+        self.inner.rejected.store(Some(Arc::new(Rejected {
+            version: version.map(str::to_string),
+            source: source.to_string(),
+            rejected_at: SystemTime::now(),
+            errors: lines,
+        })));
+    }
+
+    /// Reads the config file again and applies it; a bad file is recorded as rejected.
+    pub async fn reload(&self) -> Result<ApplyReport, ReloadError> {
+        let path = self.inner.config_file.as_ref().ok_or(ReloadError::NoSource)?;
+        let source_name = source::file_source_name(path);
+        match source::load_file(path, self.env()) {
+            Ok(loaded) => Ok(self.apply(loaded.config, &source_name, &loaded.version).await?),
+            Err(error) => {
+                self.record_rejected(&source_name, error.version(), &error.as_config_errors(path));
+                Err(error.into())
+            }
+        }
+    }
+
+    /// Stops accepting everywhere, marks the proxy not ready, and waits up to the drain timeout for open
+    /// connections to finish before closing the rest. Returns how many had to be closed.
+    pub async fn drain(&self) -> usize {
+        let deadline = {
+            let table = self.inner.listeners.lock().await;
+            self.inner.draining.store(true, Ordering::SeqCst);
+            self.refresh_ready_gauge();
+            for listener in table.values() {
+                listener.stop_accepting();
+            }
+            self.applied().map_or(Duration::from_secs(25), |applied| applied.config.drain_timeout.get())
+        };
+        let tracker = &self.inner.all_connections;
+        tracker.close();
+        tracing::info!(open = tracker.len(), ?deadline, "draining");
+        if tokio::time::timeout(deadline, tracker.wait()).await.is_ok() {
+            tracing::info!("drained: every connection finished");
+            return 0;
+        }
+        let remaining = tracker.len();
+        tracing::warn!(remaining, "drain deadline reached; closing the remaining connections");
+        self.close_all_connections().await;
+        remaining
+    }
+
+    /// Closes every open connection now.
+    pub async fn close_all_connections(&self) {
+        self.inner.draining.store(true, Ordering::SeqCst);
+        self.refresh_ready_gauge();
+        for listener in self.inner.listeners.lock().await.values() {
+            listener.stop_accepting();
+        }
+        self.inner.close_all.cancel();
+        self.inner.all_connections.close();
+        self.inner.all_connections.wait().await;
+    }
+
+    /// Asks the proxy to stop; [`Proxy::stopped`] resolves with the request. A fast request overrides a
+    /// graceful one already under way.
+    pub fn shutdown(&self, kind: Shutdown) {
+        self.inner.shutdown.send_if_modified(|current| {
+            let upgrade = *current != Some(Shutdown::Fast) && *current != Some(kind);
+            if upgrade {
+                *current = Some(kind);
+            }
+            upgrade
+        });
+    }
+
+    /// Resolves with the next shutdown request.
+    pub fn shutdown_requests(&self) -> watch::Receiver<Option<Shutdown>> {
+        self.inner.shutdown.subscribe()
+    }
+
+    fn refresh_ready_gauge(&self) {
+        self.inner.config_metrics.ready.set(if self.is_ready() { 1.0 } else { 0.0 });
+    }
+}
+
+/// `file:/etc/keel.yaml` → `file`, for metric labels with a bounded set of values.
+fn source_kind(source: &str) -> &str {
+    source.split(':').next().unwrap_or(source)
+}
+
+/// One listener as `/listeners` shows it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ListenerStatus {
+    pub name: String,
+    pub cluster: String,
+    pub configured: SocketAddr,
+    pub bound: SocketAddr,
+    pub active_connections: usize,
+}

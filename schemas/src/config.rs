@@ -1,0 +1,232 @@
+//! The typed model of keel.yaml.
+//!
+//! Every struct is closed (`deny_unknown_fields`), so a misspelt key is an error rather than a silently
+//! ignored setting. Defaults live here, next to the fields, so a static file, a pushed snapshot and the
+//! generated JSON Schema agree on them. Doc comments become the schema's descriptions, which editors show.
+//!
+//! Sections that later capabilities add (`dns`, `tunnels`, `probes`, `reporters`, `control_plane`) slot in
+//! as further optional fields of [`Config`].
+
+use std::collections::BTreeMap;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::types::{BindAddress, Cidr, Duration, HostPort, Secret};
+
+/// A whole keel.yaml: what one proxy runs.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Who this proxy is: its identity in logs, metrics and towards the control plane.
+    #[serde(default)]
+    pub node: Node,
+    /// The admin HTTP API: readiness, config dump, metrics, reload and drain.
+    #[serde(default)]
+    pub admin: Admin,
+    /// TCP listeners, each relaying its connections to a cluster.
+    #[serde(default)]
+    pub listeners: Vec<Listener>,
+    /// Upstream clusters: groups of endpoints with load balancing and health checking.
+    #[serde(default)]
+    pub clusters: Vec<Cluster>,
+    /// How long open connections may take to finish on shutdown, drain, or the removal of their listener
+    /// before they are closed.
+    #[serde(default = "defaults::drain_timeout")]
+    pub drain_timeout: Duration,
+}
+
+/// The identity of this proxy.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Node {
+    /// Unique name of this proxy. Defaults to the host name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// The group this proxy belongs to (a Kubernetes cluster, a site).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<String>,
+    /// Labels the control plane selects configuration by.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// The admin API.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Admin {
+    /// Where the admin API listens. Keep it on loopback unless `token` is set.
+    #[serde(default = "defaults::admin_address")]
+    pub address: BindAddress,
+    /// Bearer token required by the mutating endpoints (`POST /reload`, `/drain`, `/quitquitquit`) and by
+    /// `/config_dump`. Without it, anyone who reaches the address may use them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<Secret>,
+    /// File holding the token (a Kubernetes Secret mount); surrounding whitespace is trimmed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<String>,
+}
+
+impl Default for Admin {
+    fn default() -> Self {
+        Self { address: defaults::admin_address(), token: None, token_file: None }
+    }
+}
+
+/// A TCP listener that relays each accepted connection to a cluster.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Listener {
+    /// Unique name, used in metrics and logs.
+    pub name: String,
+    /// Address to listen on.
+    pub address: BindAddress,
+    /// Name of the cluster connections are relayed to.
+    pub cluster: String,
+    /// Close a connection after this long without bytes in either direction; `0s` disables the timeout.
+    #[serde(default = "defaults::idle_timeout")]
+    pub idle_timeout: Duration,
+    /// Most connections open at once; further connections are accepted and closed at once. Unlimited
+    /// when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
+    /// Only accept clients from these networks; every client when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_sources: Vec<Cidr>,
+}
+
+/// A group of interchangeable upstream endpoints.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Cluster {
+    /// Unique name, referenced by listeners.
+    pub name: String,
+    /// Upstream addresses (`10.0.0.5:5432` or `db.internal:5432`; names are resolved at connect time).
+    pub endpoints: Vec<HostPort>,
+    /// How an endpoint is picked for each new connection.
+    #[serde(default)]
+    pub load_balancing: LoadBalancing,
+    /// Give up on an endpoint that has not accepted the connection within this time.
+    #[serde(default = "defaults::connect_timeout")]
+    pub connect_timeout: Duration,
+    /// Endpoints tried for one downstream connection before it is refused; each failed attempt moves on
+    /// to the next healthy endpoint.
+    #[serde(default = "defaults::connect_attempts")]
+    pub connect_attempts: u32,
+    /// Active TCP health checking; without it every endpoint counts as healthy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<HealthCheck>,
+    /// Passive ejection of endpoints that keep failing to connect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlier_detection: Option<OutlierDetection>,
+}
+
+/// Load-balancing policy.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum LoadBalancing {
+    /// Each endpoint in turn.
+    #[default]
+    RoundRobin,
+    /// The endpoint with the fewest open connections from this proxy.
+    LeastConnections,
+    /// An endpoint chosen uniformly at random.
+    Random,
+}
+
+/// Active health checking: a TCP connect to each endpoint every `interval`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    /// Time between checks of one endpoint.
+    #[serde(default = "defaults::health_interval")]
+    pub interval: Duration,
+    /// A check that has not connected within this time fails.
+    #[serde(default = "defaults::health_timeout")]
+    pub timeout: Duration,
+    /// Consecutive successes that bring an unhealthy endpoint back.
+    #[serde(default = "defaults::healthy_threshold")]
+    pub healthy_threshold: u32,
+    /// Consecutive failures that mark a healthy endpoint unhealthy.
+    #[serde(default = "defaults::unhealthy_threshold")]
+    pub unhealthy_threshold: u32,
+}
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        Self {
+            interval: defaults::health_interval(),
+            timeout: defaults::health_timeout(),
+            healthy_threshold: defaults::healthy_threshold(),
+            unhealthy_threshold: defaults::unhealthy_threshold(),
+        }
+    }
+}
+
+/// Passive outlier ejection on connect failures seen by real traffic.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OutlierDetection {
+    /// Consecutive connect failures that eject an endpoint.
+    #[serde(default = "defaults::consecutive_failures")]
+    pub consecutive_failures: u32,
+    /// How long the first ejection lasts; each further ejection of the same endpoint lasts once more as
+    /// long, up to ten times this.
+    #[serde(default = "defaults::base_ejection_time")]
+    pub base_ejection_time: Duration,
+    /// Most endpoints of the cluster ejected at once, in percent; one endpoint may always be ejected.
+    #[serde(default = "defaults::max_ejection_percent")]
+    pub max_ejection_percent: u8,
+}
+
+impl Default for OutlierDetection {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: defaults::consecutive_failures(),
+            base_ejection_time: defaults::base_ejection_time(),
+            max_ejection_percent: defaults::max_ejection_percent(),
+        }
+    }
+}
+
+/// Default values, named so that serde, the schema and the docs share them.
+pub mod defaults {
+    use crate::types::{BindAddress, Duration};
+
+    pub fn admin_address() -> BindAddress {
+        BindAddress(std::net::SocketAddr::from(([127, 0, 0, 1], 9901)))
+    }
+    pub fn drain_timeout() -> Duration {
+        Duration::from_secs(25)
+    }
+    pub fn idle_timeout() -> Duration {
+        Duration::from_secs(3600)
+    }
+    pub fn connect_timeout() -> Duration {
+        Duration::from_secs(5)
+    }
+    pub fn connect_attempts() -> u32 {
+        3
+    }
+    pub fn health_interval() -> Duration {
+        Duration::from_secs(5)
+    }
+    pub fn health_timeout() -> Duration {
+        Duration::from_secs(1)
+    }
+    pub fn healthy_threshold() -> u32 {
+        2
+    }
+    pub fn unhealthy_threshold() -> u32 {
+        3
+    }
+    pub fn consecutive_failures() -> u32 {
+        5
+    }
+    pub fn base_ejection_time() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn max_ejection_percent() -> u8 {
+        50
+    }
+}

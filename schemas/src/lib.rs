@@ -1,0 +1,44 @@
+//! Keel's contract: the typed model of keel.yaml that the proxy runs and the control plane serves.
+//!
+//! This crate does no I/O. Text comes in as a `&str`, the outside world (environment variables, secret
+//! files) through the [`Environment`] trait, and what comes out is either a [`ValidatedConfig`] or
+//! [`ConfigErrors`] naming every problem with its YAML path and line:column.
+//!
+//! - [`config`]: the structs, their defaults and docs (which become the JSON Schema's descriptions).
+//! - [`types`]: durations, addresses, CIDRs and secrets as keel.yaml spells them.
+//! - [`load`]: text → validated config; [`validate`](validate::validate): the semantic checks.
+//! - [`json_schema`]: the schema committed as `schemas/keel.schema.json` for editors.
+
+pub mod config;
+pub mod diagnostic;
+pub mod interpolate;
+pub mod load;
+pub mod types;
+pub mod validate;
+mod yaml;
+
+pub use config::Config;
+pub use diagnostic::{ConfigErrors, ConfigPath, Diagnostic, Location};
+pub use interpolate::{Environment, MapEnvironment};
+pub use load::{ValidatedConfig, load};
+
+/// The JSON Schema of keel.yaml, as committed in `schemas/keel.schema.json`.
+pub fn json_schema() -> serde_json::Value {
+    let mut schema = schemars::schema_for!(Config).to_value();
+    if let Some(object) = schema.as_object_mut() {
+        object.insert("title".into(), "keel.yaml".into());
+        object.insert(
+            "description".into(),
+            "Configuration of a Keel proxy. Unknown keys are errors; values may use ${VAR} and ${VAR:-default}."
+                .into(),
+        );
+    }
+    schema
+}
+
+/// The committed schema file, pretty-printed with a trailing newline.
+pub fn json_schema_text() -> String {
+    let mut text = serde_json::to_string_pretty(&json_schema()).expect("a JSON value always serializes");
+    text.push('\n');
+    text
+}

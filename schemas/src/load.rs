@@ -1,0 +1,187 @@
+//! The one road from keel.yaml text (or a typed [`Config`]) to a [`ValidatedConfig`].
+//!
+//! text → YAML tree with positions → interpolated JSON value → typed [`Config`] (structural errors
+//! collected section by section, list item by list item) → semantic [`validate`] → secrets read from their
+//! `*_file` fields. Any problem at any step makes the whole config rejected, with every problem listed.
+
+use std::ops::Deref;
+
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::config::{Admin, Cluster, Config, Listener, Node};
+use crate::diagnostic::{ConfigErrors, ConfigPath, Diagnostic, SourceMap};
+use crate::interpolate::Environment;
+use crate::types::{Duration, Secret};
+use crate::validate::validate;
+use crate::yaml;
+
+/// A config that passed every check and whose secrets are loaded. The only way to make one is
+/// [`load`] or [`ValidatedConfig::from_config`], so whatever applies a config knows it is whole.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ValidatedConfig(Config);
+
+impl ValidatedConfig {
+    /// Validates a config built in code (from environment shorthands, or decoded from a snapshot).
+    pub fn from_config(mut config: Config, origin: &str, env: &dyn Environment) -> Result<Self, ConfigErrors> {
+        let mut diagnostics = validate(&config);
+        if diagnostics.is_empty() {
+            diagnostics = resolve_secrets(&mut config, env);
+        }
+        if diagnostics.is_empty() {
+            Ok(Self(config))
+        } else {
+            Err(ConfigErrors { origin: origin.to_string(), diagnostics })
+        }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.0
+    }
+}
+
+impl Deref for ValidatedConfig {
+    type Target = Config;
+
+    fn deref(&self) -> &Config {
+        &self.0
+    }
+}
+
+/// Parses, interpolates, deserializes and validates keel.yaml text. `origin` names the source in error
+/// lines (usually the file name).
+pub fn load(text: &str, origin: &str, env: &dyn Environment) -> Result<ValidatedConfig, ConfigErrors> {
+    let fail = |diagnostics: Vec<Diagnostic>| ConfigErrors { origin: origin.to_string(), diagnostics };
+    let root = yaml::parse(text).map_err(|diagnostic| fail(vec![diagnostic]))?;
+    let converted = yaml::to_value(root.as_ref(), env);
+    let source_map = converted.source_map;
+    if !converted.diagnostics.is_empty() {
+        return Err(fail(converted.diagnostics));
+    }
+    let mut config: Config = match serde_path_to_error::deserialize(&converted.value) {
+        Ok(config) => config,
+        Err(first) => {
+            let mut diagnostics = structural_errors(&converted.value, &source_map);
+            if diagnostics.is_empty() {
+                diagnostics.push(serde_diagnostic(&ConfigPath::root(), &first, &source_map));
+            }
+            return Err(fail(diagnostics));
+        }
+    };
+    let mut diagnostics = validate(&config);
+    if diagnostics.is_empty() {
+        diagnostics = resolve_secrets(&mut config, env);
+    }
+    if diagnostics.is_empty() {
+        return Ok(ValidatedConfig(config));
+    }
+    for diagnostic in &mut diagnostics {
+        diagnostic.location = source_map.value(&diagnostic.path);
+    }
+    Err(fail(diagnostics))
+}
+
+/// Deserializes each top-level section, and each item of the list sections, on its own, so that one
+/// mistake does not hide the others. Serde stops at the first error within one item.
+fn structural_errors(value: &Value, source_map: &SourceMap) -> Vec<Diagnostic> {
+    let root = ConfigPath::root();
+    let Value::Object(sections) = value else {
+        let message = "keel.yaml must be a mapping of sections (node, admin, listeners, clusters, ...)";
+        return vec![Diagnostic::new(root.clone(), message).at(source_map.value(&root))];
+    };
+    let mut out = Vec::new();
+    for (key, value) in sections {
+        let path = root.key(key);
+        match key.as_str() {
+            "node" => check::<Node>(value, &path, source_map, &mut out),
+            "admin" => check::<Admin>(value, &path, source_map, &mut out),
+            "listeners" => check_each::<Listener>(value, &path, source_map, &mut out),
+            "clusters" => check_each::<Cluster>(value, &path, source_map, &mut out),
+            "drain_timeout" => check::<Duration>(value, &path, source_map, &mut out),
+            _ => out.push(
+                Diagnostic::new(
+                    path.clone(),
+                    format!("unknown key {key:?}, expected one of: {}", SECTIONS.join(", ")),
+                )
+                .at(source_map.key(&path)),
+            ),
+        }
+    }
+    out
+}
+
+/// The top-level keys of keel.yaml, as [`structural_errors`] knows them. A test checks this list against
+/// the fields of [`Config`].
+pub(crate) const SECTIONS: [&str; 5] = ["node", "admin", "listeners", "clusters", "drain_timeout"];
+
+fn check<T: DeserializeOwned>(value: &Value, path: &ConfigPath, source_map: &SourceMap, out: &mut Vec<Diagnostic>) {
+    if let Err(error) = serde_path_to_error::deserialize::<_, T>(value) {
+        out.push(serde_diagnostic(path, &error, source_map));
+    }
+}
+
+fn check_each<T: DeserializeOwned>(
+    value: &Value,
+    path: &ConfigPath,
+    source_map: &SourceMap,
+    out: &mut Vec<Diagnostic>,
+) {
+    match value {
+        Value::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                check::<T>(item, &path.index(i), source_map, out);
+            }
+        }
+        _ => check::<Vec<T>>(value, path, source_map, out),
+    }
+}
+
+/// Turns a serde error at `base` + its recorded path into a located diagnostic. Unknown keys point at
+/// the key; other errors at the value.
+fn serde_diagnostic(
+    base: &ConfigPath,
+    error: &serde_path_to_error::Error<serde_json::Error>,
+    source_map: &SourceMap,
+) -> Diagnostic {
+    let mut path = base.clone();
+    for segment in ConfigPath::from_serde(error.path()).segments() {
+        path = match segment {
+            crate::diagnostic::Segment::Key(key) => path.key(key.clone()),
+            crate::diagnostic::Segment::Index(index) => path.index(*index),
+        };
+    }
+    let message = error.inner().to_string();
+    // serde_json appends " at line 1 column 2" positions of its own in-memory value: meaningless here.
+    let message = match message.rfind(" at line ") {
+        Some(cut) => message[..cut].to_string(),
+        None => message,
+    };
+    if let Some(unknown) = message.strip_prefix("unknown field `") {
+        let name = unknown.split('`').next().unwrap_or_default();
+        let key_path = if path.segments().last() == Some(&crate::diagnostic::Segment::Key(name.to_string())) {
+            path.clone()
+        } else {
+            path.key(name)
+        };
+        let message = message.replacen("unknown field", "unknown key", 1);
+        return Diagnostic::new(key_path.clone(), message).at(source_map.key(&key_path));
+    }
+    let location = source_map.value(&path);
+    Diagnostic::new(path, message).at(location)
+}
+
+/// Reads every `*_file` secret into its sibling field.
+fn resolve_secrets(config: &mut Config, env: &dyn Environment) -> Vec<Diagnostic> {
+    let mut out = Vec::new();
+    if let Some(file) = &config.admin.token_file {
+        let path = ConfigPath::root().key("admin").key("token_file");
+        match env.read_file(file) {
+            Ok(contents) if contents.trim().is_empty() => {
+                out.push(Diagnostic::new(path, format!("{file}: the file is empty")));
+            }
+            Ok(contents) => config.admin.token = Some(Secret::new(contents.trim())),
+            Err(error) => out.push(Diagnostic::new(path, format!("cannot read {file}: {error}"))),
+        }
+    }
+    out
+}

@@ -1,0 +1,174 @@
+//! Semantic checks that the types alone cannot express: names, cross-references, duplicates, ranges.
+//!
+//! [`validate`] looks at the whole config and returns every problem at once, each with its path; the
+//! loader adds line:column from the source map. The same function guards a static file and a snapshot
+//! pushed by the control plane.
+
+use std::collections::HashMap;
+
+use crate::config::{Cluster, Config, HealthCheck, Listener, OutlierDetection};
+use crate::diagnostic::{ConfigPath, Diagnostic};
+use crate::types::Duration;
+
+/// Most characters in a listener, cluster or node name.
+const MAX_NAME_LEN: usize = 128;
+
+/// Every semantic problem in `config`, in document order.
+pub fn validate(config: &Config) -> Vec<Diagnostic> {
+    let mut problems = Problems::default();
+    let root = ConfigPath::root();
+
+    if let Some(id) = &config.node.id {
+        problems.check_name(&root.key("node").key("id"), id);
+    }
+    for (key, value) in &config.node.labels {
+        let path = root.key("node").key("labels").key(key);
+        if key.is_empty() || key.len() > 253 {
+            problems.push(&path, "label keys must have 1 to 253 characters");
+        }
+        if value.len() > 63 {
+            problems.push(&path, "label values must have at most 63 characters");
+        }
+    }
+    if config.admin.token.is_some() && config.admin.token_file.is_some() {
+        problems.push(&root.key("admin").key("token_file"), "set either token or token_file, not both");
+    }
+    if matches!(&config.admin.token, Some(token) if token.is_empty()) {
+        problems.push(&root.key("admin").key("token"), "the token is empty");
+    }
+
+    let clusters: HashMap<&str, usize> =
+        config.clusters.iter().enumerate().map(|(i, c)| (c.name.as_str(), i)).collect();
+    let mut seen_listeners: HashMap<&str, usize> = HashMap::new();
+    for (i, listener) in config.listeners.iter().enumerate() {
+        let path = root.key("listeners").index(i);
+        if let Some(first) = seen_listeners.insert(&listener.name, i) {
+            problems.push(
+                &path.key("name"),
+                format!("duplicate listener name {:?} (also listeners[{first}])", listener.name),
+            );
+        }
+        check_listener(&mut problems, &path, listener, &clusters);
+        let earlier = config.listeners[..i].iter().enumerate();
+        for (j, other) in earlier.filter(|(_, other)| other.address.overlaps(&listener.address)) {
+            problems.push(
+                &path.key("address"),
+                format!("address {} overlaps listeners[{j}] ({})", listener.address, other.address),
+            );
+        }
+        if listener.address.overlaps(&config.admin.address) {
+            problems.push(
+                &path.key("address"),
+                format!("address {} overlaps admin.address ({})", listener.address, config.admin.address),
+            );
+        }
+    }
+
+    let mut seen_clusters: HashMap<&str, usize> = HashMap::new();
+    for (i, cluster) in config.clusters.iter().enumerate() {
+        let path = root.key("clusters").index(i);
+        if let Some(first) = seen_clusters.insert(&cluster.name, i) {
+            problems.push(
+                &path.key("name"),
+                format!("duplicate cluster name {:?} (also clusters[{first}])", cluster.name),
+            );
+        }
+        check_cluster(&mut problems, &path, cluster);
+    }
+    if config.drain_timeout.is_zero() {
+        problems.push(&root.key("drain_timeout"), "must be longer than 0s");
+    }
+    problems.0
+}
+
+fn check_listener(problems: &mut Problems, path: &ConfigPath, listener: &Listener, clusters: &HashMap<&str, usize>) {
+    problems.check_name(&path.key("name"), &listener.name);
+    if !clusters.contains_key(listener.cluster.as_str()) {
+        let mut known: Vec<&str> = clusters.keys().copied().collect();
+        known.sort_unstable();
+        let hint = if known.is_empty() {
+            "no clusters are defined".to_string()
+        } else {
+            format!("defined: {}", known.join(", "))
+        };
+        problems.push(&path.key("cluster"), format!("no cluster named {:?} ({hint})", listener.cluster));
+    }
+    if listener.max_connections == Some(0) {
+        problems.push(&path.key("max_connections"), "must be at least 1 (leave it out for no limit)");
+    }
+}
+
+fn check_cluster(problems: &mut Problems, path: &ConfigPath, cluster: &Cluster) {
+    problems.check_name(&path.key("name"), &cluster.name);
+    if cluster.endpoints.is_empty() {
+        problems.push(&path.key("endpoints"), "a cluster needs at least one endpoint");
+    }
+    for (i, endpoint) in cluster.endpoints.iter().enumerate() {
+        let endpoint_path = path.key("endpoints").index(i);
+        if endpoint.port == 0 {
+            problems.push(&endpoint_path, "port 0 cannot be connected to");
+        }
+        if let Some(first) = cluster.endpoints[..i].iter().position(|other| other == endpoint) {
+            problems.push(&endpoint_path, format!("duplicate endpoint {endpoint} (also endpoints[{first}])"));
+        }
+    }
+    problems.check_positive(&path.key("connect_timeout"), cluster.connect_timeout);
+    if cluster.connect_attempts == 0 {
+        problems.push(&path.key("connect_attempts"), "must be at least 1");
+    }
+    if let Some(health) = &cluster.health_check {
+        check_health(problems, &path.key("health_check"), health);
+    }
+    if let Some(outlier) = &cluster.outlier_detection {
+        check_outlier(problems, &path.key("outlier_detection"), outlier);
+    }
+}
+
+fn check_health(problems: &mut Problems, path: &ConfigPath, health: &HealthCheck) {
+    problems.check_positive(&path.key("interval"), health.interval);
+    problems.check_positive(&path.key("timeout"), health.timeout);
+    if health.timeout > health.interval {
+        problems.push(
+            &path.key("timeout"),
+            format!("timeout {} is longer than interval {}", health.timeout, health.interval),
+        );
+    }
+    if health.healthy_threshold == 0 {
+        problems.push(&path.key("healthy_threshold"), "must be at least 1");
+    }
+    if health.unhealthy_threshold == 0 {
+        problems.push(&path.key("unhealthy_threshold"), "must be at least 1");
+    }
+}
+
+fn check_outlier(problems: &mut Problems, path: &ConfigPath, outlier: &OutlierDetection) {
+    if outlier.consecutive_failures == 0 {
+        problems.push(&path.key("consecutive_failures"), "must be at least 1");
+    }
+    problems.check_positive(&path.key("base_ejection_time"), outlier.base_ejection_time);
+    if outlier.max_ejection_percent > 100 {
+        problems.push(&path.key("max_ejection_percent"), "must be between 0 and 100");
+    }
+}
+
+#[derive(Default)]
+struct Problems(Vec<Diagnostic>);
+
+impl Problems {
+    fn push(&mut self, path: &ConfigPath, message: impl Into<String>) {
+        self.0.push(Diagnostic::new(path.clone(), message));
+    }
+
+    fn check_name(&mut self, path: &ConfigPath, name: &str) {
+        let valid_chars = name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if name.is_empty() || name.len() > MAX_NAME_LEN || !valid_chars {
+            self.push(path, format!("invalid name {name:?}: use 1 to {MAX_NAME_LEN} letters, digits, '-', '_' or '.'"));
+        }
+    }
+
+    fn check_positive(&mut self, path: &ConfigPath, duration: Duration) {
+        if duration.is_zero() {
+            self.push(path, "must be longer than 0s");
+        }
+    }
+}
