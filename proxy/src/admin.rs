@@ -80,7 +80,8 @@ async fn require_token(State(proxy): State<Proxy>, request: Request, next: Next)
             .get(header::AUTHORIZATION)
             .and_then(|value| value.to_str().ok())
             .and_then(|value| value.strip_prefix("Bearer "));
-        let authorized = presented.is_some_and(|token| same_secret(token.as_bytes(), expected.expose().as_bytes()));
+        let authorized =
+            presented.is_some_and(|token| same_secret(token.as_bytes(), expected.expose().as_bytes()));
         if !authorized {
             return (
                 StatusCode::UNAUTHORIZED,
@@ -128,10 +129,7 @@ async fn config_dump(State(proxy): State<Proxy>) -> Response {
 }
 
 async fn prometheus(State(proxy): State<Proxy>) -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
-        proxy.metrics().render(),
-    )
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], proxy.metrics().render())
         .into_response()
 }
 
@@ -210,9 +208,13 @@ async fn reload(State(proxy): State<Proxy>) -> Response {
             "changes": report.summary,
         }))
         .into_response(),
-        Err(ReloadError::NoSource) => (StatusCode::CONFLICT, format!("{}\n", ReloadError::NoSource)).into_response(),
-        Err(error) => (StatusCode::BAD_REQUEST, format!("config rejected; the running config stays:\n{error}\n"))
-            .into_response(),
+        Err(ReloadError::NoSource) => {
+            (StatusCode::CONFLICT, format!("{}\n", ReloadError::NoSource)).into_response()
+        }
+        Err(error) => {
+            (StatusCode::BAD_REQUEST, format!("config rejected; the running config stays:\n{error}\n"))
+                .into_response()
+        }
     }
 }
 

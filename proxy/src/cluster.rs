@@ -15,8 +15,8 @@ use std::fmt;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use keel_schemas::config::{Cluster as ClusterConfig, HealthCheck, LoadBalancing};
@@ -172,7 +172,10 @@ pub struct Cluster {
 
 impl fmt::Debug for Cluster {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Cluster").field("name", &self.config.name).field("endpoints", &self.endpoints).finish()
+        f.debug_struct("Cluster")
+            .field("name", &self.config.name)
+            .field("endpoints", &self.endpoints)
+            .finish()
     }
 }
 
@@ -316,7 +319,9 @@ impl Cluster {
             let started = Instant::now();
             let result = match tokio::time::timeout(timeout, connect_to(&endpoint.address)).await {
                 Ok(result) => result,
-                Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, format!("no answer within {timeout:?}"))),
+                Err(_) => {
+                    Err(io::Error::new(io::ErrorKind::TimedOut, format!("no answer within {timeout:?}")))
+                }
             };
             match result {
                 Ok(stream) => {

@@ -14,7 +14,10 @@ use keel_schemas::config::{Cluster, Listener};
 pub enum ListenerChange {
     Added(Listener),
     /// Same socket, new settings (possibly a new name).
-    Updated { old: Listener, new: Listener },
+    Updated {
+        old: Listener,
+        new: Listener,
+    },
     Removed(Listener),
 }
 
@@ -68,12 +71,11 @@ fn listener_key(listener: &Listener) -> ListenerKey {
 }
 
 pub fn diff(old: &Config, new: &Config) -> ConfigDiff {
-    let mut out = ConfigDiff {
-        admin_address_changed: old.admin.address != new.admin.address,
-        ..ConfigDiff::default()
-    };
+    let mut out =
+        ConfigDiff { admin_address_changed: old.admin.address != new.admin.address, ..ConfigDiff::default() };
 
-    let old_listeners: HashMap<ListenerKey, &Listener> = old.listeners.iter().map(|l| (listener_key(l), l)).collect();
+    let old_listeners: HashMap<ListenerKey, &Listener> =
+        old.listeners.iter().map(|l| (listener_key(l), l)).collect();
     let new_keys: Vec<ListenerKey> = new.listeners.iter().map(listener_key).collect();
     for (listener, key) in new.listeners.iter().zip(&new_keys) {
         match old_listeners.get(key) {
@@ -145,7 +147,9 @@ clusters:
         );
         let changes = diff(&config(BASE), &new);
         assert_eq!(changes.summary(), "+1 ~1 -1 listeners, +0 ~0 -0 clusters");
-        assert!(matches!(&changes.listeners[0], ListenerChange::Updated { old, new } if old.name == "a" && new.name == "renamed"));
+        assert!(
+            matches!(&changes.listeners[0], ListenerChange::Updated { old, new } if old.name == "a" && new.name == "renamed")
+        );
         assert!(matches!(&changes.listeners[1], ListenerChange::Added(l) if l.name == "c"));
         assert!(matches!(&changes.listeners[2], ListenerChange::Removed(l) if l.name == "b"));
     }
@@ -170,8 +174,12 @@ admin: {address: "127.0.0.1:9999"}
 
     #[test]
     fn port_zero_listeners_are_matched_by_name() {
-        let old = config("listeners:\n  - {name: a, address: \"127.0.0.1:0\", cluster: c}\n  - {name: b, address: \"127.0.0.1:0\", cluster: c}\nclusters:\n  - {name: c, endpoints: [\"127.0.0.1:1\"]}\n");
-        let new = config("listeners:\n  - {name: a, address: \"127.0.0.1:0\", cluster: c, idle_timeout: 1s}\nclusters:\n  - {name: c, endpoints: [\"127.0.0.1:1\"]}\n");
+        let old = config(
+            "listeners:\n  - {name: a, address: \"127.0.0.1:0\", cluster: c}\n  - {name: b, address: \"127.0.0.1:0\", cluster: c}\nclusters:\n  - {name: c, endpoints: [\"127.0.0.1:1\"]}\n",
+        );
+        let new = config(
+            "listeners:\n  - {name: a, address: \"127.0.0.1:0\", cluster: c, idle_timeout: 1s}\nclusters:\n  - {name: c, endpoints: [\"127.0.0.1:1\"]}\n",
+        );
         let changes = diff(&old, &new);
         assert_eq!(changes.summary(), "+0 ~1 -1 listeners, +0 ~0 -0 clusters");
     }

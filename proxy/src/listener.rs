@@ -185,7 +185,9 @@ impl AcceptLoop {
     fn admit(&self, stream: TcpStream, peer: SocketAddr) {
         let settings = self.settings.load_full();
         let config = &settings.config;
-        if !config.allowed_sources.is_empty() && !config.allowed_sources.iter().any(|net| net.contains(peer.ip())) {
+        if !config.allowed_sources.is_empty()
+            && !config.allowed_sources.iter().any(|net| net.contains(peer.ip()))
+        {
             settings.metrics.rejected_source.increment(1);
             tracing::debug!(listener = %config.name, %peer, "client not in allowed_sources; closed");
             return;

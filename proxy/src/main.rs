@@ -1,5 +1,8 @@
 //! `proxy`: parse arguments, set up logging and signals, and hand over to the `keel_proxy` library.
 
+// Printing results (OK, the schema) to stdout is this binary's job; libraries never print.
+#![allow(clippy::print_stdout)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -63,7 +66,9 @@ fn main() -> ExitCode {
 fn load(config: Option<&PathBuf>) -> Result<Loaded, LoadError> {
     match config {
         Some(path) => source::load_file(path, &ProcessEnvironment),
-        None => source::load_text(keel_proxy::EMBEDDED_CONFIG, "embedded:quickstart.yaml", &ProcessEnvironment),
+        None => {
+            source::load_text(keel_proxy::EMBEDDED_CONFIG, "embedded:quickstart.yaml", &ProcessEnvironment)
+        }
     }
 }
 

@@ -20,25 +20,85 @@ const CONNECT_BUCKETS: [f64; 14] =
 /// Every metric the proxy exports: name, kind, unit and help text.
 const DESCRIPTIONS: &[(&str, Kind, Unit, &str)] = &[
     ("keel_build_info", Kind::Gauge, Unit::Count, "Always 1; the version label says which build runs."),
-    ("keel_server_ready", Kind::Gauge, Unit::Count, "1 while listeners are up and the proxy is not draining."),
+    (
+        "keel_server_ready",
+        Kind::Gauge,
+        Unit::Count,
+        "1 while listeners are up and the proxy is not draining.",
+    ),
     ("keel_config_reloads_total", Kind::Counter, Unit::Count, "Configs applied, by source."),
     ("keel_config_reload_failures_total", Kind::Counter, Unit::Count, "Configs rejected, by source."),
-    ("keel_config_last_reload_success_timestamp_seconds", Kind::Gauge, Unit::Seconds, "When the running config was applied."),
+    (
+        "keel_config_last_reload_success_timestamp_seconds",
+        Kind::Gauge,
+        Unit::Seconds,
+        "When the running config was applied.",
+    ),
     ("keel_listener_downstream_connections_total", Kind::Counter, Unit::Count, "Connections accepted."),
     ("keel_listener_downstream_connections_active", Kind::Gauge, Unit::Count, "Connections open now."),
-    ("keel_listener_downstream_connections_rejected_total", Kind::Counter, Unit::Count, "Connections closed at accept, by reason."),
-    ("keel_listener_downstream_received_bytes_total", Kind::Counter, Unit::Bytes, "Bytes received from clients."),
+    (
+        "keel_listener_downstream_connections_rejected_total",
+        Kind::Counter,
+        Unit::Count,
+        "Connections closed at accept, by reason.",
+    ),
+    (
+        "keel_listener_downstream_received_bytes_total",
+        Kind::Counter,
+        Unit::Bytes,
+        "Bytes received from clients.",
+    ),
     ("keel_listener_downstream_sent_bytes_total", Kind::Counter, Unit::Bytes, "Bytes sent to clients."),
-    ("keel_listener_accept_errors_total", Kind::Counter, Unit::Count, "Failed accept calls (such as running out of file descriptors)."),
-    ("keel_cluster_upstream_connections_total", Kind::Counter, Unit::Count, "Upstream connections established."),
+    (
+        "keel_listener_accept_errors_total",
+        Kind::Counter,
+        Unit::Count,
+        "Failed accept calls (such as running out of file descriptors).",
+    ),
+    (
+        "keel_cluster_upstream_connections_total",
+        Kind::Counter,
+        Unit::Count,
+        "Upstream connections established.",
+    ),
     ("keel_cluster_upstream_connections_active", Kind::Gauge, Unit::Count, "Upstream connections open now."),
-    ("keel_cluster_upstream_connect_failures_total", Kind::Counter, Unit::Count, "Upstream connect attempts that failed or timed out."),
-    ("keel_cluster_upstream_no_endpoint_total", Kind::Counter, Unit::Count, "Downstream connections refused because no endpoint could be reached."),
+    (
+        "keel_cluster_upstream_connect_failures_total",
+        Kind::Counter,
+        Unit::Count,
+        "Upstream connect attempts that failed or timed out.",
+    ),
+    (
+        "keel_cluster_upstream_no_endpoint_total",
+        Kind::Counter,
+        Unit::Count,
+        "Downstream connections refused because no endpoint could be reached.",
+    ),
     (CONNECT_DURATION, Kind::Histogram, Unit::Seconds, "Time to establish an upstream connection."),
-    ("keel_cluster_upstream_sent_bytes_total", Kind::Counter, Unit::Bytes, "Bytes sent to upstream endpoints."),
-    ("keel_cluster_upstream_received_bytes_total", Kind::Counter, Unit::Bytes, "Bytes received from upstream endpoints."),
-    ("keel_cluster_endpoint_healthy", Kind::Gauge, Unit::Count, "1 if the endpoint takes new connections (healthy and not ejected), else 0."),
-    ("keel_cluster_endpoint_ejections_total", Kind::Counter, Unit::Count, "Outlier ejections of the endpoint."),
+    (
+        "keel_cluster_upstream_sent_bytes_total",
+        Kind::Counter,
+        Unit::Bytes,
+        "Bytes sent to upstream endpoints.",
+    ),
+    (
+        "keel_cluster_upstream_received_bytes_total",
+        Kind::Counter,
+        Unit::Bytes,
+        "Bytes received from upstream endpoints.",
+    ),
+    (
+        "keel_cluster_endpoint_healthy",
+        Kind::Gauge,
+        Unit::Count,
+        "1 if the endpoint takes new connections (healthy and not ejected), else 0.",
+    ),
+    (
+        "keel_cluster_endpoint_ejections_total",
+        Kind::Counter,
+        Unit::Count,
+        "Outlier ejections of the endpoint.",
+    ),
     ("keel_cluster_health_checks_total", Kind::Counter, Unit::Count, "Active health checks, by result."),
 ];
 
@@ -162,8 +222,9 @@ pub struct ClusterMetrics {
 impl ClusterMetrics {
     pub fn new(metrics: &Metrics, cluster: &str) -> Self {
         let labels = [("cluster", cluster)];
-        let checks =
-            |result| metrics.counter("keel_cluster_health_checks_total", &[("cluster", cluster), ("result", result)]);
+        let checks = |result| {
+            metrics.counter("keel_cluster_health_checks_total", &[("cluster", cluster), ("result", result)])
+        };
         Self {
             connections: metrics.counter("keel_cluster_upstream_connections_total", &labels),
             active: metrics.gauge("keel_cluster_upstream_connections_active", &labels),

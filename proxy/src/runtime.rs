@@ -201,11 +201,18 @@ impl Proxy {
     }
 
     /// Applies a validated config from `source`, labelled `version`.
-    pub async fn apply(&self, config: ValidatedConfig, source: &str, version: &str) -> Result<ApplyReport, ApplyError> {
+    pub async fn apply(
+        &self,
+        config: ValidatedConfig,
+        source: &str,
+        version: &str,
+    ) -> Result<ApplyReport, ApplyError> {
         let result = self.apply_inner(config, source, version).await;
         match &result {
             Ok(report) => {
                 ConfigMetrics::applied(&self.inner.metrics, source_kind(source)).increment(1);
+                // Registered at zero, so a dashboard sees the series before the first failure.
+                ConfigMetrics::rejected(&self.inner.metrics, source_kind(source)).increment(0);
                 let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
                 self.inner.config_metrics.last_success.set(now.as_secs_f64());
                 self.refresh_ready_gauge();
@@ -217,7 +224,12 @@ impl Proxy {
         result
     }
 
-    async fn apply_inner(&self, config: ValidatedConfig, source: &str, version: &str) -> Result<ApplyReport, ApplyError> {
+    async fn apply_inner(
+        &self,
+        config: ValidatedConfig,
+        source: &str,
+        version: &str,
+    ) -> Result<ApplyReport, ApplyError> {
         let inner = &self.inner;
         let mut table = inner.listeners.lock().await;
         if self.is_draining() {
@@ -242,9 +254,13 @@ impl Proxy {
                 match listener::bind(listener.address.0) {
                     Ok(socket) => bound.push((listener.clone(), socket)),
                     Err(error) => {
-                        let index = config.listeners.iter().position(|l| l.name == listener.name).unwrap_or(0);
+                        let index =
+                            config.listeners.iter().position(|l| l.name == listener.name).unwrap_or(0);
                         let path = ConfigPath::root().key("listeners").index(index).key("address");
-                        failures.push(Diagnostic::new(path, format!("cannot bind {}: {error}", listener.address)));
+                        failures.push(Diagnostic::new(
+                            path,
+                            format!("cannot bind {}: {error}", listener.address),
+                        ));
                     }
                 }
             }

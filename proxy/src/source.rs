@@ -48,7 +48,10 @@ impl LoadError {
             LoadError::Invalid { errors, .. } => errors.clone(),
             LoadError::Read { error, .. } => ConfigErrors {
                 origin: path.display().to_string(),
-                diagnostics: vec![Diagnostic::new(ConfigPath::root(), format!("cannot read the file: {error}"))],
+                diagnostics: vec![Diagnostic::new(
+                    ConfigPath::root(),
+                    format!("cannot read the file: {error}"),
+                )],
             },
         }
     }
@@ -101,6 +104,8 @@ pub async fn watch_file(proxy: Proxy) -> notify::Result<()> {
     })?;
     watcher.watch(&directory, notify::RecursiveMode::NonRecursive)?;
     tracing::info!(file = %path.display(), "watching the config file for changes");
+    // The file may have changed between the first load and the watch: look once now.
+    reload_if_changed(&proxy, &path).await;
     let mut shutdown = proxy.shutdown_requests();
     loop {
         tokio::select! {

@@ -23,7 +23,11 @@ pub struct ValidatedConfig(Config);
 
 impl ValidatedConfig {
     /// Validates a config built in code (from environment shorthands, or decoded from a snapshot).
-    pub fn from_config(mut config: Config, origin: &str, env: &dyn Environment) -> Result<Self, ConfigErrors> {
+    pub fn from_config(
+        mut config: Config,
+        origin: &str,
+        env: &dyn Environment,
+    ) -> Result<Self, ConfigErrors> {
         let mut diagnostics = validate(&config);
         if diagnostics.is_empty() {
             diagnostics = resolve_secrets(&mut config, env);
@@ -114,7 +118,12 @@ fn structural_errors(value: &Value, source_map: &SourceMap) -> Vec<Diagnostic> {
 /// the fields of [`Config`].
 pub(crate) const SECTIONS: [&str; 5] = ["node", "admin", "listeners", "clusters", "drain_timeout"];
 
-fn check<T: DeserializeOwned>(value: &Value, path: &ConfigPath, source_map: &SourceMap, out: &mut Vec<Diagnostic>) {
+fn check<T: DeserializeOwned>(
+    value: &Value,
+    path: &ConfigPath,
+    source_map: &SourceMap,
+    out: &mut Vec<Diagnostic>,
+) {
     if let Err(error) = serde_path_to_error::deserialize::<_, T>(value) {
         out.push(serde_diagnostic(path, &error, source_map));
     }

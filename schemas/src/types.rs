@@ -80,19 +80,18 @@ impl From<std::time::Duration> for Duration {
     }
 }
 
-const DURATION_UNITS: [(&str, u64); 5] = [
-    ("h", 3_600_000_000_000),
-    ("m", 60_000_000_000),
-    ("s", 1_000_000_000),
-    ("ms", 1_000_000),
-    ("us", 1_000),
-];
+const DURATION_UNITS: [(&str, u64); 5] =
+    [("h", 3_600_000_000_000), ("m", 60_000_000_000), ("s", 1_000_000_000), ("ms", 1_000_000), ("us", 1_000)];
 
 impl FromStr for Duration {
     type Err = String;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        let bad = || format!("invalid duration {text:?}: expected a number with a unit (h, m, s, ms, us), such as 5s or 1m30s");
+        let bad = || {
+            format!(
+                "invalid duration {text:?}: expected a number with a unit (h, m, s, ms, us), such as 5s or 1m30s"
+            )
+        };
         if text.is_empty() {
             return Err(bad());
         }
@@ -107,13 +106,9 @@ impl FromStr for Duration {
             rest = &rest[digits..];
             let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
             let unit = &rest[..unit_len];
-            let (_, scale) = DURATION_UNITS
-                .iter()
-                .find(|(name, _)| *name == unit)
-                .ok_or_else(bad)?;
-            nanos = nanos
-                .checked_add(number.checked_mul(u128::from(*scale)).ok_or_else(bad)?)
-                .ok_or_else(bad)?;
+            let (_, scale) = DURATION_UNITS.iter().find(|(name, _)| *name == unit).ok_or_else(bad)?;
+            nanos =
+                nanos.checked_add(number.checked_mul(u128::from(*scale)).ok_or_else(bad)?).ok_or_else(bad)?;
             rest = &rest[unit_len..];
         }
         let nanos = u64::try_from(nanos).map_err(|_| format!("duration {text:?} is too long"))?;
@@ -228,7 +223,11 @@ impl FromStr for HostPort {
     type Err = String;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        let bad = || format!("invalid address {text:?}: expected host:port, such as 10.0.0.5:5432, db.internal:5432 or [fd00::1]:5432");
+        let bad = || {
+            format!(
+                "invalid address {text:?}: expected host:port, such as 10.0.0.5:5432, db.internal:5432 or [fd00::1]:5432"
+            )
+        };
         if let Ok(addr) = text.parse::<SocketAddr>() {
             return Ok(Self { host: Host::Ip(addr.ip()), port: addr.port() });
         }
@@ -276,16 +275,17 @@ impl FromStr for Cidr {
     type Err = String;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        let bad = || format!("invalid CIDR {text:?}: expected an address and prefix length, such as 10.0.0.0/8 or fd00::/8");
+        let bad = || {
+            format!(
+                "invalid CIDR {text:?}: expected an address and prefix length, such as 10.0.0.0/8 or fd00::/8"
+            )
+        };
         if let Ok(ip) = text.parse::<IpAddr>() {
             return Ok(Self(ipnet::IpNet::from(ip)));
         }
         let net: ipnet::IpNet = text.parse().map_err(|_| bad())?;
         if net.trunc() != net {
-            return Err(format!(
-                "invalid CIDR {text:?}: host bits are set; did you mean {}?",
-                net.trunc()
-            ));
+            return Err(format!("invalid CIDR {text:?}: host bits are set; did you mean {}?", net.trunc()));
         }
         Ok(Self(net))
     }
@@ -362,7 +362,8 @@ mod tests {
 
     #[test]
     fn durations_parse_and_print() {
-        for (text, millis) in [("5s", 5_000), ("250ms", 250), ("1m30s", 90_000), ("2h", 7_200_000), ("0s", 0)] {
+        for (text, millis) in [("5s", 5_000), ("250ms", 250), ("1m30s", 90_000), ("2h", 7_200_000), ("0s", 0)]
+        {
             let parsed: Duration = text.parse().unwrap();
             assert_eq!(parsed.get(), std::time::Duration::from_millis(millis), "{text}");
             assert_eq!(parsed.to_string(), text);

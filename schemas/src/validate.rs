@@ -81,7 +81,12 @@ pub fn validate(config: &Config) -> Vec<Diagnostic> {
     problems.0
 }
 
-fn check_listener(problems: &mut Problems, path: &ConfigPath, listener: &Listener, clusters: &HashMap<&str, usize>) {
+fn check_listener(
+    problems: &mut Problems,
+    path: &ConfigPath,
+    listener: &Listener,
+    clusters: &HashMap<&str, usize>,
+) {
     problems.check_name(&path.key("name"), &listener.name);
     if !clusters.contains_key(listener.cluster.as_str()) {
         let mut known: Vec<&str> = clusters.keys().copied().collect();
@@ -162,7 +167,10 @@ impl Problems {
     fn check_name(&mut self, path: &ConfigPath, name: &str) {
         let valid_chars = name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
         if name.is_empty() || name.len() > MAX_NAME_LEN || !valid_chars {
-            self.push(path, format!("invalid name {name:?}: use 1 to {MAX_NAME_LEN} letters, digits, '-', '_' or '.'"));
+            self.push(
+                path,
+                format!("invalid name {name:?}: use 1 to {MAX_NAME_LEN} letters, digits, '-', '_' or '.'"),
+            );
         }
     }
 

@@ -169,17 +169,14 @@ fn convert(
 ) -> Value {
     out.source_map.insert(path.clone(), key_at, node.at);
     match &node.kind {
-        Kind::Scalar { text, style, tag } => scalar(text, *style, tag.as_ref(), env)
-            .unwrap_or_else(|message| {
+        Kind::Scalar { text, style, tag } => {
+            scalar(text, *style, tag.as_ref(), env).unwrap_or_else(|message| {
                 out.diagnostics.push(Diagnostic::new(path.clone(), message).at(Some(node.at)));
                 Value::Null
-            }),
+            })
+        }
         Kind::Seq(items) => Value::Array(
-            items
-                .iter()
-                .enumerate()
-                .map(|(i, item)| convert(item, &path.index(i), None, env, out))
-                .collect(),
+            items.iter().enumerate().map(|(i, item)| convert(item, &path.index(i), None, env, out)).collect(),
         ),
         Kind::Map(entries) => {
             let mut map = Map::new();
@@ -196,8 +193,9 @@ fn convert(
                     continue;
                 }
                 if map.contains_key(name) {
-                    out.diagnostics
-                        .push(Diagnostic::new(path.key(name), format!("duplicate key {name:?}")).at(Some(key.at)));
+                    out.diagnostics.push(
+                        Diagnostic::new(path.key(name), format!("duplicate key {name:?}")).at(Some(key.at)),
+                    );
                     continue;
                 }
                 let child = convert(value, &path.key(name), Some(key.at), env, out);
@@ -212,7 +210,13 @@ fn convert(
 }
 
 /// Applies a `<<: *anchor` (or a list of them): keys the mapping already has win.
-fn merge(source: &Node, map: &mut Map<String, Value>, path: &ConfigPath, env: &dyn Environment, out: &mut Converted) {
+fn merge(
+    source: &Node,
+    map: &mut Map<String, Value>,
+    path: &ConfigPath,
+    env: &dyn Environment,
+    out: &mut Converted,
+) {
     match &source.kind {
         Kind::Map(entries) => {
             for (key, value) in entries {
@@ -242,7 +246,10 @@ fn scalar(text: &str, style: ScalarStyle, tag: Option<&Tag>, env: &dyn Environme
     let text = interpolate(text, env)?;
     match tag {
         Some(tag) if tag.is_yaml_core_schema() && tag.suffix == "str" => Ok(Value::String(text.into_owned())),
-        Some(tag) if tag.is_yaml_core_schema() && ["int", "float", "bool", "null"].contains(&tag.suffix.as_str()) => {
+        Some(tag)
+            if tag.is_yaml_core_schema()
+                && ["int", "float", "bool", "null"].contains(&tag.suffix.as_str()) =>
+        {
             Ok(resolve_plain(&text))
         }
         Some(tag) => Err(format!("unsupported YAML tag {tag}")),
@@ -377,7 +384,9 @@ mod tests {
         let mut text = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
         for i in 1..8 {
             let p = i - 1;
-            text.push_str(&format!("a{i}: &a{i} [*a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}]\n"));
+            text.push_str(&format!(
+                "a{i}: &a{i} [*a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}]\n"
+            ));
         }
         let error = parse(&text).unwrap_err();
         assert!(error.to_string().contains("expand to more than"), "{error}");

@@ -103,28 +103,45 @@ fn an_unknown_key_in_any_table_is_rejected() {
 fn each_class_of_error_names_path_and_line_column() {
     let cases: &[(&str, &str)] = &[
         // unknown key, at the key
-        ("listeners:\n  - name: a\n    adress: 127.0.0.1:1\n", "keel.yaml:3:5: listeners[0].adress: unknown key `adress`"),
+        (
+            "listeners:\n  - name: a\n    adress: 127.0.0.1:1\n",
+            "keel.yaml:3:5: listeners[0].adress: unknown key `adress`",
+        ),
         // wrong type, at the value
-        ("clusters:\n  - name: c\n    endpoints: [127.0.0.1:1]\n    connect_attempts: many\n",
-         "keel.yaml:4:23: clusters[0].connect_attempts: invalid type: string \"many\", expected u32"),
+        (
+            "clusters:\n  - name: c\n    endpoints: [127.0.0.1:1]\n    connect_attempts: many\n",
+            "keel.yaml:4:23: clusters[0].connect_attempts: invalid type: string \"many\", expected u32",
+        ),
         // bad duration
         ("drain_timeout: 5\n", "keel.yaml:1:16: drain_timeout: invalid type: integer `5`, expected"),
         ("drain_timeout: 5 seconds\n", "keel.yaml:1:16: drain_timeout: invalid duration \"5 seconds\""),
         // bad address
-        ("admin:\n  address: localhost\n", "keel.yaml:2:12: admin.address: invalid address \"localhost\": expected IP:port"),
+        (
+            "admin:\n  address: localhost\n",
+            "keel.yaml:2:12: admin.address: invalid address \"localhost\": expected IP:port",
+        ),
         // bad enum
-        ("clusters:\n  - name: c\n    endpoints: [127.0.0.1:1]\n    load_balancing: fastest\n",
-         "keel.yaml:4:21: clusters[0].load_balancing: unknown variant `fastest`"),
+        (
+            "clusters:\n  - name: c\n    endpoints: [127.0.0.1:1]\n    load_balancing: fastest\n",
+            "keel.yaml:4:21: clusters[0].load_balancing: unknown variant `fastest`",
+        ),
         // missing field, at the mapping
         ("clusters:\n  - name: c\n", "keel.yaml:2:5: clusters[0]: missing field `endpoints`"),
         // dangling reference
-        ("listeners:\n  - name: a\n    address: 127.0.0.1:1000\n    cluster: db\n",
-         "keel.yaml:4:14: listeners[0].cluster: no cluster named \"db\" (no clusters are defined)"),
+        (
+            "listeners:\n  - name: a\n    address: 127.0.0.1:1000\n    cluster: db\n",
+            "keel.yaml:4:14: listeners[0].cluster: no cluster named \"db\" (no clusters are defined)",
+        ),
         // bad CIDR
-        ("listeners:\n  - name: a\n    address: 127.0.0.1:1000\n    cluster: db\n    allowed_sources: [10.0.0.1/8]\n",
-         "keel.yaml:5:23: listeners[0].allowed_sources[0]: invalid CIDR \"10.0.0.1/8\": host bits are set"),
+        (
+            "listeners:\n  - name: a\n    address: 127.0.0.1:1000\n    cluster: db\n    allowed_sources: [10.0.0.1/8]\n",
+            "keel.yaml:5:23: listeners[0].allowed_sources[0]: invalid CIDR \"10.0.0.1/8\": host bits are set",
+        ),
         // unset variable
-        ("admin:\n  address: ${ADMIN_ADDR}\n", "keel.yaml:2:12: admin.address: environment variable ADMIN_ADDR is not set"),
+        (
+            "admin:\n  address: ${ADMIN_ADDR}\n",
+            "keel.yaml:2:12: admin.address: environment variable ADMIN_ADDR is not set",
+        ),
         // unreadable secret file
         ("admin:\n  token_file: /nope\n", "keel.yaml:2:15: admin.token_file: cannot read /nope"),
         // YAML syntax

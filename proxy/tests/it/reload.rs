@@ -1,0 +1,255 @@
+//! Hot reload: live traffic survives it, bad configs are refused whole, removed listeners drain, and the
+//! file is watched through editors' renames and Kubernetes' symlink swaps.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::io::AsyncReadExt;
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::support::{TestProxy, Upstream, echo_once, eventually, read_all};
+
+fn two_cluster_config(main: SocketAddr, tagged: SocketAddr, with_extra: bool, idle: &str) -> String {
+    let extra =
+        if with_extra { "  - {name: extra, address: \"127.0.0.1:0\", cluster: tagged}\n" } else { "" };
+    format!(
+        r#"
+admin: {{address: "127.0.0.1:0"}}
+listeners:
+  - {{name: front, address: "127.0.0.1:0", cluster: back, idle_timeout: {idle}}}
+{extra}clusters:
+  - {{name: back, endpoints: ["{main}"]}}
+  - {{name: tagged, endpoints: ["{tagged}"]}}
+"#
+    )
+}
+
+async fn version(proxy: &TestProxy) -> String {
+    proxy.proxy.applied().unwrap().version.clone()
+}
+
+#[tokio::test]
+async fn reloads_under_live_traffic_drop_no_established_connection() {
+    let (a, b) = (Upstream::echo().await, Upstream::echo().await);
+    let tagged = Upstream::tagged("extra").await;
+    let v1 = two_cluster_config(a.addr, tagged.addr, false, "1h");
+    let v2 = two_cluster_config(b.addr, tagged.addr, true, "30m");
+    let proxy = TestProxy::start(&v1).await;
+    let front = proxy.addr("front").await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let rounds = Arc::new(AtomicUsize::new(0));
+    let mut clients = Vec::new();
+    for id in 0..20 {
+        let mut stream = TcpStream::connect(front).await.unwrap();
+        let (stop, rounds) = (Arc::clone(&stop), Arc::clone(&rounds));
+        clients.push(tokio::spawn(async move {
+            let mut mine = 0;
+            while !stop.load(Ordering::Relaxed) {
+                echo_once(&mut stream, format!("client {id} round {mine}").as_bytes()).await?;
+                mine += 1;
+                rounds.fetch_add(1, Ordering::Relaxed);
+            }
+            std::io::Result::Ok(mine)
+        }));
+    }
+
+    for i in 0..10 {
+        let (next, has_extra) = if i % 2 == 0 { (&v2, true) } else { (&v1, false) };
+        let before = version(&proxy).await;
+        proxy.replace_config(next);
+        let (status, body) = proxy.post("/reload").await;
+        assert_eq!(status, 200, "{body}");
+        assert_ne!(version(&proxy).await, before);
+        match proxy.proxy.listener_addr("extra").await {
+            Some(extra) => {
+                assert!(has_extra);
+                assert_eq!(read_all(extra).await, "extra");
+            }
+            None => assert!(!has_extra),
+        }
+        // New connections follow the new cluster; the old ones keep their upstream.
+        let mut fresh = TcpStream::connect(front).await.unwrap();
+        echo_once(&mut fresh, b"fresh").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+
+    stop.store(true, Ordering::Relaxed);
+    for client in clients {
+        let completed = client.await.unwrap().expect("an established connection failed during reloads");
+        assert!(completed > 0);
+    }
+    assert!(rounds.load(Ordering::Relaxed) >= 20);
+    // Ten POST /reloads plus the first apply; the file watcher may apply some versions first as well.
+    assert!(proxy.metric("keel_config_reloads_total{source=\"file\"}").await >= 11.0);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn an_invalid_reload_keeps_the_old_config_serving() {
+    let upstream = Upstream::echo().await;
+    let tagged = Upstream::tagged("t").await;
+    let proxy = TestProxy::start(&two_cluster_config(upstream.addr, tagged.addr, false, "1h")).await;
+    let running = version(&proxy).await;
+    let front = proxy.addr("front").await;
+    let mut open = TcpStream::connect(front).await.unwrap();
+    echo_once(&mut open, b"before").await.unwrap();
+
+    proxy.replace_config(
+        "admin: {address: \"127.0.0.1:0\"}\nlisteners:\n  - {name: front, address: \"127.0.0.1:0\", cluster: nope}\nclusters: []\n",
+    );
+    let (status, body) = proxy.post("/reload").await;
+    assert_eq!(status, 400);
+    assert!(body.contains(":3:52: listeners[0].cluster: no cluster named \"nope\""), "{body}");
+
+    assert_eq!(version(&proxy).await, running);
+    echo_once(&mut open, b"after").await.unwrap();
+    let mut fresh = TcpStream::connect(front).await.unwrap();
+    echo_once(&mut fresh, b"fresh").await.unwrap();
+
+    let (_, dump) = proxy.get("/config_dump").await;
+    let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
+    assert_eq!(dump["running"]["version"], running.as_str());
+    let errors = dump["last_rejected"]["errors"][0].as_str().unwrap();
+    assert!(errors.contains("no cluster named \"nope\""), "{dump}");
+    assert_eq!(proxy.metric("keel_config_reload_failures_total{source=\"file\"}").await, 1.0);
+    drop((open, fresh));
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_config_whose_listener_cannot_bind_is_refused_whole() {
+    let upstream = Upstream::echo().await;
+    let tagged = Upstream::tagged("t").await;
+    let proxy = TestProxy::start(&two_cluster_config(upstream.addr, tagged.addr, false, "1h")).await;
+    let running = version(&proxy).await;
+    let taken = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let taken_addr = taken.local_addr().unwrap();
+    let bad = format!(
+        "admin: {{address: \"127.0.0.1:0\"}}\nlisteners:\n  - {{name: front, address: \"127.0.0.1:0\", cluster: back, idle_timeout: 5s}}\n  - {{name: clash, address: \"{taken_addr}\", cluster: back}}\nclusters:\n  - {{name: back, endpoints: [\"{}\"]}}\n",
+        tagged.addr
+    );
+    proxy.replace_config(&bad);
+    let (status, body) = proxy.post("/reload").await;
+    assert_eq!(status, 400);
+    assert!(body.contains(&format!("listeners[1].address: cannot bind {taken_addr}")), "{body}");
+    assert_eq!(version(&proxy).await, running);
+    // The cluster change in the refused config did not happen either.
+    let mut stream = TcpStream::connect(proxy.addr("front").await).await.unwrap();
+    echo_once(&mut stream, b"still the echo cluster").await.unwrap();
+    drop(stream);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_removed_listener_stops_accepting_and_drains_its_connections() {
+    let upstream = Upstream::echo().await;
+    let config = |with_old: bool| {
+        let old = if with_old { "  - {name: old, address: \"127.0.0.1:0\", cluster: back}\n" } else { "" };
+        format!(
+            "admin: {{address: \"127.0.0.1:0\"}}\ndrain_timeout: 400ms\nlisteners:\n  - {{name: keep, address: \"127.0.0.1:0\", cluster: back}}\n{old}clusters:\n  - {{name: back, endpoints: [\"{}\"]}}\n",
+            upstream.addr
+        )
+    };
+    let proxy = TestProxy::start(&config(true)).await;
+    let old_addr = proxy.addr("old").await;
+    let mut open = TcpStream::connect(old_addr).await.unwrap();
+    echo_once(&mut open, b"before").await.unwrap();
+
+    proxy.replace_config(&config(false));
+    let (status, body) = proxy.post("/reload").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(TcpStream::connect(old_addr).await.is_err(), "a removed listener must refuse new connections");
+    // The open connection keeps working until the drain deadline...
+    echo_once(&mut open, b"during drain").await.unwrap();
+    // ...and is closed when it passes.
+    let mut buffer = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_secs(3), open.read(&mut buffer)).await.unwrap();
+    assert!(matches!(read, Ok(0) | Err(_)));
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn renaming_a_listener_keeps_its_socket_and_connections() {
+    let upstream = Upstream::echo().await;
+    let port = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap().port();
+    let config = |name: &str| {
+        format!(
+            "admin: {{address: \"127.0.0.1:0\"}}\nlisteners:\n  - {{name: {name}, address: \"127.0.0.1:{port}\", cluster: back}}\nclusters:\n  - {{name: back, endpoints: [\"{}\"]}}\n",
+            upstream.addr
+        )
+    };
+    let proxy = TestProxy::start(&config("before")).await;
+    let addr = proxy.addr("before").await;
+    let mut open = TcpStream::connect(addr).await.unwrap();
+    echo_once(&mut open, b"1").await.unwrap();
+    proxy.replace_config(&config("after"));
+    assert_eq!(proxy.post("/reload").await.0, 200);
+    assert_eq!(proxy.addr("after").await, addr);
+    echo_once(&mut open, b"2").await.unwrap();
+    let mut fresh = TcpStream::connect(addr).await.unwrap();
+    echo_once(&mut fresh, b"3").await.unwrap();
+    eventually(Duration::from_secs(2), "metrics under the new name", || async {
+        proxy.metric("keel_listener_downstream_connections_total{listener=\"after\"}").await == 1.0
+    })
+    .await;
+    drop((open, fresh));
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn the_watcher_applies_a_file_replaced_by_rename() {
+    let upstream = Upstream::echo().await;
+    let tagged = Upstream::tagged("extra").await;
+    let proxy = TestProxy::start(&two_cluster_config(upstream.addr, tagged.addr, false, "1h")).await;
+    proxy.replace_config(&two_cluster_config(upstream.addr, tagged.addr, true, "1h"));
+    eventually(Duration::from_secs(5), "the watcher to add the listener", || async {
+        proxy.proxy.listener_addr("extra").await.is_some()
+    })
+    .await;
+    assert_eq!(read_all(proxy.addr("extra").await).await, "extra");
+    // An invalid file is reported once and changes nothing.
+    proxy.replace_config("listeners: 7\n");
+    eventually(Duration::from_secs(5), "the watcher to reject the file", || async {
+        proxy.proxy.last_rejected().is_some()
+    })
+    .await;
+    assert!(proxy.proxy.listener_addr("extra").await.is_some());
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn the_watcher_follows_a_kubernetes_configmap_symlink_swap() {
+    // The layout kubelet writes: keel.yaml -> ..data/keel.yaml, ..data -> ..<timestamp>/
+    let upstream = Upstream::echo().await;
+    let tagged = Upstream::tagged("extra").await;
+    let dir = tempfile::tempdir().unwrap();
+    let write_generation = |name: &str, config: &str| {
+        let generation = dir.path().join(name);
+        std::fs::create_dir(&generation).unwrap();
+        std::fs::write(generation.join("keel.yaml"), config).unwrap();
+        let link = dir.path().join("..data_tmp");
+        std::os::unix::fs::symlink(name, &link).unwrap();
+        std::fs::rename(&link, dir.path().join("..data")).unwrap();
+    };
+    write_generation("..2026_11_21_1", &two_cluster_config(upstream.addr, tagged.addr, false, "1h"));
+    let config_path = dir.path().join("keel.yaml");
+    std::os::unix::fs::symlink("..data/keel.yaml", &config_path).unwrap();
+    let proxy = TestProxy::start_at(dir, config_path).await;
+    assert!(proxy.proxy.listener_addr("extra").await.is_none());
+
+    let dir = proxy.dir.path().to_path_buf();
+    let generation = dir.join("..2026_11_21_2");
+    std::fs::create_dir(&generation).unwrap();
+    std::fs::write(generation.join("keel.yaml"), two_cluster_config(upstream.addr, tagged.addr, true, "1h"))
+        .unwrap();
+    std::os::unix::fs::symlink("..2026_11_21_2", dir.join("..data_tmp")).unwrap();
+    std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+    eventually(Duration::from_secs(5), "the watcher to follow the symlink swap", || async {
+        proxy.proxy.listener_addr("extra").await.is_some()
+    })
+    .await;
+    proxy.stop().await;
+}
