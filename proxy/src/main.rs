@@ -3,6 +3,8 @@
 // Printing results (OK, the schema) to stdout is this binary's job; libraries never print.
 #![allow(clippy::print_stdout)]
 
+mod libm_shim;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -90,14 +92,19 @@ fn validate(config: Option<PathBuf>) -> ExitCode {
 }
 
 fn init_logging(format: LogFormat, filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|error| {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    // `Targets` takes the usual `info,keel_proxy=debug` directives without pulling in a regex engine.
+    let filter: tracing_subscriber::filter::Targets = filter.parse().unwrap_or_else(|error| {
         eprintln!("invalid --log-level {filter:?} ({error}); using info");
-        tracing_subscriber::EnvFilter::new("info")
+        tracing_subscriber::filter::Targets::new().with_default(tracing::Level::INFO)
     });
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry().with(filter);
     match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => registry.with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr)).init(),
+        LogFormat::Json => {
+            registry.with(tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr)).init()
+        }
     }
 }
 

@@ -1,0 +1,253 @@
+"""Runs direct loopback, HAProxy, nginx stream and Keel relays side by side; see relay.sh."""
+
+import argparse
+import json
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def listening(port):
+    """Whether a socket listens on the port, read from /proc so no probe connection reaches a peer."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if int(fields[1].split(":")[1], 16) == port and fields[3] == "0A":
+                    return True
+    return False
+
+
+def wait_port(port, work, limit=10.0):
+    deadline = time.time() + limit
+    while time.time() < deadline:
+        if listening(port):
+            return
+        time.sleep(0.05)
+    logs = "".join(open(os.path.join(work, f)).read()[-2000:] for f in os.listdir(work) if f.endswith((".log", ".err")))
+    raise RuntimeError(f"nothing listening on {port}; logs:\n{logs}")
+
+
+def rss_kib(pids):
+    """Resident memory of processes and their children (nginx's workers), in KiB."""
+    total = 0
+    seen = set()
+    todo = list(pids)
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+            with open(f"/proc/{pid}/task/{pid}/children") as f:
+                todo.extend(int(c) for c in f.read().split())
+        except FileNotFoundError:
+            pass
+    return total
+
+
+class Sampler(threading.Thread):
+    """Records the peak RSS of a relay while a load runs."""
+
+    def __init__(self, pids):
+        super().__init__(daemon=True)
+        self.pids, self.peak, self.stop = pids, 0, threading.Event()
+
+    def run(self):
+        while not self.stop.is_set():
+            self.peak = max(self.peak, rss_kib(self.pids))
+            time.sleep(0.1)
+
+
+def iperf(port, streams, seconds):
+    out = subprocess.run(
+        ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds), "-P", str(streams), "-J"],
+        capture_output=True, text=True, timeout=seconds + 30,
+    )
+    result = json.loads(out.stdout)
+    if "error" in result:
+        raise RuntimeError(result["error"])
+    return result["end"]["sum_received"]["bits_per_second"] / 1e9
+
+
+def to_ms(value):
+    number, unit = re.match(r"([\d.]+)(\w+)", value).groups()
+    return float(number) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def wrk(port, seconds):
+    out = subprocess.run(
+        ["wrk", "-t2", "-c64", f"-d{seconds}s", "--latency", f"http://127.0.0.1:{port}/"],
+        capture_output=True, text=True, timeout=seconds + 30,
+    ).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    p50 = to_ms(re.search(r"\s50%\s+(\S+)", out).group(1))
+    p99 = to_ms(re.search(r"\s99%\s+(\S+)", out).group(1))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)|Socket errors: (.*)", out)
+    if errors:
+        print(f"  wrk reported: {errors.group(0)}", file=sys.stderr)
+    return rps, p50, p99
+
+
+class Peer:
+    def __init__(self, name, iperf_port, web_port, procs):
+        self.name, self.iperf_port, self.web_port, self.procs = name, iperf_port, web_port, procs
+
+    @property
+    def pids(self):
+        return [p.pid for p in self.procs]
+
+
+def start(cmd, work, name):
+    log = open(os.path.join(work, f"{name}.log"), "w")
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def main():
+    args = argparse.ArgumentParser()
+    args.add_argument("--keel", required=True)
+    args.add_argument("--rounds", type=int, default=3)
+    args.add_argument("--seconds", type=int, default=5)
+    opts = args.parse_args()
+    work = tempfile.mkdtemp(prefix="keel-bench-")
+    os.chmod(work, 0o755)  # nginx workers run as nobody and must read the page
+    procs = []
+    try:
+        # Upstreams: an iperf3 server and an nginx page (1 KiB), shared by every peer.
+        iperf_port, origin_port = free_port(), free_port()
+        procs.append(start(["iperf3", "-s", "-p", str(iperf_port)], work, "iperf3"))
+        os.makedirs(f"{work}/www")
+        with open(f"{work}/www/index.html", "w") as f:
+            f.write("k" * 1024)
+        with open(f"{work}/origin.conf", "w") as f:
+            f.write(f"""worker_processes 1; pid {work}/origin.pid; error_log {work}/origin.err;
+events {{ worker_connections 4096; }}
+http {{ access_log off; keepalive_requests 1000000;
+  server {{ listen 127.0.0.1:{origin_port}; root {work}/www; }} }}
+""")
+        procs.append(start(["nginx", "-e", f"{work}/origin.err", "-p", work, "-c", f"{work}/origin.conf",
+                            "-g", "daemon off;"], work, "origin"))
+        wait_port(iperf_port, work)
+        wait_port(origin_port, work)
+
+        peers = [Peer("direct", iperf_port, origin_port, [])]
+
+        hp_iperf, hp_web = free_port(), free_port()
+        with open(f"{work}/haproxy.cfg", "w") as f:
+            f.write(f"""global
+  maxconn 4000
+defaults
+  mode tcp
+  timeout connect 5s
+  timeout client 1h
+  timeout server 1h
+listen iperf
+  bind 127.0.0.1:{hp_iperf}
+  server s1 127.0.0.1:{iperf_port}
+listen web
+  bind 127.0.0.1:{hp_web}
+  server s1 127.0.0.1:{origin_port}
+""")
+        haproxy = start(["haproxy", "-db", "-f", f"{work}/haproxy.cfg"], work, "haproxy")
+        procs.append(haproxy)
+        peers.append(Peer("haproxy", hp_iperf, hp_web, [haproxy]))
+
+        ng_iperf, ng_web = free_port(), free_port()
+        with open(f"{work}/nginx-stream.conf", "w") as f:
+            f.write(f"""load_module /usr/lib/nginx/modules/ngx_stream_module.so;
+worker_processes auto; pid {work}/stream.pid; error_log {work}/stream.err;
+events {{ worker_connections 4000; }}
+stream {{
+  server {{ listen 127.0.0.1:{ng_iperf}; proxy_pass 127.0.0.1:{iperf_port}; }}
+  server {{ listen 127.0.0.1:{ng_web}; proxy_pass 127.0.0.1:{origin_port}; }}
+}}
+""")
+        nginx = start(["nginx", "-e", f"{work}/stream.err", "-p", work, "-c", f"{work}/nginx-stream.conf",
+                       "-g", "daemon off;"], work, "nginx-stream")
+        procs.append(nginx)
+        peers.append(Peer("nginx", ng_iperf, ng_web, [nginx]))
+
+        kl_iperf, kl_web, kl_admin = free_port(), free_port(), free_port()
+        with open(f"{work}/keel.yaml", "w") as f:
+            f.write(f"""admin: {{address: "127.0.0.1:{kl_admin}"}}
+listeners:
+  - {{name: iperf, address: "127.0.0.1:{kl_iperf}", cluster: iperf}}
+  - {{name: web, address: "127.0.0.1:{kl_web}", cluster: web}}
+clusters:
+  - {{name: iperf, endpoints: ["127.0.0.1:{iperf_port}"]}}
+  - {{name: web, endpoints: ["127.0.0.1:{origin_port}"]}}
+""")
+        keel = start([opts.keel, "--config", f"{work}/keel.yaml", "--log-level", "warn"], work, "keel")
+        procs.append(keel)
+        peers.append(Peer("keel", kl_iperf, kl_web, [keel]))
+
+        for peer in peers:
+            wait_port(peer.iperf_port, work)
+            wait_port(peer.web_port, work)
+        time.sleep(1.0)
+        idle = {p.name: rss_kib(p.pids) / 1024 for p in peers if p.procs}
+
+        results = {p.name: {"iperf1": [], "iperf8": [], "rps": [], "p50": [], "p99": [], "loaded": []} for p in peers}
+        for round_number in range(opts.rounds):
+            print(f"round {round_number + 1}/{opts.rounds}", file=sys.stderr)
+            for peer in peers:
+                sampler = Sampler(peer.pids)
+                sampler.start()
+                r = results[peer.name]
+                r["iperf1"].append(iperf(peer.iperf_port, 1, opts.seconds))
+                r["iperf8"].append(iperf(peer.iperf_port, 8, opts.seconds))
+                rps, p50, p99 = wrk(peer.web_port, opts.seconds)
+                r["rps"].append(rps)
+                r["p50"].append(p50)
+                r["p99"].append(p99)
+                sampler.stop.set()
+                sampler.join()
+                r["loaded"].append(sampler.peak / 1024)
+
+        med = {name: {k: statistics.median(v) if v else 0 for k, v in r.items()} for name, r in results.items()}
+        print(f"\nrelay benchmark: {opts.rounds} rounds x {opts.seconds}s, medians, "
+              f"{os.cpu_count()} cores, all peers in one run")
+        print(f"{'peer':<8} {'iperf3 1x Gbit/s':>16} {'iperf3 8x Gbit/s':>16} {'wrk req/s':>10} "
+              f"{'p50 ms':>7} {'p99 ms':>7} {'idle RSS MB':>11} {'loaded RSS MB':>13}")
+        for peer in peers:
+            m = med[peer.name]
+            idle_rss = f"{idle[peer.name]:.1f}" if peer.name in idle else "-"
+            loaded = f"{m['loaded']:.1f}" if peer.procs else "-"
+            print(f"{peer.name:<8} {m['iperf1']:>16.2f} {m['iperf8']:>16.2f} {m['rps']:>10.0f} "
+                  f"{m['p50']:>7.3f} {m['p99']:>7.3f} {idle_rss:>11} {loaded:>13}")
+        k, h = med["keel"], med["haproxy"]
+        print(f"keel/haproxy: iperf3 1x {k['iperf1'] / h['iperf1']:.2f}x, iperf3 8x {k['iperf8'] / h['iperf8']:.2f}x, "
+              f"req/s {k['rps'] / h['rps']:.2f}x (bar >= 1.00), p99 {k['p99'] / h['p99']:.2f}x (bar <= 1.00), "
+              f"idle RSS {idle['keel']:.1f} MB (bar < 5)")
+    finally:
+        for proc in procs:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for proc in procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+if __name__ == "__main__":
+    main()
