@@ -233,7 +233,7 @@ impl Drop for ActiveGuard {
 
 /// One downstream connection: connect upstream, relay, log how it ended.
 async fn handle(
-    downstream: TcpStream,
+    mut downstream: TcpStream,
     peer: SocketAddr,
     settings: Arc<ListenerSettings>,
     cluster: Option<Arc<Cluster>>,
@@ -251,7 +251,7 @@ async fn handle(
         upstream = cluster.connect() => upstream,
         () = close.cancelled() => return,
     };
-    let upstream = match upstream {
+    let mut upstream = match upstream {
         Ok(upstream) => upstream,
         Err(error) => {
             tracing::warn!(listener = %config.name, %peer, %error, "no upstream; downstream connection closed");
@@ -267,7 +267,7 @@ async fn handle(
         to: settings.metrics.sent_bytes.clone(),
     };
     let idle = Some(config.idle_timeout.get()).filter(|timeout| !timeout.is_zero());
-    let ended = relay::relay(&downstream, &upstream.stream, idle, &upload, &download, &close).await;
+    let ended = relay::relay(&mut downstream, &mut upstream.stream, idle, &upload, &download, &close).await;
     match ended {
         Ok(RelayEnd::Closed) => {}
         Ok(RelayEnd::IdleTimeout) => {

@@ -96,8 +96,23 @@ pub async fn watch_file(proxy: Proxy) -> notify::Result<()> {
         _ => PathBuf::from("."),
     };
     let (events, mut receive) = mpsc::channel::<()>(1);
+    let file_name = path.file_name().map(|name| name.to_os_string());
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok() {
+        // Changes (not reads: our own read of the file raises access events, which would loop) to the
+        // config file itself, or to kubelet's `..data` / `..<timestamp>` entries; not to unrelated files.
+        let relevant = event.is_ok_and(|event| {
+            let change = matches!(
+                event.kind,
+                notify::EventKind::Create(_) | notify::EventKind::Modify(_) | notify::EventKind::Remove(_)
+            );
+            change
+                && event.paths.iter().any(|changed| {
+                    let name = changed.file_name();
+                    name == file_name.as_deref()
+                        || name.is_some_and(|n| n.to_string_lossy().starts_with(".."))
+                })
+        });
+        if relevant {
             // A full channel already holds a wake-up: dropping this one loses nothing.
             let _ = events.try_send(());
         }
