@@ -3,6 +3,7 @@
 import argparse
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -205,21 +206,32 @@ clusters:
         idle = {p.name: rss_kib(p.pids) / 1024 for p in peers if p.procs}
 
         results = {p.name: {"iperf1": [], "iperf8": [], "rps": [], "p50": [], "p99": [], "loaded": []} for p in peers}
+        samplers = {p.name: Sampler(p.pids) for p in peers}
+        for sampler in samplers.values():
+            sampler.start()
+        # Each measurement runs every peer back to back, in a fresh random order per round, so that no
+        # peer always follows the same load.
+        rng = random.Random(7)
         for round_number in range(opts.rounds):
             print(f"round {round_number + 1}/{opts.rounds}", file=sys.stderr)
-            for peer in peers:
-                sampler = Sampler(peer.pids)
-                sampler.start()
-                r = results[peer.name]
-                r["iperf1"].append(iperf(peer.iperf_port, 1, opts.seconds))
-                r["iperf8"].append(iperf(peer.iperf_port, 8, opts.seconds))
-                rps, p50, p99 = wrk(peer.web_port, opts.seconds)
-                r["rps"].append(rps)
-                r["p50"].append(p50)
-                r["p99"].append(p99)
-                sampler.stop.set()
-                sampler.join()
-                r["loaded"].append(sampler.peak / 1024)
+            for metric in ("iperf1", "iperf8", "wrk"):
+                order = peers[:]
+                rng.shuffle(order)
+                for peer in order:
+                    r = results[peer.name]
+                    if metric == "iperf1":
+                        r["iperf1"].append(iperf(peer.iperf_port, 1, opts.seconds))
+                    elif metric == "iperf8":
+                        r["iperf8"].append(iperf(peer.iperf_port, 8, opts.seconds))
+                    else:
+                        rps, p50, p99 = wrk(peer.web_port, opts.seconds)
+                        r["rps"].append(rps)
+                        r["p50"].append(p50)
+                        r["p99"].append(p99)
+        for name, sampler in samplers.items():
+            sampler.stop.set()
+            sampler.join()
+            results[name]["loaded"].append(sampler.peak / 1024)
 
         med = {name: {k: statistics.median(v) if v else 0 for k, v in r.items()} for name, r in results.items()}
         print(f"\nrelay benchmark: {opts.rounds} rounds x {opts.seconds}s, medians, "

@@ -6,7 +6,7 @@
 # streams), wrk through the relay to a local nginx page (requests/s, p50, p99) and the relay's idle and
 # loaded RSS, and prints the medians and Keel's ratios to HAProxy.
 #
-#   benches/relay.sh                 # 3 rounds, 5 s per measurement
+#   benches/relay.sh                 # 5 rounds, 4 s per measurement
 #   ROUNDS=5 SECONDS_EACH=8 benches/relay.sh
 #
 # Everything listens on 127.0.0.1 ports chosen by the kernel; every load is bounded in time.
@@ -21,4 +21,4 @@ if [ ${#need[@]} -gt 0 ]; then
     apt-get install -y -qq --no-install-recommends haproxy nginx-light libnginx-mod-stream iperf3 wrk >/dev/null
 fi
 cargo build --release -q -p keel-proxy --bin proxy
-exec python3 benches/relay.py --keel target/release/proxy --rounds "${ROUNDS:-3}" --seconds "${SECONDS_EACH:-5}"
+exec python3 benches/relay.py --keel target/release/proxy --rounds "${ROUNDS:-5}" --seconds "${SECONDS_EACH:-4}"

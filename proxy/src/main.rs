@@ -23,6 +23,9 @@ struct Cli {
     /// Log format.
     #[arg(long, value_enum, default_value = "text", env = "KEEL_LOG_FORMAT", global = true)]
     log_format: LogFormat,
+    /// Worker threads for the data path (like Envoy's --concurrency); the number of CPUs by default.
+    #[arg(long, env = "KEEL_CONCURRENCY", value_parser = clap::value_parser!(u16).range(1..))]
+    concurrency: Option<u16>,
     /// Log filter, such as `info` or `keel_proxy=debug,info`.
     #[arg(long, default_value = "info", env = "KEEL_LOG", global = true)]
     log_level: String,
@@ -54,7 +57,7 @@ fn main() -> ExitCode {
         }
         None => {
             init_logging(cli.log_format, &cli.log_level);
-            match run(cli.config) {
+            match run(cli.config, cli.concurrency) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) => {
                     tracing::error!("{error:#}");
@@ -110,8 +113,12 @@ fn init_logging(format: LogFormat, filter: &str) {
     }
 }
 
-fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+fn run(config: Option<PathBuf>, concurrency: Option<u16>) -> anyhow::Result<()> {
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(workers) = concurrency {
+        runtime.worker_threads(usize::from(workers));
+    }
+    let runtime = runtime.enable_all().build()?;
     runtime.block_on(async {
         let loaded = load(config.as_ref()).map_err(|error| anyhow::anyhow!("{error}"))?;
         let source = match &config {

@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use keel_schemas::{ConfigErrors, ConfigPath, Diagnostic, Environment, ValidatedConfig};
@@ -382,7 +382,8 @@ impl Proxy {
             for listener in table.values() {
                 listener.stop_accepting();
             }
-            self.applied().map_or(Duration::from_secs(25), |applied| applied.config.drain_timeout.get())
+            let drain_timeout = self.applied().map(|applied| applied.config.drain_timeout);
+            drain_timeout.unwrap_or_else(keel_schemas::config::defaults::drain_timeout).get()
         };
         let tracker = &self.inner.all_connections;
         tracker.close();

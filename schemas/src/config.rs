@@ -170,8 +170,8 @@ pub struct OutlierDetection {
     /// Consecutive connect failures that eject an endpoint.
     #[serde(default = "defaults::consecutive_failures")]
     pub consecutive_failures: u32,
-    /// How long the first ejection lasts; each further ejection of the same endpoint lasts once more as
-    /// long, up to ten times this.
+    /// How long the first ejection lasts. Each further ejection of the same endpoint, with no successful
+    /// connection to it in between, lasts once more as long, up to ten times this.
     #[serde(default = "defaults::base_ejection_time")]
     pub base_ejection_time: Duration,
     /// Most endpoints of the cluster ejected at once, in percent; one endpoint may always be ejected.

@@ -253,3 +253,35 @@ async fn the_watcher_follows_a_kubernetes_configmap_symlink_swap() {
     .await;
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn a_changed_cluster_takes_effect_for_new_connections_only() {
+    let a = Upstream::tagged_holding("a").await;
+    let b = Upstream::tagged_holding("b").await;
+    let config = |endpoint: SocketAddr| {
+        format!(
+            "admin: {{address: \"127.0.0.1:0\"}}\nlisteners:\n  - {{name: front, address: \"127.0.0.1:0\", cluster: back}}\nclusters:\n  - {{name: back, endpoints: [\"{endpoint}\"]}}\n"
+        )
+    };
+    let proxy = TestProxy::start(&config(a.addr)).await;
+    let front = proxy.addr("front").await;
+    let first_byte = |mut stream: TcpStream| async move {
+        let mut tag = [0u8; 1];
+        stream.read_exact(&mut tag).await.unwrap();
+        (tag[0], stream)
+    };
+    let (tag, on_a) = first_byte(TcpStream::connect(front).await.unwrap()).await;
+    assert_eq!(tag, b'a');
+
+    proxy.replace_config(&config(b.addr));
+    assert_eq!(proxy.post("/reload").await.0, 200);
+    let (tag, on_b) = first_byte(TcpStream::connect(front).await.unwrap()).await;
+    assert_eq!(tag, b'b');
+    // The connection made before the reload is still open, to a.
+    let mut on_a = on_a;
+    let mut buffer = [0u8; 1];
+    let still_open = tokio::time::timeout(Duration::from_millis(200), on_a.read(&mut buffer)).await;
+    assert!(still_open.is_err(), "the old connection should still be open and quiet");
+    drop((on_a, on_b));
+    proxy.stop().await;
+}
