@@ -136,6 +136,35 @@ impl Endpoint {
     }
 }
 
+/// Consecutive check results of one endpoint, and the health they add up to.
+///
+/// The first result decides at once (an endpoint is not left "unknown" for several intervals); after
+/// that, a healthy endpoint needs `unhealthy_threshold` failures in a row to turn unhealthy, and an
+/// unhealthy one `healthy_threshold` successes in a row to come back.
+#[derive(Debug, Default)]
+struct HealthTracker {
+    successes: u32,
+    failures: u32,
+}
+
+impl HealthTracker {
+    fn observe(&mut self, before: Health, ok: bool, check: &HealthCheck) -> Health {
+        if ok {
+            (self.successes, self.failures) = (self.successes + 1, 0);
+            match before {
+                Health::Unhealthy if self.successes < check.healthy_threshold => Health::Unhealthy,
+                _ => Health::Healthy,
+            }
+        } else {
+            (self.successes, self.failures) = (0, self.failures + 1);
+            match before {
+                Health::Healthy if self.failures < check.unhealthy_threshold => Health::Healthy,
+                _ => Health::Unhealthy,
+            }
+        }
+    }
+}
+
 /// An open upstream connection. Dropping it gives back the endpoint's and cluster's connection counts.
 #[derive(Debug)]
 pub struct Upstream {
@@ -237,7 +266,7 @@ impl Cluster {
     }
 
     async fn health_check_loop(&self, endpoint: &Endpoint, check: &HealthCheck) {
-        let (mut successes, mut failures) = (0u32, 0u32);
+        let mut tracker = HealthTracker::default();
         loop {
             let ok = matches!(
                 tokio::time::timeout(check.timeout.get(), connect_to(&endpoint.address)).await,
@@ -246,24 +275,15 @@ impl Cluster {
             if self.health_checks.is_cancelled() {
                 return;
             }
-            let before = endpoint.health();
-            let after = if ok {
+            if ok {
                 self.metrics.health_checks_ok.increment(1);
-                (successes, failures) = (successes + 1, 0);
                 // A passing active check lifts an outlier ejection, as Envoy does by default.
                 endpoint.ejected_until.store(0, Ordering::Relaxed);
-                match before {
-                    Health::Unhealthy if successes < check.healthy_threshold => Health::Unhealthy,
-                    _ => Health::Healthy,
-                }
             } else {
                 self.metrics.health_checks_failed.increment(1);
-                (successes, failures) = (0, failures + 1);
-                match before {
-                    Health::Healthy if failures < check.unhealthy_threshold => Health::Healthy,
-                    _ => Health::Unhealthy,
-                }
-            };
+            }
+            let before = endpoint.health();
+            let after = tracker.observe(before, ok, check);
             if after != before {
                 tracing::info!(
                     cluster = %self.config.name, endpoint = %endpoint.label,
@@ -414,4 +434,113 @@ pub async fn connect_to(address: &HostPort) -> io::Result<TcpStream> {
     };
     stream.set_nodelay(true)?;
     Ok(stream)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keel_schemas::config::OutlierDetection;
+    use keel_schemas::types::Duration as ConfigDuration;
+
+    fn cluster(endpoints: &[&str], outlier: Option<OutlierDetection>) -> Cluster {
+        let config = ClusterConfig {
+            name: "test".into(),
+            endpoints: endpoints.iter().map(|e| e.parse().unwrap()).collect(),
+            load_balancing: LoadBalancing::RoundRobin,
+            connect_timeout: ConfigDuration::from_secs(1),
+            connect_attempts: 3,
+            health_check: None,
+            outlier_detection: outlier,
+        };
+        Cluster::new(config, None, &Metrics::new())
+    }
+
+    #[test]
+    fn health_follows_thresholds_after_a_first_decisive_result() {
+        let check = HealthCheck { healthy_threshold: 2, unhealthy_threshold: 3, ..HealthCheck::default() };
+        let mut tracker = HealthTracker::default();
+        let mut health = Health::Unknown;
+        let mut step = |ok| {
+            health = tracker.observe(health, ok, &check);
+            health
+        };
+        assert_eq!(step(true), Health::Healthy, "the first success decides");
+        assert_eq!(step(false), Health::Healthy);
+        assert_eq!(step(false), Health::Healthy);
+        assert_eq!(step(true), Health::Healthy, "a success resets the failure count");
+        assert_eq!(step(false), Health::Healthy);
+        assert_eq!(step(false), Health::Healthy);
+        assert_eq!(step(false), Health::Unhealthy, "three failures in a row");
+        assert_eq!(step(true), Health::Unhealthy);
+        assert_eq!(step(false), Health::Unhealthy, "a failure resets the success count");
+        assert_eq!(step(true), Health::Unhealthy);
+        assert_eq!(step(true), Health::Healthy, "two successes in a row");
+
+        let mut first_failure = HealthTracker::default();
+        assert_eq!(first_failure.observe(Health::Unknown, false, &check), Health::Unhealthy);
+    }
+
+    #[test]
+    fn unroutable_endpoints_are_skipped_unless_none_is_routable() {
+        let cluster = cluster(&["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"], None);
+        cluster.endpoints[0].set_health(Health::Unhealthy);
+        for _ in 0..10 {
+            assert_ne!(cluster.pick(&[]), Some(0));
+        }
+        assert_eq!(cluster.pick(&[1, 2]), None, "a routable endpoint exists, so no panic routing");
+        for endpoint in &cluster.endpoints {
+            endpoint.set_health(Health::Unhealthy);
+        }
+        assert!(cluster.pick(&[]).is_some(), "with nothing routable, every endpoint is tried");
+        assert_eq!(cluster.pick(&[0, 1, 2]), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ejections_expire_and_grow_until_a_success() {
+        let outlier = OutlierDetection {
+            consecutive_failures: 2,
+            base_ejection_time: ConfigDuration::from_secs(10),
+            max_ejection_percent: 50,
+        };
+        let cluster = cluster(&["127.0.0.1:1", "127.0.0.1:2"], Some(outlier));
+        let endpoint = Arc::clone(&cluster.endpoints[0]);
+        let advance = |secs: u64| tokio::time::advance(Duration::from_secs(secs));
+
+        cluster.record_failure(&endpoint);
+        assert!(!endpoint.is_ejected(), "one failure is not enough");
+        cluster.record_failure(&endpoint);
+        assert!(endpoint.is_ejected());
+        advance(9).await;
+        assert!(endpoint.is_ejected());
+        advance(2).await;
+        assert!(!endpoint.is_ejected(), "the first ejection lasts the base time");
+
+        cluster.record_failure(&endpoint);
+        cluster.record_failure(&endpoint);
+        advance(15).await;
+        assert!(endpoint.is_ejected(), "the second ejection lasts twice as long");
+        advance(6).await;
+        assert!(!endpoint.is_ejected());
+
+        cluster.record_success(&endpoint);
+        cluster.record_failure(&endpoint);
+        cluster.record_failure(&endpoint);
+        advance(11).await;
+        assert!(!endpoint.is_ejected(), "a success resets the multiplier");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn max_ejection_percent_keeps_endpoints_in_rotation() {
+        let outlier = OutlierDetection {
+            consecutive_failures: 1,
+            base_ejection_time: ConfigDuration::from_secs(10),
+            max_ejection_percent: 50,
+        };
+        let cluster = cluster(&["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3", "127.0.0.1:4"], Some(outlier));
+        for endpoint in cluster.endpoints.clone() {
+            cluster.record_failure(&endpoint);
+        }
+        let ejected = cluster.endpoints.iter().filter(|e| e.is_ejected()).count();
+        assert_eq!(ejected, 2, "at most half of four endpoints");
+    }
 }

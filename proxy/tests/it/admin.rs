@@ -151,3 +151,21 @@ async fn quitquitquit_stops_the_proxy_now() {
     // Fast shutdown does not wait for the open connection: serve returns promptly.
     tokio::time::timeout(Duration::from_secs(3), proxy.stop()).await.expect("the proxy should stop at once");
 }
+
+#[tokio::test]
+async fn ready_is_503_until_a_config_is_applied() {
+    use keel_proxy::{ProcessEnvironment, Proxy, source};
+    let proxy = Proxy::new(std::sync::Arc::new(ProcessEnvironment), None);
+    let socket = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = socket.local_addr().unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let server = tokio::spawn(keel_proxy::admin::serve(socket, proxy.clone(), stop.clone()));
+    assert_eq!(http(admin, "GET", "/ready", None).await, (503, "NOT READY\n".into()));
+    let upstream = Upstream::echo().await;
+    let loaded = source::load_text(&config(upstream.addr, ""), "test", &ProcessEnvironment).unwrap();
+    proxy.apply(loaded.config, "test:inline", &loaded.version).await.unwrap();
+    assert_eq!(http(admin, "GET", "/ready", None).await, (200, "LIVE\n".into()));
+    stop.cancel();
+    server.await.unwrap().unwrap();
+    proxy.close_all_connections().await;
+}

@@ -65,12 +65,13 @@ struct Process {
 
 impl Process {
     fn start(config: &std::path::Path) -> Process {
-        let mut child = Command::new(PROXY)
-            .args(["--log-format", "json", "--config"])
-            .arg(config)
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut command = Command::new(PROXY);
+        command.args(["--log-format", "json", "--config"]).arg(config);
+        Self::spawn(command)
+    }
+
+    fn spawn(mut command: Command) -> Process {
+        let mut child = command.stderr(Stdio::piped()).spawn().unwrap();
         let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
         let admin = loop {
             let line = lines.next().expect("the proxy exited before its admin API came up").unwrap();
@@ -195,6 +196,54 @@ async fn sighup_reloads_the_config_including_secret_files() {
     }
     assert_eq!(status, 200);
     assert_eq!(http(process.admin, "GET", "/config_dump", Some("first")).await.0, 401);
+    process.signal("TERM");
+    assert_eq!(process.wait(Duration::from_secs(5)).await, Some(0));
+}
+
+#[tokio::test]
+async fn running_out_of_file_descriptors_backs_off_and_recovers() {
+    let upstream = Upstream::echo().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "admin: {{address: \"127.0.0.1:0\"}}\ndrain_timeout: 1s\nlisteners:\n  - {{name: front, address: \"127.0.0.1:0\", cluster: back}}\nclusters:\n  - {{name: back, endpoints: [\"{}\"]}}\n",
+        upstream.addr
+    );
+    let path = write_config(&dir, &config);
+    // A low descriptor limit for the proxy alone, set by the shell it is exec'd from.
+    let mut command = Command::new("sh");
+    command
+        .arg("-c")
+        .arg(format!("ulimit -n 48 && exec {PROXY} --log-format json --config {}", path.display()));
+    let process = Process::spawn(command);
+    let front = process.listener("front").await;
+
+    // Far more clients than the proxy has descriptors for: each relayed connection takes two.
+    let mut clients = Vec::new();
+    for _ in 0..60 {
+        clients.push(TcpStream::connect(front).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(clients);
+
+    // Once the clients are gone the proxy serves again, and it counted the failed accepts.
+    let mut recovered = false;
+    for _ in 0..100 {
+        if let Ok(mut stream) = TcpStream::connect(front).await
+            && echo_once(&mut stream, b"alive").await.is_ok()
+        {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(recovered, "the proxy should serve again once descriptors are free");
+    let (_, metrics) = http(process.admin, "GET", "/stats/prometheus", None).await;
+    let errors: f64 = metrics
+        .lines()
+        .find(|line| line.starts_with("keel_listener_accept_errors_total{listener=\"front\"}"))
+        .and_then(|line| line.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0);
+    assert!(errors >= 1.0, "accept errors should be counted:\n{metrics}");
     process.signal("TERM");
     assert_eq!(process.wait(Duration::from_secs(5)).await, Some(0));
 }
