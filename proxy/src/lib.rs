@@ -44,7 +44,12 @@ pub async fn serve(proxy: Proxy, admin: TcpListener) -> std::io::Result<()> {
     tracing::info!(address = %admin.local_addr()?, "admin listening");
     let stop_admin = CancellationToken::new();
     let admin_task = tokio::spawn(admin::serve(admin, proxy.clone(), stop_admin.clone()));
-    let watcher = tokio::spawn(source::watch_file(proxy.clone()));
+    let watched = proxy.clone();
+    let watcher = tokio::spawn(async move {
+        if let Err(error) = source::watch_file(watched).await {
+            tracing::warn!(%error, "cannot watch the config file; SIGHUP and POST /reload still reload it");
+        }
+    });
 
     let mut requests = proxy.shutdown_requests();
     let kind = loop {

@@ -40,6 +40,10 @@ pub struct ListenerSettings {
 /// Binds a listening socket for `address`, with `SO_REUSEADDR` so a restarted proxy can bind while old
 /// connections linger in TIME_WAIT.
 pub fn bind(address: SocketAddr) -> io::Result<TcpListener> {
+    bind_socket(address).and_then(|socket| TcpListener::from_std(socket.into()))
+}
+
+fn bind_socket(address: SocketAddr) -> io::Result<socket2::Socket> {
     let domain = socket2::Domain::for_address(address);
     let socket = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
     socket.set_reuse_address(true)?;
@@ -49,7 +53,22 @@ pub fn bind(address: SocketAddr) -> io::Result<TcpListener> {
     socket.set_nonblocking(true)?;
     socket.bind(&address.into())?;
     socket.listen(BACKLOG)?;
-    TcpListener::from_std(socket.into())
+    Ok(socket)
+}
+
+/// A bound listening socket and the address it got (the port, when the config asked for port 0).
+#[derive(Debug)]
+pub struct BoundSocket {
+    socket: TcpListener,
+    local_addr: SocketAddr,
+}
+
+impl BoundSocket {
+    pub fn bind(address: SocketAddr) -> io::Result<Self> {
+        let socket = bind(address)?;
+        let local_addr = socket.local_addr()?;
+        Ok(Self { socket, local_addr })
+    }
 }
 
 /// A listener that is accepting (or draining, once stopped).
@@ -67,14 +86,14 @@ impl RunningListener {
     /// Starts accepting on `socket`. `close` (a child of the proxy's close-all token) ends this
     /// listener's connections; `all_connections` tracks them for a whole-proxy drain.
     pub fn start(
-        socket: TcpListener,
+        bound: BoundSocket,
         config: ListenerConfig,
         metrics: &Metrics,
         clusters: Arc<ArcSwap<ClusterMap>>,
         close: CancellationToken,
         all_connections: TaskTracker,
-    ) -> io::Result<Self> {
-        let local_addr = socket.local_addr()?;
+    ) -> Self {
+        let BoundSocket { socket, local_addr } = bound;
         let settings = Arc::new(ArcSwap::from_pointee(ListenerSettings {
             metrics: ListenerMetrics::new(metrics, &config.name),
             config,
@@ -98,7 +117,7 @@ impl RunningListener {
             active: Arc::clone(&listener.active),
         };
         tokio::spawn(accept.run());
-        Ok(listener)
+        listener
     }
 
     /// Applies new settings to connections accepted from now on.

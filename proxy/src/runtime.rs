@@ -27,7 +27,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::cluster::Cluster;
 use crate::diff::{ClusterChange, ListenerChange, diff};
-use crate::listener::{self, RunningListener};
+use crate::listener::{BoundSocket, RunningListener};
 use crate::metrics::{ConfigMetrics, Metrics};
 use crate::source;
 
@@ -251,7 +251,7 @@ impl Proxy {
         let mut failures = Vec::new();
         for change in &changes.listeners {
             if let ListenerChange::Added(listener) = change {
-                match listener::bind(listener.address.0) {
+                match BoundSocket::bind(listener.address.0) {
                     Ok(socket) => bound.push((listener.clone(), socket)),
                     Err(error) => {
                         let index =
@@ -327,13 +327,8 @@ impl Proxy {
                 inner.close_all.child_token(),
                 inner.all_connections.clone(),
             );
-            match running {
-                Ok(running) => {
-                    tracing::info!(listener = %name, address = %running.local_addr, "listening");
-                    table.insert(name, running);
-                }
-                Err(error) => tracing::error!(listener = %name, %error, "listener socket failed after bind"),
-            }
+            tracing::info!(listener = %name, address = %running.local_addr, "listening");
+            table.insert(name, running);
         }
 
         let changed = !changes.is_empty();

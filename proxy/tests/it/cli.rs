@@ -5,12 +5,18 @@ use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
-use crate::support::{Upstream, echo_once, http};
+use crate::support::{Upstream, echo_once, expect_closed, http};
 
 const PROXY: &str = env!("CARGO_BIN_EXE_proxy");
+
+/// A relay from listener `front` (port 0) to `upstream`, admin on port 0, with extra top-level lines.
+fn relay_config(upstream: SocketAddr, top: &str) -> String {
+    format!(
+        "admin: {{address: \"127.0.0.1:0\"}}\n{top}\nlisteners:\n  - {{name: front, address: \"127.0.0.1:0\", cluster: back}}\nclusters:\n  - {{name: back, endpoints: [\"{upstream}\"]}}\n"
+    )
+}
 
 fn write_config(dir: &tempfile::TempDir, text: &str) -> std::path::PathBuf {
     let path = dir.path().join("keel.yaml");
@@ -120,10 +126,7 @@ impl Drop for Process {
 async fn sigterm_drains_open_connections_then_exits_zero() {
     let upstream = Upstream::echo().await;
     let dir = tempfile::tempdir().unwrap();
-    let config = format!(
-        "admin: {{address: \"127.0.0.1:0\"}}\ndrain_timeout: 10s\nlisteners:\n  - {{name: front, address: \"127.0.0.1:0\", cluster: back}}\nclusters:\n  - {{name: back, endpoints: [\"{}\"]}}\n",
-        upstream.addr
-    );
+    let config = relay_config(upstream.addr, "drain_timeout: 10s");
     let process = Process::start(&write_config(&dir, &config));
     let front = process.listener("front").await;
     let mut open = TcpStream::connect(front).await.unwrap();
@@ -153,18 +156,13 @@ async fn sigterm_drains_open_connections_then_exits_zero() {
 async fn the_drain_deadline_closes_what_is_left_and_exits_zero() {
     let upstream = Upstream::echo().await;
     let dir = tempfile::tempdir().unwrap();
-    let config = format!(
-        "admin: {{address: \"127.0.0.1:0\"}}\ndrain_timeout: 500ms\nlisteners:\n  - {{name: front, address: \"127.0.0.1:0\", cluster: back}}\nclusters:\n  - {{name: back, endpoints: [\"{}\"]}}\n",
-        upstream.addr
-    );
+    let config = relay_config(upstream.addr, "drain_timeout: 500ms");
     let process = Process::start(&write_config(&dir, &config));
     let mut open = TcpStream::connect(process.listener("front").await).await.unwrap();
     echo_once(&mut open, b"x").await.unwrap();
     let started = tokio::time::Instant::now();
     process.signal("INT");
-    let mut buffer = [0u8; 1];
-    let read = tokio::time::timeout(Duration::from_secs(5), open.read(&mut buffer)).await.unwrap();
-    assert!(matches!(read, Ok(0) | Err(_)));
+    expect_closed(&mut open, Duration::from_secs(5)).await;
     assert!(started.elapsed() >= Duration::from_millis(450), "closed after {:?}", started.elapsed());
     assert_eq!(process.wait(Duration::from_secs(5)).await, Some(0));
 }
@@ -204,10 +202,7 @@ async fn sighup_reloads_the_config_including_secret_files() {
 async fn running_out_of_file_descriptors_backs_off_and_recovers() {
     let upstream = Upstream::echo().await;
     let dir = tempfile::tempdir().unwrap();
-    let config = format!(
-        "admin: {{address: \"127.0.0.1:0\"}}\ndrain_timeout: 1s\nlisteners:\n  - {{name: front, address: \"127.0.0.1:0\", cluster: back}}\nclusters:\n  - {{name: back, endpoints: [\"{}\"]}}\n",
-        upstream.addr
-    );
+    let config = relay_config(upstream.addr, "drain_timeout: 1s");
     let path = write_config(&dir, &config);
     // A low descriptor limit for the proxy alone, set by the shell it is exec'd from.
     let mut command = Command::new("sh");

@@ -104,6 +104,14 @@ pub async fn echo_once(stream: &mut TcpStream, message: &[u8]) -> std::io::Resul
     Ok(())
 }
 
+/// Asserts that the peer closes `stream` (EOF or reset) within `limit`, without sending anything.
+pub async fn expect_closed(stream: &mut TcpStream, limit: Duration) {
+    let mut buffer = [0u8; 1];
+    let read = tokio::time::timeout(limit, stream.read(&mut buffer)).await;
+    let read = read.unwrap_or_else(|_| panic!("the connection is still open after {limit:?}"));
+    assert!(matches!(read, Ok(0) | Err(_)), "expected the connection closed, read {read:?}");
+}
+
 /// Polls `check` every 20 ms until it is true, failing after `limit`.
 pub async fn eventually<F, Fut>(limit: Duration, what: &str, mut check: F)
 where
