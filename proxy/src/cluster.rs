@@ -223,7 +223,14 @@ impl Cluster {
                         Arc::new(Endpoint::new(address.clone(), labels))
                     })
             })
-            .collect();
+            .collect::<Vec<Arc<Endpoint>>>();
+        if config.health_check.is_none() {
+            // Without a checker nothing would ever clear an old verdict: unchecked endpoints count as
+            // healthy, as the config documents.
+            for endpoint in &endpoints {
+                endpoint.set_health(Health::Unknown);
+            }
+        }
         Self {
             metrics: ClusterMetrics::new(metrics, &config.name),
             config,
@@ -312,11 +319,9 @@ impl Cluster {
         }
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         Some(match self.config.load_balancing {
-            LoadBalancing::RoundRobin => {
-                // The first candidate at or after the rotating position.
-                let position = start % count;
-                *candidates.iter().find(|&&i| i >= position).unwrap_or(&candidates[0])
-            }
+            // Rotating over the candidates (not over all endpoints) keeps the share even when some are
+            // out of rotation.
+            LoadBalancing::RoundRobin => candidates[start % candidates.len()],
             LoadBalancing::LeastConnections => {
                 // Ties go round-robin, so equal endpoints share the load.
                 let offset = start % candidates.len();
@@ -493,6 +498,34 @@ mod tests {
         }
         assert!(cluster.pick(&[]).is_some(), "with nothing routable, every endpoint is tried");
         assert_eq!(cluster.pick(&[0, 1, 2]), None);
+    }
+
+    #[test]
+    fn round_robin_stays_even_with_an_endpoint_out_of_rotation() {
+        let cluster = cluster(&["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"], None);
+        cluster.endpoints[1].set_health(Health::Unhealthy);
+        let mut counts = [0; 3];
+        for _ in 0..100 {
+            counts[cluster.pick(&[]).unwrap()] += 1;
+        }
+        assert_eq!(counts, [50, 0, 50]);
+    }
+
+    #[test]
+    fn removing_the_health_check_forgets_old_verdicts() {
+        let metrics = Metrics::new();
+        let mut config = cluster(&["127.0.0.1:1"], None).config.clone();
+        config.health_check = Some(HealthCheck::default());
+        let checked = Cluster::new(config.clone(), None, &metrics);
+        checked.endpoints[0].set_health(Health::Unhealthy);
+        config.health_check = None;
+        let unchecked = Cluster::new(config, Some(&checked), &metrics);
+        assert!(
+            Arc::ptr_eq(&checked.endpoints[0], &unchecked.endpoints[0]),
+            "endpoint state is carried over"
+        );
+        assert_eq!(unchecked.endpoints[0].health(), Health::Unknown);
+        assert!(unchecked.endpoints[0].is_routable());
     }
 
     #[tokio::test(start_paused = true)]

@@ -78,6 +78,7 @@ pub async fn serve(proxy: Proxy, admin: TcpListener) -> std::io::Result<()> {
         Shutdown::Fast => proxy.close_all_connections().await,
     }
     watcher.abort();
+    proxy.stop_health_checks();
     stop_admin.cancel();
     match tokio::time::timeout(ADMIN_STOP_GRACE, admin_task).await {
         Ok(Ok(result)) => result?,

@@ -139,7 +139,8 @@ impl RunningListener {
         self.active.load(Ordering::Relaxed)
     }
 
-    /// Closes the socket: new connections are refused by the kernel from here on.
+    /// Tells the accept loop to stop; it closes the socket as soon as it runs, and from then on the
+    /// kernel refuses new connections.
     pub fn stop_accepting(&self) {
         self.stop_accepting.cancel();
     }

@@ -126,12 +126,20 @@ async fn pump(
         if from.read_buf(&mut buffer).await.map_err(read_side)? == 0 {
             break;
         }
-        to.write_all(&buffer).await.map_err(write_side)?;
-        let length = buffer.len() as u64;
-        counters.from.increment(length);
-        counters.to.increment(length);
         activity.touch();
-        buffer.clear();
+        to.write_all(&buffer).await.map_err(write_side)?;
+        let length = buffer.len();
+        counters.from.increment(length as u64);
+        counters.to.increment(length as u64);
+        activity.touch();
+        if length < BUFFER_SIZE {
+            // A short read drained the socket: the connection may now sit idle (a pooled keep-alive
+            // connection, say), so give the buffer back and take one again when bytes arrive. A bulk
+            // transfer fills the buffer on every read and keeps it.
+            buffer = Vec::new();
+        } else {
+            buffer.clear();
+        }
     }
     // The reader is done: pass the FIN on, and let the other direction finish on its own.
     match to.shutdown().await {

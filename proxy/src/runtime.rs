@@ -47,6 +47,9 @@ pub struct Applied {
 #[derive(Debug)]
 pub struct Rejected {
     pub version: Option<String>,
+    /// The text itself is wrong (parse or validation errors), as opposed to a failure outside it (a
+    /// port in use): only the former is certain to fail again unchanged.
+    pub invalid_text: bool,
     pub source: String,
     pub rejected_at: SystemTime,
     pub errors: Vec<String>,
@@ -218,7 +221,7 @@ impl Proxy {
                 self.refresh_ready_gauge();
                 tracing::info!(version = %report.version, source, changes = %report.summary, "config applied");
             }
-            Err(ApplyError::Bind(errors)) => self.record_rejected(source, Some(version), errors),
+            Err(ApplyError::Bind(errors)) => self.record_rejected(source, Some(version), errors, false),
             Err(ApplyError::Draining) => {}
         }
         result
@@ -287,22 +290,23 @@ impl Proxy {
                     cluster.start_health_checks();
                     clusters.insert(new.name.clone(), cluster);
                 }
-                ClusterChange::Removed(config) => {
-                    if let Some(old) = clusters.remove(&config.name) {
-                        old.stop_health_checks();
-                    }
-                }
+                // Removed only after the listeners have moved off them (below), so that a connection
+                // accepted mid-apply never finds its listener's cluster missing.
+                ClusterChange::Removed(_) => {}
             }
         }
-        inner.clusters.store(Arc::new(clusters));
+        inner.clusters.store(Arc::new(clusters.clone()));
 
+        // Take every updated and removed listener out of the table before putting any back under its new
+        // name: a rename may reuse the name of another listener in the same change (two listeners
+        // swapping names, or `b` moving onto `a`'s address while `b`'s old address goes away).
         let drain_timeout = config.drain_timeout.get();
+        let mut renamed = Vec::new();
         for change in &changes.listeners {
             match change {
                 ListenerChange::Updated { old, new } => {
                     if let Some(running) = table.remove(&old.name) {
-                        running.update(new.clone(), &inner.metrics);
-                        table.insert(new.name.clone(), running);
+                        renamed.push((running, new.clone()));
                     }
                 }
                 ListenerChange::Removed(old) => {
@@ -316,6 +320,11 @@ impl Proxy {
                 }
                 ListenerChange::Added(_) => {}
             }
+        }
+        for (running, new) in renamed {
+            let name = new.name.clone();
+            running.update(new, &inner.metrics);
+            table.insert(name, running);
         }
         for (config, socket) in bound {
             let name = config.name.clone();
@@ -331,6 +340,19 @@ impl Proxy {
             table.insert(name, running);
         }
 
+        let mut removed_any = false;
+        for change in &changes.clusters {
+            if let ClusterChange::Removed(config) = change
+                && let Some(old) = clusters.remove(&config.name)
+            {
+                old.stop_health_checks();
+                removed_any = true;
+            }
+        }
+        if removed_any {
+            inner.clusters.store(Arc::new(clusters));
+        }
+
         let changed = !changes.is_empty();
         inner.applied.store(Some(Arc::new(Applied {
             config,
@@ -342,12 +364,19 @@ impl Proxy {
     }
 
     /// Records a config that was refused, for `/config_dump` and the metrics.
-    pub fn record_rejected(&self, source: &str, version: Option<&str>, errors: &ConfigErrors) {
+    pub fn record_rejected(
+        &self,
+        source: &str,
+        version: Option<&str>,
+        errors: &ConfigErrors,
+        invalid_text: bool,
+    ) {
         ConfigMetrics::rejected(&self.inner.metrics, source_kind(source)).increment(1);
         let lines = errors.lines();
         tracing::warn!(source, errors = %lines.join("; "), "config rejected; the running config stays");
         self.inner.rejected.store(Some(Arc::new(Rejected {
             version: version.map(str::to_string),
+            invalid_text,
             source: source.to_string(),
             rejected_at: SystemTime::now(),
             errors: lines,
@@ -361,7 +390,13 @@ impl Proxy {
         match source::load_file(path, self.env()) {
             Ok(loaded) => Ok(self.apply(loaded.config, &source_name, &loaded.version).await?),
             Err(error) => {
-                self.record_rejected(&source_name, error.version(), &error.as_config_errors(path));
+                let invalid_text = matches!(error, source::LoadError::Invalid { .. });
+                self.record_rejected(
+                    &source_name,
+                    error.version(),
+                    &error.as_config_errors(path),
+                    invalid_text,
+                );
                 Err(error.into())
             }
         }
@@ -391,6 +426,13 @@ impl Proxy {
         tracing::warn!(remaining, "drain deadline reached; closing the remaining connections");
         self.close_all_connections().await;
         remaining
+    }
+
+    /// Stops every cluster's health checks (at the end of `serve`).
+    pub fn stop_health_checks(&self) {
+        for cluster in self.inner.clusters.load().values() {
+            cluster.stop_health_checks();
+        }
     }
 
     /// Closes every open connection now.

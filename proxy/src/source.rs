@@ -153,7 +153,12 @@ async fn reload_if_changed(proxy: &Proxy, path: &Path) {
     };
     let version = version_of(&text);
     let running = proxy.applied().map(|applied| applied.version.clone());
-    let rejected = proxy.last_rejected().and_then(|rejected| rejected.version.clone());
+    // A text already rejected as invalid fails the same way again; one that failed for an outside
+    // reason (a port in use) is worth another try.
+    let rejected = proxy
+        .last_rejected()
+        .filter(|rejected| rejected.invalid_text)
+        .and_then(|rejected| rejected.version.clone());
     if running.as_deref() == Some(version.as_str()) || rejected.as_deref() == Some(version.as_str()) {
         return;
     }
@@ -163,6 +168,6 @@ async fn reload_if_changed(proxy: &Proxy, path: &Path) {
             // Failures are logged and recorded by apply itself.
             let _ = proxy.apply(loaded.config, &source, &loaded.version).await;
         }
-        Err(error) => proxy.record_rejected(&source, error.version(), &error.as_config_errors(path)),
+        Err(error) => proxy.record_rejected(&source, error.version(), &error.as_config_errors(path), true),
     }
 }

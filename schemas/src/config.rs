@@ -60,7 +60,11 @@ pub struct Admin {
     pub address: BindAddress,
     /// Bearer token required by the mutating endpoints (`POST /reload`, `/drain`, `/quitquitquit`) and by
     /// `/config_dump`. Without it, anyone who reaches the address may use them.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "crate::types::present_secret",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub token: Option<Secret>,
     /// File holding the token (a Kubernetes Secret mount); surrounding whitespace is trimmed.
     #[serde(default, skip_serializing_if = "Option::is_none")]

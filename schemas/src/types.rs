@@ -337,10 +337,52 @@ impl Serialize for Secret {
     }
 }
 
+/// Takes any scalar as the secret's text (a numeric token is still a token), and never quotes the value
+/// in an error: errors end up in logs and in `/config_dump`.
+struct SecretVisitor;
+
+impl serde::de::Visitor<'_> for SecretVisitor {
+    type Value = Secret;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a secret (text)")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<Secret, E> {
+        Ok(Secret::new(value))
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, value: i64) -> Result<Secret, E> {
+        Ok(Secret::new(value.to_string()))
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, value: u64) -> Result<Secret, E> {
+        Ok(Secret::new(value.to_string()))
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, value: f64) -> Result<Secret, E> {
+        Ok(Secret::new(value.to_string()))
+    }
+
+    fn visit_bool<E: serde::de::Error>(self, value: bool) -> Result<Secret, E> {
+        Ok(Secret::new(value.to_string()))
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Secret, E> {
+        Err(E::custom("the secret has no value: give one, or remove the key"))
+    }
+}
+
 impl<'de> Deserialize<'de> for Secret {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        String::deserialize(deserializer).map(Self)
+        deserializer.deserialize_any(SecretVisitor)
     }
+}
+
+/// For `Option<Secret>` fields: absent is `None`, but a key that is present must hold a value (serde
+/// would otherwise read `token:` with nothing after it as "no token").
+pub fn present_secret<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Secret>, D::Error> {
+    deserializer.deserialize_any(SecretVisitor).map(Some)
 }
 
 impl JsonSchema for Secret {

@@ -244,6 +244,7 @@ fn key_text(node: &Node) -> Option<&str> {
 
 fn scalar(text: &str, style: ScalarStyle, tag: Option<&Tag>, env: &dyn Environment) -> Result<Value, String> {
     let text = interpolate(text, env)?;
+    let interpolated = matches!(text, std::borrow::Cow::Owned(_));
     match tag {
         Some(tag) if tag.is_yaml_core_schema() && tag.suffix == "str" => Ok(Value::String(text.into_owned())),
         Some(tag)
@@ -253,7 +254,12 @@ fn scalar(text: &str, style: ScalarStyle, tag: Option<&Tag>, env: &dyn Environme
             Ok(resolve_plain(&text))
         }
         Some(tag) => Err(format!("unsupported YAML tag {tag}")),
-        None if style == ScalarStyle::Plain => Ok(resolve_plain(&text)),
+        // A variable that expands to nothing (or to `null`) stays a string: `token: ${TOKEN}` with TOKEN
+        // empty must read as an empty token, not as no token at all.
+        None if style == ScalarStyle::Plain => match resolve_plain(&text) {
+            Value::Null if interpolated => Ok(Value::String(text.into_owned())),
+            value => Ok(value),
+        },
         None => Ok(Value::String(text.into_owned())),
     }
 }

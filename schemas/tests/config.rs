@@ -260,3 +260,21 @@ fn every_example_validates() {
     }
     assert!(seen >= 2, "expected examples in {dir}");
 }
+
+#[test]
+fn secrets_are_never_lost_or_quoted() {
+    // A variable that expands to nothing is an empty token (an error), never "no token".
+    let env = MapEnvironment::default().with_var("EMPTY", "");
+    let error = load("admin:\n  token: ${EMPTY}\n", "keel.yaml", &env).unwrap_err().to_string();
+    assert!(error.contains("keel.yaml:2:10: admin.token: the token is empty"), "{error}");
+    let error = load("admin:\n  token: ${UNSET:-}\n", "keel.yaml", &env).unwrap_err().to_string();
+    assert!(error.contains("admin.token: the token is empty"), "{error}");
+    // A key with no value is an error too.
+    let error = load("admin:\n  token:\n", "keel.yaml", &env).unwrap_err().to_string();
+    assert!(error.contains("admin.token: the secret has no value"), "{error}");
+    // A numeric token is a token, and a wrong type is reported without the value.
+    let config = load("admin:\n  token: 123456\n", "keel.yaml", &env).unwrap();
+    assert_eq!(config.admin.token.as_ref().unwrap().expose(), "123456");
+    let error = load("admin:\n  token: {value: 987654}\n", "keel.yaml", &env).unwrap_err().to_string();
+    assert!(error.contains("expected a secret") && !error.contains("987654"), "{error}");
+}

@@ -143,7 +143,16 @@ async fn sigterm_drains_open_connections_then_exits_zero() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(ready, 503);
-    assert!(TcpStream::connect(front).await.is_err());
+    // The accept loop closes its socket when it next runs: poll for the refusal.
+    let mut refused = false;
+    for _ in 0..100 {
+        if TcpStream::connect(front).await.is_err() {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(refused, "a draining proxy must refuse new connections");
     echo_once(&mut open, b"during the drain").await.unwrap();
     // Finishing the last connection lets the process exit at once, well before the 10 s deadline.
     drop(open);
