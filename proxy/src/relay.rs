@@ -6,8 +6,8 @@
 //! moved in either direction for the idle timeout, or when the proxy closes connections at the end of a
 //! drain.
 //!
-//! Buffers are 64 KiB per direction and are allocated only when the first bytes arrive, so an idle
-//! connection costs no buffer memory; reads fill spare capacity without zeroing it first.
+//! Buffers are 64 KiB per direction, allocated when bytes arrive and given back after a read that drained
+//! the socket, so an idle connection holds no buffer memory; reads fill spare capacity without zeroing it.
 //!
 //! One `recv` and one `send` per chunk each way, and no wasted `recv` that only says EAGAIN (see [`pump`]).
 
