@@ -71,6 +71,8 @@ pub enum ApplyError {
     Bind(ConfigErrors),
     #[error("the proxy is draining and takes no new config")]
     Draining,
+    #[error("{0}")]
+    Unsupported(ConfigErrors),
 }
 
 /// Why a reload did not apply a new config.
@@ -222,6 +224,7 @@ impl Proxy {
                 tracing::info!(version = %report.version, source, changes = %report.summary, "config applied");
             }
             Err(ApplyError::Bind(errors)) => self.record_rejected(source, Some(version), errors, false),
+            Err(ApplyError::Unsupported(errors)) => self.record_rejected(source, Some(version), errors, true),
             Err(ApplyError::Draining) => {}
         }
         result
@@ -237,6 +240,16 @@ impl Proxy {
         let mut table = inner.listeners.lock().await;
         if self.is_draining() {
             return Err(ApplyError::Draining);
+        }
+        if config.dns.is_some() {
+            // The model and its validation exist; the server does not yet. Refusing the config says so,
+            // where ignoring the section would leave a pod without the DNS it asked for.
+            let message = "this build validates the dns section but does not serve DNS yet; remove it to run";
+            let diagnostic = Diagnostic::new(ConfigPath::root().key("dns"), message);
+            return Err(ApplyError::Unsupported(ConfigErrors {
+                origin: source.to_string(),
+                diagnostics: vec![diagnostic],
+            }));
         }
         let previous = inner.applied.load_full();
         let empty = keel_schemas::Config::default();

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::types::{BindAddress, Cidr, Duration, HostPort, Secret};
+use crate::types::{Cidr, Duration, HostPort, Secret, SocketAddress};
 
 /// A whole keel.yaml: what one proxy runs.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -34,6 +34,100 @@ pub struct Config {
     /// before they are closed.
     #[serde(default = "defaults::drain_timeout")]
     pub drain_timeout: Duration,
+    /// The DNS server: hijacked service names answered with loopback VIPs, everything else forwarded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<Dns>,
+}
+
+/// The pod's DNS server. Point the pod at it with `dnsPolicy: None` and `nameservers: [127.0.0.2]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Dns {
+    /// Addresses to serve DNS on, over both UDP and TCP.
+    #[serde(default = "defaults::dns_listen")]
+    pub listen: Vec<SocketAddress>,
+    /// The pod's namespace: `service:` entries answer as `NAME.NAMESPACE.svc.CLUSTER_DOMAIN` and its
+    /// shorter search-domain forms.
+    #[serde(default = "defaults::dns_namespace")]
+    pub namespace: String,
+    /// The cluster's DNS domain.
+    #[serde(default = "defaults::cluster_domain")]
+    pub cluster_domain: String,
+    /// Where VIPs are allocated for hijacked names that do not give an `address`.
+    #[serde(default = "defaults::ip_range")]
+    pub ip_range: Cidr,
+    /// TTL of hijacked answers (and of the SOA that makes NODATA answers cacheable).
+    #[serde(default = "defaults::dns_ttl")]
+    pub ttl: Duration,
+    /// Names answered locally, each with its VIP.
+    #[serde(default)]
+    pub hijack: Vec<Hijack>,
+    /// Resolvers every other query is forwarded to, in order of preference: usually the nameservers the
+    /// pod's resolv.conf had before it pointed at the sidecar. With none, other queries get REFUSED.
+    #[serde(default)]
+    pub upstreams: Vec<SocketAddress>,
+    /// An upstream that has not answered within this time is given up on, and the next one is tried.
+    #[serde(default = "defaults::upstream_timeout")]
+    pub upstream_timeout: Duration,
+    /// Most forwarded queries waiting for an upstream at once; further ones get SERVFAIL.
+    #[serde(default = "defaults::max_in_flight")]
+    pub max_in_flight: u32,
+    /// The cache of forwarded answers.
+    #[serde(default)]
+    pub cache: DnsCache,
+}
+
+/// One hijacked name: either a Kubernetes service (`service`, answered in all its search-domain forms)
+/// or a literal name (`name`, which may be a wildcard such as `*.internal.example`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Hijack {
+    /// A service name such as `mysql`; answers `mysql`, `mysql.NS`, `mysql.NS.svc` and
+    /// `mysql.NS.svc.CLUSTER_DOMAIN`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    /// The service's namespace, when it is not the pod's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// A literal DNS name, or a wildcard (`*.internal.example` answers every name under it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The VIP to answer with; allocated from `ip_range` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<std::net::IpAddr>,
+}
+
+/// The cache of forwarded answers.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DnsCache {
+    /// Most answers kept.
+    #[serde(default = "defaults::cache_size")]
+    pub size: u64,
+    /// Answers are kept at least this long, whatever their TTL says.
+    #[serde(default = "defaults::cache_min_ttl")]
+    pub min_ttl: Duration,
+    /// And at most this long.
+    #[serde(default = "defaults::cache_max_ttl")]
+    pub max_ttl: Duration,
+    /// Longest a negative answer (NXDOMAIN, NODATA) is kept; its SOA minimum decides below that.
+    #[serde(default = "defaults::cache_negative_ttl")]
+    pub negative_ttl: Duration,
+    /// When every upstream fails, expired answers are served for up to this long past their expiry.
+    #[serde(default = "defaults::cache_serve_stale")]
+    pub serve_stale: Duration,
+}
+
+impl Default for DnsCache {
+    fn default() -> Self {
+        Self {
+            size: defaults::cache_size(),
+            min_ttl: defaults::cache_min_ttl(),
+            max_ttl: defaults::cache_max_ttl(),
+            negative_ttl: defaults::cache_negative_ttl(),
+            serve_stale: defaults::cache_serve_stale(),
+        }
+    }
 }
 
 /// The identity of this proxy.
@@ -57,7 +151,7 @@ pub struct Node {
 pub struct Admin {
     /// Where the admin API listens. Keep it on loopback unless `token` is set.
     #[serde(default = "defaults::admin_address")]
-    pub address: BindAddress,
+    pub address: SocketAddress,
     /// Bearer token required by the mutating endpoints (`POST /reload`, `/drain`, `/quitquitquit`) and by
     /// `/config_dump`. Without it, anyone who reaches the address may use them.
     #[serde(
@@ -84,7 +178,7 @@ pub struct Listener {
     /// Unique name, used in metrics and logs.
     pub name: String,
     /// Address to listen on.
-    pub address: BindAddress,
+    pub address: SocketAddress,
     /// Name of the cluster connections are relayed to.
     pub cluster: String,
     /// Close a connection after this long without bytes in either direction; `0s` disables the timeout.
@@ -195,10 +289,10 @@ impl Default for OutlierDetection {
 
 /// Default values, named so that serde, the schema and the docs share them.
 pub mod defaults {
-    use crate::types::{BindAddress, Duration};
+    use crate::types::{Cidr, Duration, SocketAddress};
 
-    pub fn admin_address() -> BindAddress {
-        BindAddress(std::net::SocketAddr::from(([127, 0, 0, 1], 9901)))
+    pub fn admin_address() -> SocketAddress {
+        SocketAddress(std::net::SocketAddr::from(([127, 0, 0, 1], 9901)))
     }
     pub fn drain_timeout() -> Duration {
         Duration::from_secs(25)
@@ -232,5 +326,41 @@ pub mod defaults {
     }
     pub fn max_ejection_percent() -> u8 {
         50
+    }
+    pub fn dns_listen() -> Vec<SocketAddress> {
+        vec![SocketAddress(std::net::SocketAddr::from(([127, 0, 0, 2], 53)))]
+    }
+    pub fn dns_namespace() -> String {
+        "default".into()
+    }
+    pub fn cluster_domain() -> String {
+        "cluster.local".into()
+    }
+    pub fn ip_range() -> Cidr {
+        "127.0.66.0/24".parse().expect("a valid CIDR")
+    }
+    pub fn dns_ttl() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn upstream_timeout() -> Duration {
+        Duration::from_secs(2)
+    }
+    pub fn max_in_flight() -> u32 {
+        1024
+    }
+    pub fn cache_size() -> u64 {
+        10_000
+    }
+    pub fn cache_min_ttl() -> Duration {
+        Duration::from_secs(0)
+    }
+    pub fn cache_max_ttl() -> Duration {
+        Duration::from_secs(3600)
+    }
+    pub fn cache_negative_ttl() -> Duration {
+        Duration::from_secs(300)
+    }
+    pub fn cache_serve_stale() -> Duration {
+        Duration::from_secs(300)
     }
 }

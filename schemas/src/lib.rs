@@ -7,10 +7,12 @@
 //! - [`config`]: the structs, their defaults and docs (which become the JSON Schema's descriptions).
 //! - [`types`]: durations, addresses, CIDRs and secrets as keel.yaml spells them.
 //! - [`load`]: text → validated config; [`validate`](validate::validate): the semantic checks.
+//! - [`dns`]: DNS names and the hijack table (which name answers with which VIP).
 //! - [`json_schema`]: the schema committed as `schemas/keel.schema.json` for editors.
 
 pub mod config;
 pub mod diagnostic;
+pub mod dns;
 pub mod interpolate;
 pub mod load;
 pub mod types;

@@ -9,7 +9,7 @@ use std::ops::Deref;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use crate::config::{Admin, Cluster, Config, Listener, Node};
+use crate::config::{Admin, Cluster, Config, Dns, Listener, Node};
 use crate::diagnostic::{ConfigErrors, ConfigPath, Diagnostic, SourceMap};
 use crate::interpolate::Environment;
 use crate::types::{Duration, Secret};
@@ -102,6 +102,7 @@ fn structural_errors(value: &Value, source_map: &SourceMap) -> Vec<Diagnostic> {
             "listeners" => check_each::<Listener>(value, &path, source_map, &mut out),
             "clusters" => check_each::<Cluster>(value, &path, source_map, &mut out),
             "drain_timeout" => check::<Duration>(value, &path, source_map, &mut out),
+            "dns" => check::<Dns>(value, &path, source_map, &mut out),
             _ => out.push(
                 Diagnostic::new(
                     path.clone(),
@@ -116,7 +117,7 @@ fn structural_errors(value: &Value, source_map: &SourceMap) -> Vec<Diagnostic> {
 
 /// The top-level keys of keel.yaml, as [`structural_errors`] knows them. A test checks this list against
 /// the fields of [`Config`].
-pub(crate) const SECTIONS: [&str; 5] = ["node", "admin", "listeners", "clusters", "drain_timeout"];
+pub(crate) const SECTIONS: [&str; 6] = ["node", "admin", "listeners", "clusters", "drain_timeout", "dns"];
 
 fn check<T: DeserializeOwned>(
     value: &Value,

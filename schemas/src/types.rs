@@ -143,11 +143,11 @@ string_typed!(
     "^([0-9]+(h|m|s|ms|us))+$"
 );
 
-/// A socket address to bind: an IP address and a port, such as `127.0.0.1:8080` or `[::1]:53`.
+/// A socket address: an IP address and a port, such as `127.0.0.1:8080` or `[::1]:53`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct BindAddress(pub SocketAddr);
+pub struct SocketAddress(pub SocketAddr);
 
-impl FromStr for BindAddress {
+impl FromStr for SocketAddress {
     type Err = String;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
@@ -157,16 +157,16 @@ impl FromStr for BindAddress {
     }
 }
 
-impl fmt::Display for BindAddress {
+impl fmt::Display for SocketAddress {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         self.0.fmt(f)
     }
 }
 
-impl BindAddress {
+impl SocketAddress {
     /// Whether two listeners on these addresses would compete for the same port: the same port, and the
     /// same IP or a wildcard on the same family.
-    pub fn overlaps(&self, other: &BindAddress) -> bool {
+    pub fn overlaps(&self, other: &SocketAddress) -> bool {
         let (a, b) = (self.0, other.0);
         a.port() == b.port()
             && a.port() != 0
@@ -176,9 +176,9 @@ impl BindAddress {
 }
 
 string_typed!(
-    BindAddress,
-    "BindAddress",
-    "An IP address and port to listen on, such as 127.0.0.1:8080 or [::1]:8080.",
+    SocketAddress,
+    "SocketAddress",
+    "An IP address and port, such as 127.0.0.1:8080 or [::1]:8080.",
     "^(\\[[0-9A-Fa-f:.]+\\]|[0-9.]+):[0-9]{1,5}$"
 );
 
@@ -443,10 +443,10 @@ mod tests {
 
     #[test]
     fn bind_addresses_overlap_on_wildcards() {
-        let a: BindAddress = "0.0.0.0:80".parse().unwrap();
-        let b: BindAddress = "127.0.0.1:80".parse().unwrap();
-        let c: BindAddress = "127.0.0.1:81".parse().unwrap();
-        let d: BindAddress = "[::1]:80".parse().unwrap();
+        let a: SocketAddress = "0.0.0.0:80".parse().unwrap();
+        let b: SocketAddress = "127.0.0.1:80".parse().unwrap();
+        let c: SocketAddress = "127.0.0.1:81".parse().unwrap();
+        let d: SocketAddress = "[::1]:80".parse().unwrap();
         assert!(a.overlaps(&b));
         assert!(!b.overlaps(&c));
         assert!(!a.overlaps(&d));

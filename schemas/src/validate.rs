@@ -5,9 +5,11 @@
 //! pushed by the control plane.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 
-use crate::config::{Cluster, Config, HealthCheck, Listener, OutlierDetection};
+use crate::config::{Cluster, Config, Dns, HealthCheck, Listener, OutlierDetection};
 use crate::diagnostic::{ConfigPath, Diagnostic};
+use crate::dns::{HijackTable, is_valid_name};
 use crate::types::Duration;
 
 /// Most characters in a listener, cluster or node name.
@@ -78,7 +80,108 @@ pub fn validate(config: &Config) -> Vec<Diagnostic> {
     if config.drain_timeout.is_zero() {
         problems.push(&root.key("drain_timeout"), "must be longer than 0s");
     }
+    if let Some(dns) = &config.dns {
+        check_dns(&mut problems, &root.key("dns"), dns, config);
+    }
     problems.0
+}
+
+fn check_dns(problems: &mut Problems, path: &ConfigPath, dns: &Dns, config: &Config) {
+    if dns.listen.is_empty() {
+        problems.push(&path.key("listen"), "give at least one address to serve DNS on");
+    }
+    for (i, listen) in dns.listen.iter().enumerate() {
+        let at = path.key("listen").index(i);
+        // DNS serves TCP too, so it competes with the TCP listeners and the admin API for ports.
+        for (j, listener) in config.listeners.iter().enumerate() {
+            if listener.address.overlaps(listen) {
+                problems
+                    .push(&at, format!("address {listen} overlaps listeners[{j}] ({})", listener.address));
+            }
+        }
+        if listen.overlaps(&config.admin.address) {
+            problems.push(&at, format!("address {listen} overlaps admin.address ({})", config.admin.address));
+        }
+        if let Some(j) = dns.listen[..i].iter().position(|other| other.overlaps(listen)) {
+            problems.push(&at, format!("address {listen} overlaps dns.listen[{j}]"));
+        }
+    }
+    if !is_valid_name(&dns.namespace) || dns.namespace.contains('.') {
+        problems.push(&path.key("namespace"), format!("invalid namespace {:?}", dns.namespace));
+    }
+    if !is_valid_name(&dns.cluster_domain) {
+        problems.push(&path.key("cluster_domain"), format!("invalid DNS name {:?}", dns.cluster_domain));
+    }
+    let mut entries_valid = true;
+    for (i, entry) in dns.hijack.iter().enumerate() {
+        let at = path.key("hijack").index(i);
+        let before = problems.0.len();
+        match (&entry.service, &entry.name) {
+            (Some(_), Some(_)) | (None, None) => {
+                problems.push(&at, "give either service (a Kubernetes service name) or name (a DNS name)")
+            }
+            (Some(service), None) => {
+                if !is_valid_name(service) || service.contains('.') {
+                    problems
+                        .push(&at.key("service"), format!("invalid service name {service:?}: one DNS label"));
+                }
+            }
+            (None, Some(name)) => {
+                if entry.namespace.is_some() {
+                    problems.push(&at.key("namespace"), "namespace goes with service, not with name");
+                }
+                let bare = name.strip_prefix("*.").unwrap_or(name);
+                if !is_valid_name(bare) {
+                    problems.push(&at.key("name"), format!("invalid DNS name {name:?}"));
+                }
+            }
+        }
+        if let Some(namespace) = &entry.namespace
+            && (!is_valid_name(namespace) || namespace.contains('.'))
+        {
+            problems.push(&at.key("namespace"), format!("invalid namespace {namespace:?}"));
+        }
+        entries_valid &= problems.0.len() == before;
+    }
+    if entries_valid && let Err(allocation) = HijackTable::build(dns, None) {
+        problems.0.extend(allocation);
+    }
+    for (i, upstream) in dns.upstreams.iter().enumerate() {
+        let loops_to = dns.listen.iter().position(|listen| is_same_server(listen.0, upstream.0));
+        if let Some(j) = loops_to {
+            problems.push(
+                &path.key("upstreams").index(i),
+                format!(
+                    "{upstream} is this DNS server itself (dns.listen[{j}]): forwarding there would loop"
+                ),
+            );
+        }
+    }
+    problems.check_positive(&path.key("ttl"), dns.ttl);
+    problems.check_positive(&path.key("upstream_timeout"), dns.upstream_timeout);
+    if dns.max_in_flight == 0 {
+        problems.push(&path.key("max_in_flight"), "must be at least 1");
+    }
+    let cache = path.key("cache");
+    if dns.cache.size == 0 {
+        problems.push(&cache.key("size"), "must be at least 1");
+    }
+    if dns.cache.min_ttl > dns.cache.max_ttl {
+        problems.push(
+            &cache.key("min_ttl"),
+            format!("min_ttl {} is longer than max_ttl {}", dns.cache.min_ttl, dns.cache.max_ttl),
+        );
+    }
+}
+
+/// Whether queries sent to `upstream` would reach a server listening on `listen`: the same address, or
+/// a wildcard listen address and an upstream on this host (loopback or wildcard) with the same port.
+fn is_same_server(listen: SocketAddr, upstream: SocketAddr) -> bool {
+    listen.port() == upstream.port()
+        && (listen.ip() == upstream.ip()
+            || (listen.ip().is_unspecified()
+                && listen.is_ipv4() == upstream.is_ipv4()
+                && (upstream.ip().is_loopback() || upstream.ip().is_unspecified())))
 }
 
 fn check_listener(

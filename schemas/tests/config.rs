@@ -28,6 +28,19 @@ clusters:
     health_check: {interval: 5s, timeout: 1s, healthy_threshold: 2, unhealthy_threshold: 3}
     outlier_detection: {consecutive_failures: 5, base_ejection_time: 30s, max_ejection_percent: 50}
 drain_timeout: 20s
+dns:
+  listen: ["127.0.0.2:5353"]
+  namespace: default
+  cluster_domain: cluster.local
+  ip_range: 127.0.66.0/24
+  ttl: 30s
+  hijack:
+    - {service: mysql, namespace: db, address: 127.0.66.10}
+    - {name: "*.internal.example"}
+  upstreams: ["10.96.0.10:53"]
+  upstream_timeout: 2s
+  max_in_flight: 512
+  cache: {size: 1000, min_ttl: 5s, max_ttl: 10m, negative_ttl: 1m, serve_stale: 2m}
 "#;
 
 fn env() -> MapEnvironment {
@@ -87,7 +100,7 @@ fn an_unknown_key_in_any_table_is_rejected() {
     value["admin"].as_object_mut().unwrap().remove("token");
     let mut pointers = Vec::new();
     tables(&value, String::new(), &mut pointers);
-    assert!(pointers.len() >= 7, "expected every table to be probed, got {pointers:?}");
+    assert!(pointers.len() >= 11, "expected every table to be probed, got {pointers:?}");
     for pointer in pointers {
         let mut probe = value.clone();
         probe.pointer_mut(&pointer).unwrap().as_object_mut().unwrap().insert("bogus_key".into(), 1.into());
@@ -230,7 +243,7 @@ fn schema_lists_every_section_the_loader_knows() {
     let schema = json_schema();
     let mut properties: Vec<&String> = schema["properties"].as_object().unwrap().keys().collect();
     properties.sort();
-    let mut sections = ["node", "admin", "listeners", "clusters", "drain_timeout"];
+    let mut sections = ["node", "admin", "listeners", "clusters", "drain_timeout", "dns"];
     sections.sort();
     assert_eq!(properties, sections);
     // Every section is actually checked by the per-section pass: an invalid value is reported as a type
@@ -277,4 +290,56 @@ fn secrets_are_never_lost_or_quoted() {
     assert_eq!(config.admin.token.as_ref().unwrap().expose(), "123456");
     let error = load("admin:\n  token: {value: 987654}\n", "keel.yaml", &env).unwrap_err().to_string();
     assert!(error.contains("expected a secret") && !error.contains("987654"), "{error}");
+}
+
+#[test]
+fn dns_section_errors_are_located() {
+    let text = r#"
+listeners:
+  - {name: web, address: "127.0.0.2:53", cluster: c}
+clusters:
+  - {name: c, endpoints: ["127.0.0.1:1"]}
+dns:
+  listen: ["127.0.0.2:53"]
+  namespace: "bad.ns"
+  hijack:
+    - service: mysql
+      name: mysql.example
+    - {service: "two.labels"}
+    - {name: "*.ok.example", namespace: x}
+  upstreams: ["10.0.0.10:53", "127.0.0.2:53"]
+  cache: {min_ttl: 2h, max_ttl: 1h}
+"#;
+    let lines = errors(text);
+    let expected = [
+        "keel.yaml:7:12: dns.listen[0]: address 127.0.0.2:53 overlaps listeners[0] (127.0.0.2:53)",
+        "keel.yaml:8:14: dns.namespace: invalid namespace \"bad.ns\"",
+        "keel.yaml:10:7: dns.hijack[0]: give either service (a Kubernetes service name) or name (a DNS name)",
+        "keel.yaml:12:17: dns.hijack[1].service: invalid service name \"two.labels\": one DNS label",
+        "keel.yaml:13:41: dns.hijack[2].namespace: namespace goes with service, not with name",
+        "keel.yaml:14:31: dns.upstreams[1]: 127.0.0.2:53 is this DNS server itself (dns.listen[0]): forwarding there would loop",
+        "keel.yaml:15:20: dns.cache.min_ttl: min_ttl 2h is longer than max_ttl 1h",
+    ];
+    for line in expected {
+        assert!(lines.iter().any(|l| l.starts_with(line)), "missing {line:?} in {lines:#?}");
+    }
+    assert_eq!(lines.len(), expected.len(), "{lines:#?}");
+}
+
+#[test]
+fn a_wildcard_listen_address_still_detects_the_loop() {
+    let lines =
+        errors("dns:\n  listen: [\"0.0.0.0:5353\"]\n  upstreams: [\"127.0.0.1:5353\", \"127.0.0.1:53\"]\n");
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert!(lines[0].contains("dns.upstreams[0]: 127.0.0.1:5353 is this DNS server itself"), "{lines:#?}");
+}
+
+#[test]
+fn dns_defaults_follow_the_seed_sidecar() {
+    let config = load("dns:\n  hijack: [{service: mysql}]\n", "keel.yaml", &env()).unwrap();
+    let dns = config.dns.as_ref().unwrap();
+    assert_eq!(dns.listen[0].to_string(), "127.0.0.2:53");
+    assert_eq!(dns.ip_range.to_string(), "127.0.66.0/24");
+    assert_eq!(dns.ttl.to_string(), "30s");
+    assert_eq!((dns.namespace.as_str(), dns.cluster_domain.as_str()), ("default", "cluster.local"));
 }
