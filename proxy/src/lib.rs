@@ -11,6 +11,7 @@
 pub mod admin;
 pub mod cluster;
 pub mod diff;
+pub mod dns;
 mod env;
 pub mod listener;
 pub mod metrics;
