@@ -1,0 +1,376 @@
+//! The cache of forwarded answers, kept in wire format.
+//!
+//! An answer is stored as the bytes the upstream sent, together with the offset of every record's TTL
+//! field. A hit copies the bytes, writes the client's ID, and lowers each TTL by the time the answer has
+//! spent in the cache: no parsing or serializing on the hot path. The decisions are made once, when an
+//! answer is stored:
+//!
+//! - positive answers live for their smallest answer TTL, clamped to `min_ttl..=max_ttl`;
+//! - negative answers (NXDOMAIN, or NOERROR with no answer) live for the SOA's minimum (or the SOA
+//!   record's own TTL, if lower; RFC 2308), at most `negative_ttl`, and are not cached without an SOA;
+//! - truncated answers, and answers with any other response code, are not cached;
+//! - once expired, an answer may still be served for `serve_stale` when every upstream fails, with a TTL
+//!   of 30 s (RFC 8767).
+//!
+//! Freshness is measured on tokio's clock (so tests can step through it); moka bounds the number of
+//! entries and evicts each one once its stale window has passed.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hickory_proto::op::{Message, ResponseCode};
+use hickory_proto::rr::{DNSClass, LowerName, RData, RecordType};
+use keel_schemas::config::DnsCache;
+use tokio::time::Instant;
+
+/// TTL of an answer served stale (RFC 8767 section 4).
+const STALE_TTL: u32 = 30;
+/// The record type of EDNS's OPT pseudo-record, whose TTL field holds flags, not a TTL.
+const OPT: u16 = 41;
+
+/// What a cached answer is the answer to.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct CacheKey {
+    pub name: LowerName,
+    pub record_type: RecordType,
+    pub class: DNSClass,
+    /// Whether the client asked for DNSSEC records: the answers differ.
+    pub dnssec_ok: bool,
+}
+
+/// Where a record's TTL sits in an answer, and what it was when stored.
+#[derive(Clone, Copy, Debug)]
+struct TtlField {
+    offset: usize,
+    ttl: u32,
+}
+
+#[derive(Debug)]
+struct Entry {
+    wire: Box<[u8]>,
+    ttls: Box<[TtlField]>,
+    stored: Instant,
+    fresh_for: u32,
+    stale_for: u32,
+}
+
+/// How fresh a served answer is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Freshness {
+    Fresh,
+    Stale,
+}
+
+/// Answers by question, bounded in number.
+pub struct AnswerCache {
+    entries: moka::sync::Cache<CacheKey, Arc<Entry>>,
+    settings: DnsCache,
+}
+
+impl std::fmt::Debug for AnswerCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AnswerCache").field("entries", &self.entries.entry_count()).finish()
+    }
+}
+
+/// Evicts an entry once its stale window is over too.
+struct StaleWindowExpiry;
+
+impl moka::Expiry<CacheKey, Arc<Entry>> for StaleWindowExpiry {
+    fn expire_after_create(
+        &self,
+        _: &CacheKey,
+        entry: &Arc<Entry>,
+        _: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(Duration::from_secs(u64::from(entry.fresh_for) + u64::from(entry.stale_for)))
+    }
+}
+
+impl AnswerCache {
+    pub fn new(settings: &DnsCache) -> Self {
+        let entries =
+            moka::sync::Cache::builder().max_capacity(settings.size).expire_after(StaleWindowExpiry).build();
+        Self { entries, settings: settings.clone() }
+    }
+
+    /// Answers stored now (an estimate: moka counts lazily).
+    pub fn len(&self) -> u64 {
+        self.entries.entry_count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Stores `wire`, the upstream's answer to `key`, if it may be cached. Returns whether it was.
+    pub fn insert(&self, key: CacheKey, wire: &[u8]) -> bool {
+        let Ok(message) = Message::from_vec(wire) else { return false };
+        let Some(fresh_for) = self.lifetime(&message) else { return false };
+        let Some(ttls) = ttl_fields(wire) else { return false };
+        let stale_for = u32::try_from(self.settings.serve_stale.get().as_secs()).unwrap_or(u32::MAX);
+        let entry =
+            Entry { wire: wire.into(), ttls: ttls.into(), stored: Instant::now(), fresh_for, stale_for };
+        self.entries.insert(key, Arc::new(entry));
+        true
+    }
+
+    /// A fresh answer to `key`, with `id` and TTLs lowered by its time in the cache.
+    pub fn get(&self, key: &CacheKey, id: u16) -> Option<Vec<u8>> {
+        self.lookup(key, id, false).map(|(wire, _)| wire)
+    }
+
+    /// A fresh answer, or else one whose stale window is still open: for when every upstream failed.
+    pub fn get_stale(&self, key: &CacheKey, id: u16) -> Option<(Vec<u8>, Freshness)> {
+        self.lookup(key, id, true)
+    }
+
+    fn lookup(&self, key: &CacheKey, id: u16, allow_stale: bool) -> Option<(Vec<u8>, Freshness)> {
+        let entry = self.entries.get(key)?;
+        let elapsed = u32::try_from(entry.stored.elapsed().as_secs()).unwrap_or(u32::MAX);
+        let freshness = if elapsed < entry.fresh_for {
+            Freshness::Fresh
+        } else if allow_stale && elapsed - entry.fresh_for < entry.stale_for {
+            Freshness::Stale
+        } else {
+            return None;
+        };
+        let remaining = entry.fresh_for.saturating_sub(elapsed);
+        let mut wire = entry.wire.to_vec();
+        wire[..2].copy_from_slice(&id.to_be_bytes());
+        for field in entry.ttls.iter() {
+            let ttl = match freshness {
+                Freshness::Fresh => field.ttl.saturating_sub(elapsed).min(remaining),
+                Freshness::Stale => STALE_TTL,
+            };
+            wire[field.offset..field.offset + 4].copy_from_slice(&ttl.to_be_bytes());
+        }
+        Some((wire, freshness))
+    }
+
+    /// How long an answer stays fresh, in seconds; `None` if it must not be cached.
+    fn lifetime(&self, message: &Message) -> Option<u32> {
+        let secs = |duration: keel_schemas::types::Duration| {
+            u32::try_from(duration.get().as_secs()).unwrap_or(u32::MAX)
+        };
+        if message.metadata.truncation {
+            return None;
+        }
+        let code = message.metadata.response_code;
+        let lifetime = if code == ResponseCode::NoError && !message.answers.is_empty() {
+            let smallest = message.answers.iter().map(|record| record.ttl).min()?;
+            smallest.clamp(secs(self.settings.min_ttl), secs(self.settings.max_ttl))
+        } else if code == ResponseCode::NXDomain || code == ResponseCode::NoError {
+            let soa = message.authorities.iter().find_map(|record| match &record.data {
+                RData::SOA(soa) => Some(record.ttl.min(soa.minimum)),
+                _ => None,
+            })?;
+            soa.min(secs(self.settings.negative_ttl))
+        } else {
+            return None;
+        };
+        (lifetime > 0).then_some(lifetime)
+    }
+}
+
+fn u16_at(wire: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_be_bytes([*wire.get(at)?, *wire.get(at + 1)?]))
+}
+
+/// Moves past a (possibly compressed) name starting at `at`.
+fn skip_name(wire: &[u8], mut at: usize) -> Option<usize> {
+    loop {
+        let length = *wire.get(at)?;
+        match length & 0xC0 {
+            0x00 if length == 0 => return Some(at + 1),
+            0x00 => at += 1 + usize::from(length),
+            // A compression pointer ends the name.
+            0xC0 => {
+                wire.get(at + 1)?;
+                return Some(at + 2);
+            }
+            _ => return None,
+        }
+    }
+}
+
+/// The TTL field of every record in an answer, except OPT's; `None` for a malformed message.
+fn ttl_fields(wire: &[u8]) -> Option<Vec<TtlField>> {
+    let questions = u16_at(wire, 4)?;
+    let records: usize =
+        [6, 8, 10].iter().map(|&at| u16_at(wire, at).map(usize::from)).sum::<Option<usize>>()?;
+    let mut at = 12;
+    for _ in 0..questions {
+        at = skip_name(wire, at)? + 4;
+    }
+    let mut fields = Vec::with_capacity(records);
+    for _ in 0..records {
+        at = skip_name(wire, at)?;
+        let record_type = u16_at(wire, at)?;
+        let ttl_at = at + 4;
+        let ttl = u32::from_be_bytes(wire.get(ttl_at..ttl_at + 4)?.try_into().ok()?);
+        if record_type != OPT {
+            fields.push(TtlField { offset: ttl_at, ttl });
+        }
+        let data_length = usize::from(u16_at(wire, ttl_at + 4)?);
+        at = ttl_at + 6 + data_length;
+        if at > wire.len() {
+            return None;
+        }
+    }
+    Some(fields)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hickory_proto::op::{Edns, MessageType, OpCode, Query};
+    use hickory_proto::rr::rdata::{A, SOA};
+    use hickory_proto::rr::{Name, Record};
+    use keel_schemas::types::Duration as ConfigDuration;
+
+    fn settings() -> DnsCache {
+        DnsCache {
+            size: 100,
+            min_ttl: ConfigDuration::from_secs(5),
+            max_ttl: ConfigDuration::from_secs(600),
+            negative_ttl: ConfigDuration::from_secs(120),
+            serve_stale: ConfigDuration::from_secs(60),
+        }
+    }
+
+    fn key(name: &str) -> CacheKey {
+        CacheKey {
+            name: LowerName::from(Name::from_ascii(name).unwrap()),
+            record_type: RecordType::A,
+            class: DNSClass::IN,
+            dnssec_ok: false,
+        }
+    }
+
+    fn answer(name: &str, code: ResponseCode, ttls: &[u32], soa: Option<(u32, u32)>) -> Message {
+        let name = Name::from_ascii(name).unwrap();
+        let mut message = Message::new(7, MessageType::Response, OpCode::Query);
+        message.metadata.response_code = code;
+        message.add_query(Query::query(name.clone(), RecordType::A));
+        for (i, ttl) in ttls.iter().enumerate() {
+            let address = std::net::Ipv4Addr::new(10, 0, 0, i as u8 + 1);
+            message.answers.push(Record::from_rdata(name.clone(), *ttl, RData::A(A::from(address))));
+        }
+        if let Some((record_ttl, minimum)) = soa {
+            let zone = Name::from_ascii("example.").unwrap();
+            let rname = Name::from_ascii("hostmaster.example.").unwrap();
+            let soa = SOA::new(zone.clone(), rname, 1, 3600, 600, 86400, minimum);
+            message.authorities.push(Record::from_rdata(zone, record_ttl, RData::SOA(soa)));
+        }
+        message.set_edns(Edns::new());
+        message
+    }
+
+    fn ttls_of(wire: &[u8]) -> Vec<u32> {
+        Message::from_vec(wire).unwrap().all_sections().map(|record| record.ttl).collect()
+    }
+
+    #[test]
+    fn the_wire_walker_finds_every_ttl_but_opts() {
+        let message = answer("a.example.", ResponseCode::NoError, &[100, 200], Some((50, 40)));
+        let wire = message.to_vec().unwrap();
+        let fields = ttl_fields(&wire).unwrap();
+        assert_eq!(fields.iter().map(|f| f.ttl).collect::<Vec<_>>(), [100, 200, 50]);
+        assert!(ttl_fields(&wire[..wire.len() - 3]).is_none(), "a cut message is malformed");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn hits_carry_the_client_id_and_ttls_lowered_by_the_time_spent() {
+        let cache = AnswerCache::new(&settings());
+        let wire = answer("a.example.", ResponseCode::NoError, &[100, 300], None).to_vec().unwrap();
+        assert!(cache.insert(key("a.example."), &wire));
+        tokio::time::advance(Duration::from_secs(30)).await;
+        let hit = cache.get(&key("A.Example."), 0xBEEF).unwrap();
+        assert_eq!(u16::from_be_bytes([hit[0], hit[1]]), 0xBEEF);
+        // Fresh for 100 s (the smallest TTL); every TTL is capped by what is left of that.
+        assert_eq!(ttls_of(&hit), [70, 70]);
+        tokio::time::advance(Duration::from_secs(71)).await;
+        assert!(cache.get(&key("a.example."), 1).is_none(), "expired");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ttls_are_clamped_to_the_configured_bounds() {
+        let cache = AnswerCache::new(&settings());
+        cache.insert(
+            key("low.example."),
+            &answer("low.example.", ResponseCode::NoError, &[1], None).to_vec().unwrap(),
+        );
+        cache.insert(
+            key("high.example."),
+            &answer("high.example.", ResponseCode::NoError, &[86400], None).to_vec().unwrap(),
+        );
+        tokio::time::advance(Duration::from_secs(3)).await;
+        assert!(cache.get(&key("low.example."), 1).is_some(), "kept for min_ttl (5 s) despite TTL 1");
+        tokio::time::advance(Duration::from_secs(600)).await;
+        assert!(cache.get(&key("high.example."), 1).is_none(), "dropped after max_ttl (600 s)");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn negative_answers_live_for_the_soa_minimum() {
+        let cache = AnswerCache::new(&settings());
+        let nx = answer("nx.example.", ResponseCode::NXDomain, &[], Some((3600, 90))).to_vec().unwrap();
+        assert!(cache.insert(key("nx.example."), &nx));
+        let nodata = answer("nd.example.", ResponseCode::NoError, &[], Some((20, 900))).to_vec().unwrap();
+        assert!(cache.insert(key("nd.example."), &nodata));
+        tokio::time::advance(Duration::from_secs(25)).await;
+        assert!(cache.get(&key("nx.example."), 1).is_some());
+        assert!(cache.get(&key("nd.example."), 1).is_none(), "the SOA record's own TTL (20 s) is lower");
+        tokio::time::advance(Duration::from_secs(70)).await;
+        assert!(cache.get(&key("nx.example."), 1).is_none(), "the SOA minimum (90 s) has passed");
+
+        let capped =
+            answer("cap.example.", ResponseCode::NXDomain, &[], Some((86400, 86400))).to_vec().unwrap();
+        cache.insert(key("cap.example."), &capped);
+        tokio::time::advance(Duration::from_secs(121)).await;
+        assert!(cache.get(&key("cap.example."), 1).is_none(), "negative_ttl (120 s) caps it");
+    }
+
+    #[test]
+    fn some_answers_are_never_cached() {
+        let cache = AnswerCache::new(&settings());
+        let no_soa = answer("x.example.", ResponseCode::NXDomain, &[], None).to_vec().unwrap();
+        assert!(!cache.insert(key("x.example."), &no_soa), "a negative answer without SOA");
+        let servfail = answer("x.example.", ResponseCode::ServFail, &[], Some((60, 60))).to_vec().unwrap();
+        assert!(!cache.insert(key("x.example."), &servfail));
+        let mut truncated = answer("x.example.", ResponseCode::NoError, &[60], None);
+        truncated.metadata.truncation = true;
+        assert!(!cache.insert(key("x.example."), &truncated.to_vec().unwrap()));
+        let zero = answer("x.example.", ResponseCode::NoError, &[0], None).to_vec().unwrap();
+        let no_floor = AnswerCache::new(&DnsCache { min_ttl: ConfigDuration::from_secs(0), ..settings() });
+        assert!(!no_floor.insert(key("x.example."), &zero), "TTL 0 means do not cache");
+        assert!(!cache.insert(key("x.example."), b"not dns"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn expired_answers_are_served_stale_only_on_request_and_only_for_a_while() {
+        let cache = AnswerCache::new(&settings());
+        cache.insert(
+            key("s.example."),
+            &answer("s.example.", ResponseCode::NoError, &[10], None).to_vec().unwrap(),
+        );
+        tokio::time::advance(Duration::from_secs(20)).await;
+        assert!(cache.get(&key("s.example."), 1).is_none());
+        let (stale, freshness) = cache.get_stale(&key("s.example."), 9).unwrap();
+        assert_eq!(freshness, Freshness::Stale);
+        assert_eq!(ttls_of(&stale), [STALE_TTL]);
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert!(cache.get_stale(&key("s.example."), 1).is_none(), "the 60 s stale window is over");
+    }
+
+    #[test]
+    fn the_cache_is_bounded() {
+        let cache = AnswerCache::new(&DnsCache { size: 10, ..settings() });
+        for i in 0..100 {
+            let name = format!("n{i}.example.");
+            cache.insert(key(&name), &answer(&name, ResponseCode::NoError, &[60], None).to_vec().unwrap());
+        }
+        cache.entries.run_pending_tasks();
+        assert!(cache.len() <= 10, "{} entries", cache.len());
+    }
+}
