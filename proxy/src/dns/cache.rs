@@ -1,9 +1,8 @@
-//! The cache of forwarded answers, kept in wire format.
+//! The cache of forwarded answers.
 //!
-//! An answer is stored as the bytes the upstream sent, together with the offset of every record's TTL
-//! field. A hit copies the bytes, writes the client's ID, and lowers each TTL by the time the answer has
-//! spent in the cache: no parsing or serializing on the hot path. The decisions are made once, when an
-//! answer is stored:
+//! Answers are stored parsed, because hickory-server sends responses built from records (its
+//! `ResponseHandler` takes no raw bytes). A hit clones the answer's records with each TTL lowered by the
+//! time the answer has spent in the cache. The decisions are made once, when an answer is stored:
 //!
 //! - positive answers live for their smallest answer TTL, clamped to `min_ttl..=max_ttl`;
 //! - negative answers (NXDOMAIN, or NOERROR with no answer) live for the SOA's minimum (or the SOA
@@ -25,8 +24,6 @@ use tokio::time::Instant;
 
 /// TTL of an answer served stale (RFC 8767 section 4).
 const STALE_TTL: u32 = 30;
-/// The record type of EDNS's OPT pseudo-record, whose TTL field holds flags, not a TTL.
-const OPT: u16 = 41;
 
 /// What a cached answer is the answer to.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -38,17 +35,9 @@ pub struct CacheKey {
     pub dnssec_ok: bool,
 }
 
-/// Where a record's TTL sits in an answer, and what it was when stored.
-#[derive(Clone, Copy, Debug)]
-struct TtlField {
-    offset: usize,
-    ttl: u32,
-}
-
 #[derive(Debug)]
 struct Entry {
-    wire: Box<[u8]>,
-    ttls: Box<[TtlField]>,
+    message: Message,
     stored: Instant,
     fresh_for: u32,
     stale_for: u32,
@@ -103,29 +92,26 @@ impl AnswerCache {
         self.len() == 0
     }
 
-    /// Stores `wire`, the upstream's answer to `key`, if it may be cached. Returns whether it was.
-    pub fn insert(&self, key: CacheKey, wire: &[u8]) -> bool {
-        let Ok(message) = Message::from_vec(wire) else { return false };
-        let Some(fresh_for) = self.lifetime(&message) else { return false };
-        let Some(ttls) = ttl_fields(wire) else { return false };
+    /// Stores `answer`, the upstream's answer to `key`, if it may be cached. Returns whether it was.
+    pub fn insert(&self, key: CacheKey, answer: &Message) -> bool {
+        let Some(fresh_for) = self.lifetime(answer) else { return false };
         let stale_for = u32::try_from(self.settings.serve_stale.get().as_secs()).unwrap_or(u32::MAX);
-        let entry =
-            Entry { wire: wire.into(), ttls: ttls.into(), stored: Instant::now(), fresh_for, stale_for };
+        let entry = Entry { message: answer.clone(), stored: Instant::now(), fresh_for, stale_for };
         self.entries.insert(key, Arc::new(entry));
         true
     }
 
     /// A fresh answer to `key`, with `id` and TTLs lowered by its time in the cache.
-    pub fn get(&self, key: &CacheKey, id: u16) -> Option<Vec<u8>> {
-        self.lookup(key, id, false).map(|(wire, _)| wire)
+    pub fn get(&self, key: &CacheKey, id: u16) -> Option<Message> {
+        self.lookup(key, id, false).map(|(message, _)| message)
     }
 
     /// A fresh answer, or else one whose stale window is still open: for when every upstream failed.
-    pub fn get_stale(&self, key: &CacheKey, id: u16) -> Option<(Vec<u8>, Freshness)> {
+    pub fn get_stale(&self, key: &CacheKey, id: u16) -> Option<(Message, Freshness)> {
         self.lookup(key, id, true)
     }
 
-    fn lookup(&self, key: &CacheKey, id: u16, allow_stale: bool) -> Option<(Vec<u8>, Freshness)> {
+    fn lookup(&self, key: &CacheKey, id: u16, allow_stale: bool) -> Option<(Message, Freshness)> {
         let entry = self.entries.get(key)?;
         let elapsed = u32::try_from(entry.stored.elapsed().as_secs()).unwrap_or(u32::MAX);
         let freshness = if elapsed < entry.fresh_for {
@@ -136,16 +122,17 @@ impl AnswerCache {
             return None;
         };
         let remaining = entry.fresh_for.saturating_sub(elapsed);
-        let mut wire = entry.wire.to_vec();
-        wire[..2].copy_from_slice(&id.to_be_bytes());
-        for field in entry.ttls.iter() {
-            let ttl = match freshness {
-                Freshness::Fresh => field.ttl.saturating_sub(elapsed).min(remaining),
+        let mut message = entry.message.clone();
+        message.metadata.id = id;
+        let records =
+            message.answers.iter_mut().chain(&mut message.authorities).chain(&mut message.additionals);
+        for record in records {
+            record.ttl = match freshness {
+                Freshness::Fresh => record.ttl.saturating_sub(elapsed).min(remaining),
                 Freshness::Stale => STALE_TTL,
             };
-            wire[field.offset..field.offset + 4].copy_from_slice(&ttl.to_be_bytes());
         }
-        Some((wire, freshness))
+        Some((message, freshness))
     }
 
     /// How long an answer stays fresh, in seconds; `None` if it must not be cached.
@@ -171,54 +158,6 @@ impl AnswerCache {
         };
         (lifetime > 0).then_some(lifetime)
     }
-}
-
-fn u16_at(wire: &[u8], at: usize) -> Option<u16> {
-    Some(u16::from_be_bytes([*wire.get(at)?, *wire.get(at + 1)?]))
-}
-
-/// Moves past a (possibly compressed) name starting at `at`.
-fn skip_name(wire: &[u8], mut at: usize) -> Option<usize> {
-    loop {
-        let length = *wire.get(at)?;
-        match length & 0xC0 {
-            0x00 if length == 0 => return Some(at + 1),
-            0x00 => at += 1 + usize::from(length),
-            // A compression pointer ends the name.
-            0xC0 => {
-                wire.get(at + 1)?;
-                return Some(at + 2);
-            }
-            _ => return None,
-        }
-    }
-}
-
-/// The TTL field of every record in an answer, except OPT's; `None` for a malformed message.
-fn ttl_fields(wire: &[u8]) -> Option<Vec<TtlField>> {
-    let questions = u16_at(wire, 4)?;
-    let records: usize =
-        [6, 8, 10].iter().map(|&at| u16_at(wire, at).map(usize::from)).sum::<Option<usize>>()?;
-    let mut at = 12;
-    for _ in 0..questions {
-        at = skip_name(wire, at)? + 4;
-    }
-    let mut fields = Vec::with_capacity(records);
-    for _ in 0..records {
-        at = skip_name(wire, at)?;
-        let record_type = u16_at(wire, at)?;
-        let ttl_at = at + 4;
-        let ttl = u32::from_be_bytes(wire.get(ttl_at..ttl_at + 4)?.try_into().ok()?);
-        if record_type != OPT {
-            fields.push(TtlField { offset: ttl_at, ttl });
-        }
-        let data_length = usize::from(u16_at(wire, ttl_at + 4)?);
-        at = ttl_at + 6 + data_length;
-        if at > wire.len() {
-            return None;
-        }
-    }
-    Some(fields)
 }
 
 #[cfg(test)]
@@ -267,27 +206,18 @@ mod tests {
         message
     }
 
-    fn ttls_of(wire: &[u8]) -> Vec<u32> {
-        Message::from_vec(wire).unwrap().all_sections().map(|record| record.ttl).collect()
-    }
-
-    #[test]
-    fn the_wire_walker_finds_every_ttl_but_opts() {
-        let message = answer("a.example.", ResponseCode::NoError, &[100, 200], Some((50, 40)));
-        let wire = message.to_vec().unwrap();
-        let fields = ttl_fields(&wire).unwrap();
-        assert_eq!(fields.iter().map(|f| f.ttl).collect::<Vec<_>>(), [100, 200, 50]);
-        assert!(ttl_fields(&wire[..wire.len() - 3]).is_none(), "a cut message is malformed");
+    fn ttls_of(message: &Message) -> Vec<u32> {
+        message.all_sections().map(|record| record.ttl).collect()
     }
 
     #[tokio::test(start_paused = true)]
     async fn hits_carry_the_client_id_and_ttls_lowered_by_the_time_spent() {
         let cache = AnswerCache::new(&settings());
-        let wire = answer("a.example.", ResponseCode::NoError, &[100, 300], None).to_vec().unwrap();
-        assert!(cache.insert(key("a.example."), &wire));
+        let stored = answer("a.example.", ResponseCode::NoError, &[100, 300], None);
+        assert!(cache.insert(key("a.example."), &stored));
         tokio::time::advance(Duration::from_secs(30)).await;
         let hit = cache.get(&key("A.Example."), 0xBEEF).unwrap();
-        assert_eq!(u16::from_be_bytes([hit[0], hit[1]]), 0xBEEF);
+        assert_eq!(hit.metadata.id, 0xBEEF);
         // Fresh for 100 s (the smallest TTL); every TTL is capped by what is left of that.
         assert_eq!(ttls_of(&hit), [70, 70]);
         tokio::time::advance(Duration::from_secs(71)).await;
@@ -297,14 +227,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn ttls_are_clamped_to_the_configured_bounds() {
         let cache = AnswerCache::new(&settings());
-        cache.insert(
-            key("low.example."),
-            &answer("low.example.", ResponseCode::NoError, &[1], None).to_vec().unwrap(),
-        );
-        cache.insert(
-            key("high.example."),
-            &answer("high.example.", ResponseCode::NoError, &[86400], None).to_vec().unwrap(),
-        );
+        cache.insert(key("low.example."), &answer("low.example.", ResponseCode::NoError, &[1], None));
+        cache.insert(key("high.example."), &answer("high.example.", ResponseCode::NoError, &[86400], None));
         tokio::time::advance(Duration::from_secs(3)).await;
         assert!(cache.get(&key("low.example."), 1).is_some(), "kept for min_ttl (5 s) despite TTL 1");
         tokio::time::advance(Duration::from_secs(600)).await;
@@ -314,9 +238,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn negative_answers_live_for_the_soa_minimum() {
         let cache = AnswerCache::new(&settings());
-        let nx = answer("nx.example.", ResponseCode::NXDomain, &[], Some((3600, 90))).to_vec().unwrap();
+        let nx = answer("nx.example.", ResponseCode::NXDomain, &[], Some((3600, 90)));
         assert!(cache.insert(key("nx.example."), &nx));
-        let nodata = answer("nd.example.", ResponseCode::NoError, &[], Some((20, 900))).to_vec().unwrap();
+        let nodata = answer("nd.example.", ResponseCode::NoError, &[], Some((20, 900)));
         assert!(cache.insert(key("nd.example."), &nodata));
         tokio::time::advance(Duration::from_secs(25)).await;
         assert!(cache.get(&key("nx.example."), 1).is_some());
@@ -324,8 +248,7 @@ mod tests {
         tokio::time::advance(Duration::from_secs(70)).await;
         assert!(cache.get(&key("nx.example."), 1).is_none(), "the SOA minimum (90 s) has passed");
 
-        let capped =
-            answer("cap.example.", ResponseCode::NXDomain, &[], Some((86400, 86400))).to_vec().unwrap();
+        let capped = answer("cap.example.", ResponseCode::NXDomain, &[], Some((86400, 86400)));
         cache.insert(key("cap.example."), &capped);
         tokio::time::advance(Duration::from_secs(121)).await;
         assert!(cache.get(&key("cap.example."), 1).is_none(), "negative_ttl (120 s) caps it");
@@ -334,26 +257,22 @@ mod tests {
     #[test]
     fn some_answers_are_never_cached() {
         let cache = AnswerCache::new(&settings());
-        let no_soa = answer("x.example.", ResponseCode::NXDomain, &[], None).to_vec().unwrap();
+        let no_soa = answer("x.example.", ResponseCode::NXDomain, &[], None);
         assert!(!cache.insert(key("x.example."), &no_soa), "a negative answer without SOA");
-        let servfail = answer("x.example.", ResponseCode::ServFail, &[], Some((60, 60))).to_vec().unwrap();
+        let servfail = answer("x.example.", ResponseCode::ServFail, &[], Some((60, 60)));
         assert!(!cache.insert(key("x.example."), &servfail));
         let mut truncated = answer("x.example.", ResponseCode::NoError, &[60], None);
         truncated.metadata.truncation = true;
-        assert!(!cache.insert(key("x.example."), &truncated.to_vec().unwrap()));
-        let zero = answer("x.example.", ResponseCode::NoError, &[0], None).to_vec().unwrap();
+        assert!(!cache.insert(key("x.example."), &truncated));
+        let zero = answer("x.example.", ResponseCode::NoError, &[0], None);
         let no_floor = AnswerCache::new(&DnsCache { min_ttl: ConfigDuration::from_secs(0), ..settings() });
         assert!(!no_floor.insert(key("x.example."), &zero), "TTL 0 means do not cache");
-        assert!(!cache.insert(key("x.example."), b"not dns"));
     }
 
     #[tokio::test(start_paused = true)]
     async fn expired_answers_are_served_stale_only_on_request_and_only_for_a_while() {
         let cache = AnswerCache::new(&settings());
-        cache.insert(
-            key("s.example."),
-            &answer("s.example.", ResponseCode::NoError, &[10], None).to_vec().unwrap(),
-        );
+        cache.insert(key("s.example."), &answer("s.example.", ResponseCode::NoError, &[10], None));
         tokio::time::advance(Duration::from_secs(20)).await;
         assert!(cache.get(&key("s.example."), 1).is_none());
         let (stale, freshness) = cache.get_stale(&key("s.example."), 9).unwrap();
@@ -368,7 +287,7 @@ mod tests {
         let cache = AnswerCache::new(&DnsCache { size: 10, ..settings() });
         for i in 0..100 {
             let name = format!("n{i}.example.");
-            cache.insert(key(&name), &answer(&name, ResponseCode::NoError, &[60], None).to_vec().unwrap());
+            cache.insert(key(&name), &answer(&name, ResponseCode::NoError, &[60], None));
         }
         cache.entries.run_pending_tasks();
         assert!(cache.len() <= 10, "{} entries", cache.len());
