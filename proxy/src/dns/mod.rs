@@ -6,4 +6,5 @@
 //! wiring into `Proxy::apply`, metrics and `/config_dump`.
 
 pub mod cache;
+pub mod server;
 pub mod upstream;

@@ -3,6 +3,7 @@
 mod admin;
 mod balancing;
 mod cli;
+mod dns;
 mod relay;
 mod reload;
 mod support;

@@ -1,0 +1,326 @@
+//! The DNS server: hickory-server's UDP and TCP front end, with Keel's own request handler.
+//!
+//! For each query the handler reads the current [`DnsState`] (swapped whole on reload):
+//! - a hijacked name answers its VIP (A for an IPv4 VIP, AAAA for an IPv6 one); any other type answers
+//!   NOERROR with no records and an SOA (NODATA, cacheable by the client), never NXDOMAIN;
+//! - any other name is answered from the cache, or forwarded to the upstreams and cached; when every
+//!   upstream fails, a stale answer is served if one is still in its window, else SERVFAIL (REFUSED when
+//!   no upstream is configured).
+//!
+//! The response carries an OPT record exactly when the query did, advertising the client's payload size;
+//! hickory's encoder then truncates a UDP answer to that size (512 bytes without EDNS) and sets TC.
+//! Malformed packets are answered FORMERR by hickory-server itself.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use hickory_proto::op::{
+    Edns, Header, HeaderCounts, LowerQuery, Message, MessageType, Metadata, OpCode, ResponseCode,
+};
+use hickory_proto::rr::rdata::{A, AAAA, SOA};
+use hickory_proto::rr::{LowerName, Name, RData, Record, RecordType};
+use hickory_server::Server;
+use hickory_server::net::runtime::Time;
+use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
+use hickory_server::zone_handler::MessageResponseBuilder;
+use keel_schemas::Diagnostic;
+use keel_schemas::config::{Dns, DnsCache};
+use keel_schemas::dns::HijackTable;
+use tokio::net::{TcpListener, UdpSocket};
+
+use super::cache::{AnswerCache, CacheKey};
+use super::upstream::{ForwardError, Upstreams};
+
+/// How long a TCP client may stay silent before its connection is closed.
+const TCP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Responses queued per TCP connection (pipelined queries answered out of order).
+const TCP_RESPONSE_BUFFER: usize = 32;
+/// EDNS payload size Keel asks upstreams for (the DNS Flag Day 2020 value).
+const UPSTREAM_PAYLOAD: u16 = 1232;
+
+/// Everything the handler needs for one config.
+#[derive(Debug)]
+pub struct DnsState {
+    pub table: HijackTable,
+    ttl: u32,
+    upstreams: Upstreams,
+    cache: Arc<AnswerCache>,
+    cache_settings: DnsCache,
+}
+
+impl DnsState {
+    /// The state for `dns`, keeping the VIPs and the cache of `previous` where they still apply.
+    pub fn new(dns: &Dns, previous: Option<&DnsState>) -> Result<Self, Vec<Diagnostic>> {
+        let table = HijackTable::build(dns, previous.map(|state| &state.table))?;
+        let cache = match previous {
+            Some(state) if state.cache_settings == dns.cache => Arc::clone(&state.cache),
+            _ => Arc::new(AnswerCache::new(&dns.cache)),
+        };
+        let upstreams = Upstreams::new(
+            dns.upstreams.iter().map(|upstream| upstream.0).collect(),
+            dns.upstream_timeout.get(),
+            dns.max_in_flight as usize,
+        );
+        Ok(Self {
+            table,
+            ttl: u32::try_from(dns.ttl.get().as_secs()).unwrap_or(u32::MAX).max(1),
+            upstreams,
+            cache,
+            cache_settings: dns.cache.clone(),
+        })
+    }
+
+    pub fn cache_len(&self) -> u64 {
+        self.cache.len()
+    }
+}
+
+/// Keel's request handler.
+#[derive(Clone, Debug)]
+pub struct Handler {
+    state: Arc<ArcSwap<DnsState>>,
+}
+
+/// The EDNS record of the response: present exactly when the query had one, with the client's payload
+/// size (at least 512) and DO bit.
+fn response_edns(request: &Request) -> Option<Edns> {
+    request.edns.as_ref().map(|client| {
+        let mut edns = Edns::new();
+        edns.set_max_payload(client.max_payload().max(512));
+        edns.set_dnssec_ok(client.flags().dnssec_ok);
+        edns
+    })
+}
+
+async fn send_error<R: ResponseHandler>(
+    request: &Request,
+    code: ResponseCode,
+    edns: Option<&Edns>,
+    mut response: R,
+) -> ResponseInfo {
+    let message = MessageResponseBuilder::new(&request.queries, edns).error_msg(&request.metadata, code);
+    match response.send_response(message).await {
+        Ok(info) => info,
+        Err(error) => failed(request, &error),
+    }
+}
+
+/// What to report when a response could not be sent.
+fn failed(request: &Request, error: &dyn std::fmt::Display) -> ResponseInfo {
+    tracing::debug!(client = %request.src(), %error, "DNS response not sent");
+    let mut metadata = Metadata::response_from_request(&request.metadata);
+    metadata.response_code = ResponseCode::ServFail;
+    ResponseInfo::from(Header { metadata, counts: HeaderCounts::default() })
+}
+
+/// The SOA that makes a NODATA answer for a hijacked name cacheable for `ttl`.
+fn negative_soa(name: &Name, ttl: u32) -> Record {
+    let mname = Name::from_ascii("keel.invalid.").expect("a valid name");
+    let rname = Name::from_ascii("hostmaster.keel.invalid.").expect("a valid name");
+    let soa = SOA::new(mname, rname, 1, ttl as i32, ttl as i32, ttl as i32, ttl);
+    Record::from_rdata(name.clone(), ttl, RData::SOA(soa))
+}
+
+impl Handler {
+    pub fn new(state: Arc<ArcSwap<DnsState>>) -> Self {
+        Self { state }
+    }
+
+    async fn hijacked<R: ResponseHandler>(
+        &self,
+        request: &Request,
+        query: &LowerQuery,
+        vip: IpAddr,
+        ttl: u32,
+        edns: Option<&Edns>,
+        mut response: R,
+    ) -> ResponseInfo {
+        let name = query.original().name().clone();
+        let address = match (query.query_type(), vip) {
+            (RecordType::A | RecordType::ANY, IpAddr::V4(v4)) => Some(RData::A(A::from(v4))),
+            (RecordType::AAAA | RecordType::ANY, IpAddr::V6(v6)) => Some(RData::AAAA(AAAA::from(v6))),
+            _ => None,
+        };
+        let mut metadata = Metadata::response_from_request(&request.metadata);
+        metadata.authoritative = true;
+        metadata.recursion_available = true;
+        metadata.response_code = ResponseCode::NoError;
+        let answers: Vec<Record> =
+            address.into_iter().map(|data| Record::from_rdata(name.clone(), ttl, data)).collect();
+        let soa: Vec<Record> = if answers.is_empty() { vec![negative_soa(&name, ttl)] } else { Vec::new() };
+        let message = MessageResponseBuilder::new(&request.queries, edns).build(
+            metadata,
+            answers.iter(),
+            std::iter::empty(),
+            soa.iter(),
+            std::iter::empty(),
+        );
+        match response.send_response(message).await {
+            Ok(info) => info,
+            Err(error) => failed(request, &error),
+        }
+    }
+
+    async fn forwarded<R: ResponseHandler>(
+        &self,
+        state: &DnsState,
+        request: &Request,
+        query: &LowerQuery,
+        edns: Option<&Edns>,
+        response: R,
+    ) -> ResponseInfo {
+        let dnssec_ok = edns.is_some_and(|edns| edns.flags().dnssec_ok);
+        let key = CacheKey {
+            name: query.name().clone(),
+            record_type: query.query_type(),
+            class: query.query_class(),
+            dnssec_ok,
+        };
+        if let Some(hit) = state.cache.get(&key, request.metadata.id) {
+            return send_answer(request, &hit, edns, response).await;
+        }
+        let mut upstream_query = Message::new(request.metadata.id, MessageType::Query, OpCode::Query);
+        upstream_query.metadata.recursion_desired = request.metadata.recursion_desired;
+        upstream_query.metadata.checking_disabled = request.metadata.checking_disabled;
+        upstream_query.add_query(query.original().clone());
+        let mut upstream_edns = Edns::new();
+        upstream_edns.set_max_payload(UPSTREAM_PAYLOAD);
+        upstream_edns.set_dnssec_ok(dnssec_ok);
+        upstream_query.set_edns(upstream_edns);
+        match state.upstreams.forward(&upstream_query).await {
+            Ok(answer) => {
+                state.cache.insert(key, &answer.message);
+                send_answer(request, &answer.message, edns, response).await
+            }
+            Err(error) => {
+                if let Some((stale, _)) = state.cache.get_stale(&key, request.metadata.id) {
+                    tracing::debug!(%error, name = %query.name(), "upstreams failed; serving a stale answer");
+                    return send_answer(request, &stale, edns, response).await;
+                }
+                let code = match error {
+                    ForwardError::NoUpstream => ResponseCode::Refused,
+                    _ => ResponseCode::ServFail,
+                };
+                tracing::debug!(%error, name = %query.name(), "forwarding failed");
+                send_error(request, code, edns, response).await
+            }
+        }
+    }
+}
+
+/// Sends an upstream (or cached) answer to the client, under the client's ID and EDNS.
+async fn send_answer<R: ResponseHandler>(
+    request: &Request,
+    answer: &Message,
+    edns: Option<&Edns>,
+    mut response: R,
+) -> ResponseInfo {
+    let mut metadata = Metadata::response_from_request(&request.metadata);
+    metadata.response_code = answer.metadata.response_code;
+    metadata.recursion_available = true;
+    metadata.authentic_data = answer.metadata.authentic_data;
+    let message = MessageResponseBuilder::new(&request.queries, edns).build(
+        metadata,
+        answer.answers.iter(),
+        answer.authorities.iter(),
+        std::iter::empty(),
+        answer.additionals.iter(),
+    );
+    match response.send_response(message).await {
+        Ok(info) => info,
+        Err(error) => failed(request, &error),
+    }
+}
+
+#[async_trait::async_trait]
+impl RequestHandler for Handler {
+    async fn handle_request<R: ResponseHandler, T: Time>(
+        &self,
+        request: &Request,
+        response: R,
+    ) -> ResponseInfo {
+        let edns = response_edns(request);
+        if request.metadata.message_type != MessageType::Query || request.metadata.op_code != OpCode::Query {
+            return send_error(request, ResponseCode::NotImp, edns.as_ref(), response).await;
+        }
+        let [query] = request.queries.queries() else {
+            return send_error(request, ResponseCode::FormErr, edns.as_ref(), response).await;
+        };
+        let state = self.state.load_full();
+        match state.table.lookup(&query.name().to_string()) {
+            Some(vip) => self.hijacked(request, query, vip, state.ttl, edns.as_ref(), response).await,
+            None => self.forwarded(&state, request, query, edns.as_ref(), response).await,
+        }
+    }
+}
+
+/// Why the DNS server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot bind {address}: {error}")]
+    Bind { address: SocketAddr, error: std::io::Error },
+}
+
+/// A running DNS server.
+pub struct DnsServer {
+    server: Server<Handler>,
+    state: Arc<ArcSwap<DnsState>>,
+    /// The bound addresses (ports filled in), one per `dns.listen` entry.
+    pub local_addrs: Vec<SocketAddr>,
+}
+
+impl std::fmt::Debug for DnsServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DnsServer").field("local_addrs", &self.local_addrs).finish_non_exhaustive()
+    }
+}
+
+impl DnsServer {
+    /// Binds UDP and TCP on every listen address and starts serving `state`.
+    pub async fn start(listen: &[SocketAddr], state: DnsState) -> Result<Self, StartError> {
+        let state = Arc::new(ArcSwap::from_pointee(state));
+        let mut server = Server::new(Handler::new(Arc::clone(&state)));
+        let mut local_addrs = Vec::new();
+        for &address in listen {
+            let udp = UdpSocket::bind(address).await.map_err(|error| StartError::Bind { address, error })?;
+            let bound = udp.local_addr().map_err(|error| StartError::Bind { address, error })?;
+            // TCP on the same port UDP got, so that port 0 still means one address for both.
+            let tcp =
+                TcpListener::bind(bound).await.map_err(|error| StartError::Bind { address: bound, error })?;
+            server.register_socket(udp);
+            server.register_listener(tcp, TCP_TIMEOUT, TCP_RESPONSE_BUFFER);
+            tracing::info!(address = %bound, "DNS listening (UDP and TCP)");
+            local_addrs.push(bound);
+        }
+        Ok(Self { server, state, local_addrs })
+    }
+
+    /// The state the handler answers from now.
+    pub fn state(&self) -> Arc<DnsState> {
+        self.state.load_full()
+    }
+
+    /// Answers from `state` from now on; queries in flight finish with the state they started with.
+    pub fn replace_state(&self, state: DnsState) {
+        self.state.store(Arc::new(state));
+    }
+
+    /// Stops serving, letting queries in flight finish.
+    pub async fn shutdown(mut self) {
+        if let Err(error) = self.server.shutdown_gracefully().await {
+            tracing::warn!(%error, "DNS server did not shut down cleanly");
+        }
+    }
+}
+
+/// Builds the cache key a client query would use; for tests and for warming.
+pub fn cache_key(name: &str, record_type: RecordType) -> Option<CacheKey> {
+    Some(CacheKey {
+        name: LowerName::from(Name::from_ascii(name).ok()?),
+        record_type,
+        class: hickory_proto::rr::DNSClass::IN,
+        dnssec_ok: false,
+    })
+}
