@@ -125,7 +125,12 @@ async fn config_dump(State(proxy): State<Proxy>) -> Response {
             "errors": rejected.errors,
         })
     });
-    axum::Json(json!({ "running": running, "last_rejected": rejected })).into_response()
+    let dns = proxy.dns_status().await.map(|status| {
+        let hijack: serde_json::Map<String, serde_json::Value> =
+            status.hijack.iter().map(|(name, vip)| (name.clone(), json!(vip))).collect();
+        json!({ "listening": status.listening, "hijack": hijack, "cache_entries": status.cache_entries })
+    });
+    axum::Json(json!({ "running": running, "dns": dns, "last_rejected": rejected })).into_response()
 }
 
 async fn prometheus(State(proxy): State<Proxy>) -> Response {

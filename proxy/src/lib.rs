@@ -80,6 +80,7 @@ pub async fn serve(proxy: Proxy, admin: TcpListener) -> std::io::Result<()> {
     }
     watcher.abort();
     proxy.stop_health_checks();
+    proxy.stop_dns().await;
     stop_admin.cancel();
     match tokio::time::timeout(ADMIN_STOP_GRACE, admin_task).await {
         Ok(Ok(result)) => result?,

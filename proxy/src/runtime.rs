@@ -27,6 +27,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::cluster::Cluster;
 use crate::diff::{ClusterChange, ListenerChange, diff};
+use crate::dns::server::{DnsServer, DnsState, StartError};
 use crate::listener::{BoundSocket, RunningListener};
 use crate::metrics::{ConfigMetrics, Metrics};
 use crate::source;
@@ -72,7 +73,7 @@ pub enum ApplyError {
     #[error("the proxy is draining and takes no new config")]
     Draining,
     #[error("{0}")]
-    Unsupported(ConfigErrors),
+    Dns(ConfigErrors),
 }
 
 /// Why a reload did not apply a new config.
@@ -109,6 +110,8 @@ struct Inner {
     rejected: ArcSwapOption<Rejected>,
     clusters: Arc<ArcSwap<ClusterMap>>,
     listeners: Mutex<HashMap<String, RunningListener>>,
+    /// The DNS server, when the config has a `dns` section. Locked after `listeners`, by applies only.
+    dns: Mutex<Option<DnsServer>>,
     draining: AtomicBool,
     close_all: CancellationToken,
     all_connections: TaskTracker,
@@ -138,6 +141,7 @@ impl Proxy {
                 rejected: ArcSwapOption::empty(),
                 clusters: Arc::new(ArcSwap::from_pointee(ClusterMap::new())),
                 listeners: Mutex::new(HashMap::new()),
+                dns: Mutex::new(None),
                 draining: AtomicBool::new(false),
                 close_all: CancellationToken::new(),
                 all_connections: TaskTracker::new(),
@@ -224,7 +228,7 @@ impl Proxy {
                 tracing::info!(version = %report.version, source, changes = %report.summary, "config applied");
             }
             Err(ApplyError::Bind(errors)) => self.record_rejected(source, Some(version), errors, false),
-            Err(ApplyError::Unsupported(errors)) => self.record_rejected(source, Some(version), errors, true),
+            Err(ApplyError::Dns(errors)) => self.record_rejected(source, Some(version), errors, true),
             Err(ApplyError::Draining) => {}
         }
         result
@@ -240,16 +244,6 @@ impl Proxy {
         let mut table = inner.listeners.lock().await;
         if self.is_draining() {
             return Err(ApplyError::Draining);
-        }
-        if config.dns.is_some() {
-            // The model and its validation exist; the server does not yet. Refusing the config says so,
-            // where ignoring the section would leave a pod without the DNS it asked for.
-            let message = "this build validates the dns section but does not serve DNS yet; remove it to run";
-            let diagnostic = Diagnostic::new(ConfigPath::root().key("dns"), message);
-            return Err(ApplyError::Unsupported(ConfigErrors {
-                origin: source.to_string(),
-                diagnostics: vec![diagnostic],
-            }));
         }
         let previous = inner.applied.load_full();
         let empty = keel_schemas::Config::default();
@@ -284,6 +278,8 @@ impl Proxy {
         if !failures.is_empty() {
             return Err(ApplyError::Bind(ConfigErrors { origin: source.to_string(), diagnostics: failures }));
         }
+        let mut dns_slot = inner.dns.lock().await;
+        let dns_plan = self.plan_dns(config.config(), old, dns_slot.as_ref(), source).await?;
 
         // Clusters before listeners, so a listener never points at a cluster that is not there yet.
         let mut clusters: ClusterMap = (**inner.clusters.load()).clone();
@@ -366,6 +362,26 @@ impl Proxy {
             inner.clusters.store(Arc::new(clusters));
         }
 
+        match dns_plan {
+            DnsPlan::Keep => {}
+            DnsPlan::Stop => {
+                if let Some(server) = dns_slot.take() {
+                    server.shutdown().await;
+                }
+            }
+            DnsPlan::Replace(state) => {
+                if let Some(server) = dns_slot.as_ref() {
+                    server.replace_state(*state);
+                }
+            }
+            DnsPlan::Start(server) => {
+                if let Some(previous) = dns_slot.replace(*server) {
+                    previous.shutdown().await;
+                }
+            }
+        }
+        drop(dns_slot);
+
         let changed = !changes.is_empty();
         inner.applied.store(Some(Arc::new(Applied {
             config,
@@ -374,6 +390,60 @@ impl Proxy {
             applied_at: SystemTime::now(),
         })));
         Ok(ApplyReport { version: version.to_string(), summary: changes.summary(), changed })
+    }
+
+    /// Decides what the DNS server does for `new`, doing everything that can fail (building the state,
+    /// binding new sockets) before the apply commits anything.
+    async fn plan_dns(
+        &self,
+        new: &keel_schemas::Config,
+        old: &keel_schemas::Config,
+        running: Option<&DnsServer>,
+        source: &str,
+    ) -> Result<DnsPlan, ApplyError> {
+        let Some(dns) = &new.dns else {
+            return Ok(if running.is_some() { DnsPlan::Stop } else { DnsPlan::Keep });
+        };
+        let previous = running.map(DnsServer::state);
+        let state = DnsState::new(dns, previous.as_deref()).map_err(|diagnostics| {
+            ApplyError::Dns(ConfigErrors { origin: source.to_string(), diagnostics })
+        })?;
+        let same_listen = old.dns.as_ref().is_some_and(|old| old.listen == dns.listen);
+        if running.is_some() && same_listen {
+            return Ok(DnsPlan::Replace(Box::new(state)));
+        }
+        let listen: Vec<SocketAddr> = dns.listen.iter().map(|address| address.0).collect();
+        match DnsServer::start(&listen, state).await {
+            Ok(server) => Ok(DnsPlan::Start(Box::new(server))),
+            Err(StartError::Bind { address, error }) => {
+                let index = listen.iter().position(|a| *a == address).unwrap_or(0);
+                let path = ConfigPath::root().key("dns").key("listen").index(index);
+                let diagnostic = Diagnostic::new(path, format!("cannot bind {address}: {error}"));
+                Err(ApplyError::Bind(ConfigErrors {
+                    origin: source.to_string(),
+                    diagnostics: vec![diagnostic],
+                }))
+            }
+        }
+    }
+
+    /// The DNS server's addresses, hijack table and cache size, when it runs.
+    pub async fn dns_status(&self) -> Option<DnsStatus> {
+        let slot = self.inner.dns.lock().await;
+        let server = slot.as_ref()?;
+        let state = server.state();
+        Some(DnsStatus {
+            listening: server.local_addrs.clone(),
+            hijack: state.table.entries().to_vec(),
+            cache_entries: state.cache_len(),
+        })
+    }
+
+    /// Stops the DNS server (at the end of `serve`).
+    pub async fn stop_dns(&self) {
+        if let Some(server) = self.inner.dns.lock().await.take() {
+            server.shutdown().await;
+        }
     }
 
     /// Records a config that was refused, for `/config_dump` and the metrics.
@@ -480,6 +550,23 @@ impl Proxy {
     fn refresh_ready_gauge(&self) {
         self.inner.config_metrics.ready.set(if self.is_ready() { 1.0 } else { 0.0 });
     }
+}
+
+/// What an apply does with the DNS server.
+enum DnsPlan {
+    Keep,
+    Stop,
+    Replace(Box<DnsState>),
+    Start(Box<DnsServer>),
+}
+
+/// The DNS server as `/config_dump` shows it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct DnsStatus {
+    pub listening: Vec<SocketAddr>,
+    /// Each hijacked name (its key: the full service name, or the wildcard) and its VIP.
+    pub hijack: Vec<(String, std::net::IpAddr)>,
+    pub cache_entries: u64,
 }
 
 /// `file:/etc/keel.yaml` → `file`, for metric labels with a bounded set of values.

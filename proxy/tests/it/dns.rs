@@ -297,3 +297,39 @@ async fn malformed_packets_do_no_harm() {
     assert_eq!(answer.metadata.response_code, ResponseCode::NoError, "the server still answers");
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn the_proxy_serves_dns_from_keel_yaml_and_reloads_it() {
+    use crate::support::TestProxy;
+    let upstream = FakeUpstream::start().await;
+    let yaml = |hijack: &str| {
+        format!(
+            "admin: {{address: \"127.0.0.1:0\"}}\ndns:\n  listen: [\"127.0.0.1:0\"]\n  upstreams: [\"{}\"]\n  hijack:\n{hijack}",
+            upstream.addr
+        )
+    };
+    let proxy = TestProxy::start(&yaml("    - service: mysql\n")).await;
+    let status = proxy.proxy.dns_status().await.expect("the DNS server runs");
+    let addr = status.listening[0];
+    let mysql =
+        addresses(&ask_udp(addr, &query("mysql.default.svc.cluster.local.", RecordType::A, false)).await);
+    assert_eq!(mysql.len(), 1);
+
+    proxy.replace_config(&yaml("    - service: mysql\n    - service: redis\n"));
+    assert_eq!(proxy.post("/reload").await.0, 200);
+    let after = proxy.proxy.dns_status().await.unwrap();
+    assert_eq!(after.listening, status.listening, "same listen addresses: same sockets");
+    assert_eq!(addresses(&ask_udp(addr, &query("mysql.", RecordType::A, false)).await), mysql);
+    assert_eq!(addresses(&ask_udp(addr, &query("redis.", RecordType::A, false)).await).len(), 1);
+
+    let (_, dump) = proxy.get("/config_dump").await;
+    let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
+    assert_eq!(dump["dns"]["hijack"]["mysql.default.svc.cluster.local"], mysql[0].as_str());
+    assert!(dump["dns"]["hijack"]["redis.default.svc.cluster.local"].is_string(), "{dump}");
+
+    // Removing the section stops the server.
+    proxy.replace_config("admin: {address: \"127.0.0.1:0\"}\n");
+    assert_eq!(proxy.post("/reload").await.0, 200);
+    assert!(proxy.proxy.dns_status().await.is_none());
+    proxy.stop().await;
+}

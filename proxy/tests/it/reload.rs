@@ -349,19 +349,3 @@ async fn a_rename_onto_a_removed_listeners_name_drains_the_right_socket() {
     drop(kept);
     proxy.stop().await;
 }
-
-#[tokio::test]
-async fn a_dns_section_is_refused_until_the_dns_server_exists() {
-    let upstream = Upstream::echo().await;
-    let tagged = Upstream::tagged("t").await;
-    let proxy = TestProxy::start(&two_cluster_config(upstream.addr, tagged.addr, false, "1h")).await;
-    let running = version(&proxy).await;
-    let mut config = two_cluster_config(upstream.addr, tagged.addr, false, "1h");
-    config.push_str("dns:\n  listen: [\"127.0.0.1:0\"]\n  hijack: [{service: mysql}]\n");
-    proxy.replace_config(&config);
-    let (status, body) = proxy.post("/reload").await;
-    assert_eq!(status, 400);
-    assert!(body.contains("dns: this build validates the dns section but does not serve DNS yet"), "{body}");
-    assert_eq!(version(&proxy).await, running);
-    proxy.stop().await;
-}
