@@ -11,6 +11,7 @@ use metrics::{Counter, Gauge, Histogram, Key, Label, Metadata, Recorder, SharedS
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
 const CONNECT_DURATION: &str = "keel_cluster_upstream_connect_duration_seconds";
+const DNS_UPSTREAM_DURATION: &str = "keel_dns_upstream_duration_seconds";
 
 /// Connect-time histogram buckets, in seconds: loopback connects take tens of microseconds, a connect
 /// timeout several seconds.
@@ -100,6 +101,19 @@ const DESCRIPTIONS: &[(&str, Kind, Unit, &str)] = &[
         "Outlier ejections of the endpoint.",
     ),
     ("keel_cluster_health_checks_total", Kind::Counter, Unit::Count, "Active health checks, by result."),
+    (
+        "keel_dns_queries_total",
+        Kind::Counter,
+        Unit::Count,
+        "DNS queries answered, by query type and outcome (hijacked, cache_hit, forwarded, stale, error).",
+    ),
+    (
+        DNS_UPSTREAM_DURATION,
+        Kind::Histogram,
+        Unit::Seconds,
+        "Time for an upstream resolver to answer a forwarded query.",
+    ),
+    ("keel_dns_cache_entries", Kind::Gauge, Unit::Count, "Answers in the DNS cache."),
 ];
 
 #[derive(Clone, Copy)]
@@ -133,6 +147,8 @@ impl Metrics {
     pub fn new() -> Self {
         let recorder = PrometheusBuilder::new()
             .set_buckets_for_metric(Matcher::Full(CONNECT_DURATION.into()), &CONNECT_BUCKETS)
+            .expect("the bucket list is not empty")
+            .set_buckets_for_metric(Matcher::Full(DNS_UPSTREAM_DURATION.into()), &CONNECT_BUCKETS)
             .expect("the bucket list is not empty")
             .build_recorder();
         for (name, kind, unit, help) in DESCRIPTIONS {
@@ -277,5 +293,72 @@ impl ConfigMetrics {
 
     pub fn rejected(metrics: &Metrics, source: &str) -> Counter {
         metrics.counter("keel_config_reload_failures_total", &[("source", source)])
+    }
+}
+
+/// How a DNS query was answered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DnsOutcome {
+    Hijacked,
+    CacheHit,
+    Forwarded,
+    Stale,
+    Error,
+}
+
+impl DnsOutcome {
+    const ALL: [DnsOutcome; 5] = [
+        DnsOutcome::Hijacked,
+        DnsOutcome::CacheHit,
+        DnsOutcome::Forwarded,
+        DnsOutcome::Stale,
+        DnsOutcome::Error,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            DnsOutcome::Hijacked => "hijacked",
+            DnsOutcome::CacheHit => "cache_hit",
+            DnsOutcome::Forwarded => "forwarded",
+            DnsOutcome::Stale => "stale",
+            DnsOutcome::Error => "error",
+        }
+    }
+}
+
+/// Query types counted by name; every other type counts as `other`, so the label set stays bounded.
+const DNS_TYPES: [&str; 12] =
+    ["A", "AAAA", "ANY", "CNAME", "HTTPS", "MX", "NS", "PTR", "SOA", "SRV", "SVCB", "TXT"];
+
+/// Handles for the DNS server.
+#[derive(Clone, Debug)]
+pub struct DnsMetrics {
+    queries: std::collections::HashMap<(&'static str, DnsOutcome), Counter>,
+    pub upstream_duration: Histogram,
+    pub cache_entries: Gauge,
+}
+
+impl DnsMetrics {
+    pub fn new(metrics: &Metrics) -> Self {
+        let mut queries = std::collections::HashMap::new();
+        for query_type in DNS_TYPES.iter().copied().chain(["other"]) {
+            for outcome in DnsOutcome::ALL {
+                let labels = [("type", query_type), ("outcome", outcome.label())];
+                queries.insert((query_type, outcome), metrics.counter("keel_dns_queries_total", &labels));
+            }
+        }
+        Self {
+            queries,
+            upstream_duration: metrics.histogram(DNS_UPSTREAM_DURATION, &[]),
+            cache_entries: metrics.gauge("keel_dns_cache_entries", &[]),
+        }
+    }
+
+    /// Counts one query of type `query_type` (its mnemonic, such as `AAAA`).
+    pub fn count(&self, query_type: &str, outcome: DnsOutcome) {
+        let known = DNS_TYPES.iter().copied().find(|known| *known == query_type).unwrap_or("other");
+        if let Some(counter) = self.queries.get(&(known, outcome)) {
+            counter.increment(1);
+        }
     }
 }

@@ -29,7 +29,7 @@ use crate::cluster::Cluster;
 use crate::diff::{ClusterChange, ListenerChange, diff};
 use crate::dns::server::{DnsServer, DnsState, StartError};
 use crate::listener::{BoundSocket, RunningListener};
-use crate::metrics::{ConfigMetrics, Metrics};
+use crate::metrics::{ConfigMetrics, DnsMetrics, Metrics};
 use crate::source;
 
 /// The clusters the data path reads, by name.
@@ -405,7 +405,8 @@ impl Proxy {
             return Ok(if running.is_some() { DnsPlan::Stop } else { DnsPlan::Keep });
         };
         let previous = running.map(DnsServer::state);
-        let state = DnsState::new(dns, previous.as_deref()).map_err(|diagnostics| {
+        let metrics = DnsMetrics::new(&self.inner.metrics);
+        let state = DnsState::new(dns, previous.as_deref(), metrics).map_err(|diagnostics| {
             ApplyError::Dns(ConfigErrors { origin: source.to_string(), diagnostics })
         })?;
         let same_listen = old.dns.as_ref().is_some_and(|old| old.listen == dns.listen);

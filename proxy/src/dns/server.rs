@@ -32,6 +32,7 @@ use tokio::net::{TcpListener, UdpSocket};
 
 use super::cache::{AnswerCache, CacheKey};
 use super::upstream::{ForwardError, Upstreams};
+use crate::metrics::{DnsMetrics, DnsOutcome};
 
 /// How long a TCP client may stay silent before its connection is closed.
 const TCP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -48,11 +49,12 @@ pub struct DnsState {
     upstreams: Upstreams,
     cache: Arc<AnswerCache>,
     cache_settings: DnsCache,
+    metrics: DnsMetrics,
 }
 
 impl DnsState {
     /// The state for `dns`, keeping the VIPs and the cache of `previous` where they still apply.
-    pub fn new(dns: &Dns, previous: Option<&DnsState>) -> Result<Self, Vec<Diagnostic>> {
+    pub fn new(dns: &Dns, previous: Option<&DnsState>, metrics: DnsMetrics) -> Result<Self, Vec<Diagnostic>> {
         let table = HijackTable::build(dns, previous.map(|state| &state.table))?;
         let cache = match previous {
             Some(state) if state.cache_settings == dns.cache => Arc::clone(&state.cache),
@@ -69,6 +71,7 @@ impl DnsState {
             upstreams,
             cache,
             cache_settings: dns.cache.clone(),
+            metrics,
         })
     }
 
@@ -178,7 +181,9 @@ impl Handler {
             class: query.query_class(),
             dnssec_ok,
         };
+        let query_type = query.query_type().to_string();
         if let Some(hit) = state.cache.get(&key, request.metadata.id) {
+            state.metrics.count(&query_type, DnsOutcome::CacheHit);
             return send_answer(request, &hit, edns, response).await;
         }
         let mut upstream_query = Message::new(request.metadata.id, MessageType::Query, OpCode::Query);
@@ -189,13 +194,18 @@ impl Handler {
         upstream_edns.set_max_payload(UPSTREAM_PAYLOAD);
         upstream_edns.set_dnssec_ok(dnssec_ok);
         upstream_query.set_edns(upstream_edns);
+        let started = tokio::time::Instant::now();
         match state.upstreams.forward(&upstream_query).await {
             Ok(answer) => {
+                state.metrics.upstream_duration.record(started.elapsed().as_secs_f64());
+                state.metrics.count(&query_type, DnsOutcome::Forwarded);
                 state.cache.insert(key, &answer.message);
+                state.metrics.cache_entries.set(state.cache.len() as f64);
                 send_answer(request, &answer.message, edns, response).await
             }
             Err(error) => {
                 if let Some((stale, _)) = state.cache.get_stale(&key, request.metadata.id) {
+                    state.metrics.count(&query_type, DnsOutcome::Stale);
                     tracing::debug!(%error, name = %query.name(), "upstreams failed; serving a stale answer");
                     return send_answer(request, &stale, edns, response).await;
                 }
@@ -203,6 +213,7 @@ impl Handler {
                     ForwardError::NoUpstream => ResponseCode::Refused,
                     _ => ResponseCode::ServFail,
                 };
+                state.metrics.count(&query_type, DnsOutcome::Error);
                 tracing::debug!(%error, name = %query.name(), "forwarding failed");
                 send_error(request, code, edns, response).await
             }
@@ -250,7 +261,10 @@ impl RequestHandler for Handler {
         };
         let state = self.state.load_full();
         match state.table.lookup(&query.name().to_string()) {
-            Some(vip) => self.hijacked(request, query, vip, state.ttl, edns.as_ref(), response).await,
+            Some(vip) => {
+                state.metrics.count(&query.query_type().to_string(), DnsOutcome::Hijacked);
+                self.hijacked(request, query, vip, state.ttl, edns.as_ref(), response).await
+            }
             None => self.forwarded(&state, request, query, edns.as_ref(), response).await,
         }
     }

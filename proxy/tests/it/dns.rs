@@ -97,7 +97,9 @@ impl FakeUpstream {
 fn state(yaml: &str, previous: Option<&DnsState>) -> DnsState {
     let config =
         keel_schemas::load(yaml, "keel.yaml", &MapEnvironment::default()).unwrap_or_else(|e| panic!("{e}"));
-    DnsState::new(config.dns.as_ref().unwrap(), previous).unwrap()
+    let metrics = keel_proxy::metrics::Metrics::new();
+    DnsState::new(config.dns.as_ref().unwrap(), previous, keel_proxy::metrics::DnsMetrics::new(&metrics))
+        .unwrap()
 }
 
 fn config(upstream: SocketAddr, hijack: &str) -> String {
@@ -326,6 +328,8 @@ async fn the_proxy_serves_dns_from_keel_yaml_and_reloads_it() {
     let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
     assert_eq!(dump["dns"]["hijack"]["mysql.default.svc.cluster.local"], mysql[0].as_str());
     assert!(dump["dns"]["hijack"]["redis.default.svc.cluster.local"].is_string(), "{dump}");
+    let hijacked = "keel_dns_queries_total{type=\"A\",outcome=\"hijacked\"}";
+    assert_eq!(proxy.metric(hijacked).await, 3.0);
 
     // Removing the section stops the server.
     proxy.replace_config("admin: {address: \"127.0.0.1:0\"}\n");
