@@ -5,8 +5,6 @@ import json
 import os
 import random
 import re
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -14,54 +12,7 @@ import tempfile
 import threading
 import time
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def listening(port):
-    """Whether a socket listens on the port, read from /proc so no probe connection reaches a peer."""
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with open(table) as f:
-            for line in f.readlines()[1:]:
-                fields = line.split()
-                if int(fields[1].split(":")[1], 16) == port and fields[3] == "0A":
-                    return True
-    return False
-
-
-def wait_port(port, work, limit=10.0):
-    deadline = time.time() + limit
-    while time.time() < deadline:
-        if listening(port):
-            return
-        time.sleep(0.05)
-    logs = "".join(open(os.path.join(work, f)).read()[-2000:] for f in os.listdir(work) if f.endswith((".log", ".err")))
-    raise RuntimeError(f"nothing listening on {port}; logs:\n{logs}")
-
-
-def rss_kib(pids):
-    """Resident memory of processes and their children (nginx's workers), in KiB."""
-    total = 0
-    seen = set()
-    todo = list(pids)
-    while todo:
-        pid = todo.pop()
-        if pid in seen:
-            continue
-        seen.add(pid)
-        try:
-            with open(f"/proc/{pid}/status") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1])
-            with open(f"/proc/{pid}/task/{pid}/children") as f:
-                todo.extend(int(c) for c in f.read().split())
-        except FileNotFoundError:
-            pass
-    return total
+from benchlib import free_port, rss_kib, start, stop, wait_port
 
 
 class Sampler(threading.Thread):
@@ -114,11 +65,6 @@ class Peer:
     @property
     def pids(self):
         return [p.pid for p in self.procs]
-
-
-def start(cmd, work, name):
-    log = open(os.path.join(work, f"{name}.log"), "w")
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def main():
@@ -249,17 +195,7 @@ clusters:
               f"req/s {k['rps'] / h['rps']:.2f}x (bar >= 1.00), p99 {k['p99'] / h['p99']:.2f}x (bar <= 1.00), "
               f"idle RSS {idle['keel']:.1f} MB (bar < 5)")
     finally:
-        for proc in procs:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        for proc in procs:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-
+        stop(procs)
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,79 @@
+"""Helpers shared by the benchmark scripts: ports, processes, and waiting for listeners."""
+
+import os
+import signal
+import socket
+import subprocess
+import time
+
+
+def free_port():
+    """A port the kernel hands out now (for peers that need a number in their config)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def listening(port, udp=False):
+    """Whether a socket is bound to the port, read from /proc so no probe reaches a peer."""
+    tables = ("/proc/net/udp", "/proc/net/udp6") if udp else ("/proc/net/tcp", "/proc/net/tcp6")
+    for table in tables:
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                local_port = int(fields[1].split(":")[1], 16)
+                # TCP must be LISTEN (0A); a bound UDP socket shows state 07.
+                if local_port == port and (udp or fields[3] == "0A"):
+                    return True
+    return False
+
+
+def wait_port(port, work, udp=False, limit=10.0):
+    deadline = time.time() + limit
+    while time.time() < deadline:
+        if listening(port, udp):
+            return
+        time.sleep(0.05)
+    logs = "".join(
+        open(os.path.join(work, f)).read()[-2000:] for f in os.listdir(work) if f.endswith((".log", ".err"))
+    )
+    raise RuntimeError(f"nothing listening on {port}; logs:\n{logs}")
+
+
+def start(cmd, work, name):
+    """Starts a peer in its own session, logging to WORK/NAME.log."""
+    log = open(os.path.join(work, f"{name}.log"), "w")
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop(procs):
+    for proc in procs:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    for proc in procs:
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def rss_kib(pids):
+    """Resident memory of processes and their children, in KiB."""
+    total, seen, todo = 0, set(), list(pids)
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+            with open(f"/proc/{pid}/task/{pid}/children") as f:
+                todo.extend(int(c) for c in f.read().split())
+        except FileNotFoundError:
+            pass
+    return total
