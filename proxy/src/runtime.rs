@@ -425,6 +425,13 @@ impl Proxy {
                     diagnostics: vec![diagnostic],
                 }))
             }
+            Err(error @ StartError::Thread(_)) => {
+                let diagnostic = Diagnostic::new(ConfigPath::root().key("dns"), error.to_string());
+                Err(ApplyError::Bind(ConfigErrors {
+                    origin: source.to_string(),
+                    diagnostics: vec![diagnostic],
+                }))
+            }
         }
     }
 
