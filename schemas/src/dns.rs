@@ -184,11 +184,17 @@ impl HijackTable {
 
     /// The VIP for a queried name, if it is hijacked. The most specific wildcard wins.
     pub fn lookup(&self, name: &str) -> Option<IpAddr> {
-        let name = normalize(name);
-        if let Some(vip) = self.exact.get(&name) {
+        // Names from a DNS server arrive lowercased and often without the trailing dot: skip the copy.
+        let name = if name.ends_with('.') || name.bytes().any(|b| b.is_ascii_uppercase()) {
+            std::borrow::Cow::Owned(normalize(name))
+        } else {
+            std::borrow::Cow::Borrowed(name)
+        };
+        let name = name.as_ref();
+        if let Some(vip) = self.exact.get(name) {
             return Some(*vip);
         }
-        let mut rest = name.as_str();
+        let mut rest = name;
         while let Some((_, parent)) = rest.split_once('.') {
             if let Some(vip) = self.wildcards.get(parent) {
                 return Some(*vip);

@@ -21,10 +21,13 @@ use hickory_proto::op::{
 };
 use hickory_proto::rr::rdata::{A, AAAA, SOA};
 use hickory_proto::rr::{LowerName, Name, RData, Record, RecordType};
+use hickory_proto::serialize::binary::BinEncoder;
 use hickory_server::Server;
-use hickory_server::net::runtime::Time;
+use hickory_server::net::NetError;
+use hickory_server::net::runtime::{Time, TokioTime};
+use hickory_server::net::xfer::Protocol;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
-use hickory_server::zone_handler::MessageResponseBuilder;
+use hickory_server::zone_handler::{MessageResponse, MessageResponseBuilder};
 use keel_schemas::Diagnostic;
 use keel_schemas::config::{Dns, DnsCache};
 use keel_schemas::dns::HijackTable;
@@ -181,9 +184,9 @@ impl Handler {
             class: query.query_class(),
             dnssec_ok,
         };
-        let query_type = query.query_type().to_string();
+        let query_type: &'static str = query.query_type().into();
         if let Some(hit) = state.cache.get(&key, request.metadata.id) {
-            state.metrics.count(&query_type, DnsOutcome::CacheHit);
+            state.metrics.count(query_type, DnsOutcome::CacheHit);
             return send_answer(request, &hit, edns, response).await;
         }
         let mut upstream_query = Message::new(request.metadata.id, MessageType::Query, OpCode::Query);
@@ -198,14 +201,14 @@ impl Handler {
         match state.upstreams.forward(&upstream_query).await {
             Ok(answer) => {
                 state.metrics.upstream_duration.record(started.elapsed().as_secs_f64());
-                state.metrics.count(&query_type, DnsOutcome::Forwarded);
+                state.metrics.count(query_type, DnsOutcome::Forwarded);
                 state.cache.insert(key, &answer.message);
                 state.metrics.cache_entries.set(state.cache.len() as f64);
                 send_answer(request, &answer.message, edns, response).await
             }
             Err(error) => {
                 if let Some((stale, _)) = state.cache.get_stale(&key, request.metadata.id) {
-                    state.metrics.count(&query_type, DnsOutcome::Stale);
+                    state.metrics.count(query_type, DnsOutcome::Stale);
                     tracing::debug!(%error, name = %query.name(), "upstreams failed; serving a stale answer");
                     return send_answer(request, &stale, edns, response).await;
                 }
@@ -213,7 +216,7 @@ impl Handler {
                     ForwardError::NoUpstream => ResponseCode::Refused,
                     _ => ResponseCode::ServFail,
                 };
-                state.metrics.count(&query_type, DnsOutcome::Error);
+                state.metrics.count(query_type, DnsOutcome::Error);
                 tracing::debug!(%error, name = %query.name(), "forwarding failed");
                 send_error(request, code, edns, response).await
             }
@@ -262,7 +265,7 @@ impl RequestHandler for Handler {
         let state = self.state.load_full();
         match state.table.lookup(&query.name().to_string()) {
             Some(vip) => {
-                state.metrics.count(&query.query_type().to_string(), DnsOutcome::Hijacked);
+                state.metrics.count(query.query_type().into(), DnsOutcome::Hijacked);
                 self.hijacked(request, query, vip, state.ttl, edns.as_ref(), response).await
             }
             None => self.forwarded(&state, request, query, edns.as_ref(), response).await,
@@ -384,6 +387,108 @@ impl DnsServer {
     }
 }
 
+/// Largest query read over UDP; a query is a header, one question and an OPT record.
+const MAX_UDP_QUERY: usize = 4096;
+
+/// Keel's UDP front end around hickory's request handling: receive, handle and send on one task.
+///
+/// A query whose answer is ready at once (a hijacked name, a cache hit) is answered inline, with no task
+/// and no channel; one that must wait for an upstream is handed to a task of its own, so it never holds
+/// up the queries behind it. A packet that is not a query but has a header is answered FORMERR; anything
+/// shorter is dropped.
+async fn serve_udp(socket: Arc<UdpSocket>, handler: Handler, stop: tokio_util::sync::CancellationToken) {
+    let mut buffer = vec![0u8; MAX_UDP_QUERY];
+    loop {
+        let received = tokio::select! {
+            received = socket.recv_from(&mut buffer) => received,
+            () = stop.cancelled() => return,
+        };
+        let (length, client) = match received {
+            Ok(received) => received,
+            Err(error) => {
+                tracing::debug!(%error, "DNS UDP receive failed");
+                continue;
+            }
+        };
+        let packet = &buffer[..length];
+        let request = match Request::from_bytes(packet.to_vec(), client, Protocol::Udp) {
+            Ok(request) => request,
+            Err(_) => {
+                if let Some(reply) = form_error(packet) {
+                    let _ = socket.try_send_to(&reply, client);
+                }
+                continue;
+            }
+        };
+        let responder = UdpResponder { socket: Arc::clone(&socket), client };
+        let handler = handler.clone();
+        let mut answer = Box::pin(async move {
+            handler.handle_request::<_, TokioTime>(&request, responder).await;
+        });
+        if poll_once(answer.as_mut()).is_pending() {
+            tokio::spawn(answer);
+        }
+    }
+}
+
+/// Polls a future once, with a waker that does nothing: the caller spawns it if it is not done, and
+/// the runtime's first poll of the task registers the real waker.
+fn poll_once<F: std::future::Future + ?Sized>(future: std::pin::Pin<&mut F>) -> std::task::Poll<F::Output> {
+    future.poll(&mut std::task::Context::from_waker(std::task::Waker::noop()))
+}
+
+/// FORMERR for a packet with a readable header (its ID and opcode echoed), or nothing.
+fn form_error(packet: &[u8]) -> Option<Vec<u8>> {
+    let header = packet.get(..12)?;
+    let mut reply = vec![0u8; 12];
+    reply[..2].copy_from_slice(&header[..2]);
+    // QR set, the query's opcode kept; RCODE 1 (FORMERR); every count zero.
+    reply[2] = 0x80 | (header[2] & 0x78);
+    reply[3] = 0x01;
+    Some(reply)
+}
+
+/// Sends a response straight to the client's address on the socket the query came in on.
+#[derive(Clone)]
+struct UdpResponder {
+    socket: Arc<UdpSocket>,
+    client: SocketAddr,
+}
+
+#[async_trait::async_trait]
+impl ResponseHandler for UdpResponder {
+    async fn send_response<'a>(
+        &mut self,
+        response: MessageResponse<
+            '_,
+            'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+        >,
+    ) -> Result<ResponseInfo, NetError> {
+        // RFC 1035 section 4.2.1: 512 bytes without EDNS; the client's payload size with it. The
+        // encoder drops what does not fit and sets TC.
+        let limit = response.edns().map_or(512, |edns| edns.max_payload().max(512));
+        let mut bytes = Vec::with_capacity(512);
+        let mut encoder = BinEncoder::new(&mut bytes);
+        encoder.set_max_size(limit);
+        let info = response.destructive_emit(&mut encoder)?;
+        match self.socket.try_send_to(&bytes, self.client) {
+            Ok(_) => Ok(info),
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
+                self.socket
+                    .send_to(&bytes, self.client)
+                    .await
+                    .map_err(|error| NetError::Io(Arc::new(error)))?;
+                Ok(info)
+            }
+            Err(error) => Err(NetError::Io(Arc::new(error))),
+        }
+    }
+}
+
 /// A worker thread's life: serve its sockets until told to stop.
 fn run_worker(
     handler: Handler,
@@ -399,13 +504,15 @@ fn run_worker(
         }
     };
     runtime.block_on(async move {
-        let mut server = Server::new(handler);
         for socket in udp {
             match UdpSocket::from_std(socket) {
-                Ok(socket) => server.register_socket(socket),
+                Ok(socket) => {
+                    tokio::spawn(serve_udp(Arc::new(socket), handler.clone(), stop.clone()));
+                }
                 Err(error) => tracing::error!(%error, "DNS UDP socket unusable"),
             }
         }
+        let mut server = Server::new(handler);
         for listener in tcp {
             match TcpListener::from_std(listener) {
                 Ok(listener) => server.register_listener(listener, TCP_TIMEOUT, TCP_RESPONSE_BUFFER),
