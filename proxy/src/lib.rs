@@ -17,6 +17,7 @@ pub mod listener;
 pub mod metrics;
 pub mod relay;
 pub mod runtime;
+pub mod shorthand;
 pub mod source;
 
 use std::time::Duration;

@@ -71,10 +71,12 @@ pub fn file_source_name(path: &Path) -> String {
     format!("file:{}", path.display())
 }
 
-/// Loads and validates config text.
+/// Loads and validates config text, with the seed sidecar's environment shorthand applied before
+/// validation (see [`crate::shorthand`]).
 pub fn load_text(text: &str, origin: &str, env: &dyn Environment) -> Result<Loaded, LoadError> {
     let version = version_of(text);
-    match keel_schemas::load(text, origin, env) {
+    let prepare = |config: &mut keel_schemas::Config| crate::shorthand::apply(config, env);
+    match keel_schemas::load_with(text, origin, env, &prepare) {
         Ok(config) => Ok(Loaded { config, version }),
         Err(errors) => Err(LoadError::Invalid { version, errors }),
     }

@@ -22,7 +22,7 @@ mod yaml;
 pub use config::Config;
 pub use diagnostic::{ConfigErrors, ConfigPath, Diagnostic, Location};
 pub use interpolate::{Environment, MapEnvironment};
-pub use load::{ValidatedConfig, load};
+pub use load::{Prepare, ValidatedConfig, load, load_with};
 
 /// The JSON Schema of keel.yaml, as committed in `schemas/keel.schema.json`.
 pub fn json_schema() -> serde_json::Value {

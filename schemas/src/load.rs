@@ -55,6 +55,20 @@ impl Deref for ValidatedConfig {
 /// Parses, interpolates, deserializes and validates keel.yaml text. `origin` names the source in error
 /// lines (usually the file name).
 pub fn load(text: &str, origin: &str, env: &dyn Environment) -> Result<ValidatedConfig, ConfigErrors> {
+    load_with(text, origin, env, &|_| Ok(()))
+}
+
+/// A change made to a parsed config before it is validated (environment shorthands); its problems are
+/// reported with the config's, without a location.
+pub type Prepare<'a> = &'a dyn Fn(&mut Config) -> Result<(), Vec<Diagnostic>>;
+
+/// [`load`], with `prepare` run on the parsed config before validation and secrets.
+pub fn load_with(
+    text: &str,
+    origin: &str,
+    env: &dyn Environment,
+    prepare: Prepare<'_>,
+) -> Result<ValidatedConfig, ConfigErrors> {
     let fail = |diagnostics: Vec<Diagnostic>| ConfigErrors { origin: origin.to_string(), diagnostics };
     let root = yaml::parse(text).map_err(|diagnostic| fail(vec![diagnostic]))?;
     let converted = yaml::to_value(root.as_ref(), env);
@@ -72,6 +86,9 @@ pub fn load(text: &str, origin: &str, env: &dyn Environment) -> Result<Validated
             return Err(fail(diagnostics));
         }
     };
+    if let Err(prepared) = prepare(&mut config) {
+        return Err(fail(prepared));
+    }
     let mut diagnostics = validate(&config);
     if diagnostics.is_empty() {
         diagnostics = resolve_secrets(&mut config, env);
