@@ -337,3 +337,88 @@ async fn the_proxy_serves_dns_from_keel_yaml_and_reloads_it() {
     assert!(proxy.proxy.dns_status().await.is_none());
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn tcp_pipelining_answers_every_query_on_one_connection() {
+    let upstream = FakeUpstream::start().await;
+    let server = start(upstream.addr, HIJACK).await;
+    let mut stream = TcpStream::connect(server.local_addrs[0]).await.unwrap();
+    let questions: Vec<Message> = ["mysql.", "redis-not-hijacked.example.", "x.internal.example."]
+        .iter()
+        .map(|name| query(name, RecordType::A, false))
+        .collect();
+    // All three written before any answer is read.
+    for question in &questions {
+        let bytes = question.to_vec().unwrap();
+        stream.write_u16(bytes.len() as u16).await.unwrap();
+        stream.write_all(&bytes).await.unwrap();
+    }
+    let mut ids = Vec::new();
+    for _ in &questions {
+        let length = stream.read_u16().await.unwrap();
+        let mut buffer = vec![0u8; usize::from(length)];
+        stream.read_exact(&mut buffer).await.unwrap();
+        let answer = Message::from_vec(&buffer).unwrap();
+        assert_eq!(answer.answers.len(), 1);
+        ids.push(answer.metadata.id);
+    }
+    let mut expected: Vec<u16> = questions.iter().map(|q| q.metadata.id).collect();
+    ids.sort_unstable();
+    expected.sort_unstable();
+    assert_eq!(ids, expected, "one answer per pipelined query, in any order");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn vips_are_the_same_after_a_restart() {
+    let upstream = FakeUpstream::start().await;
+    let services = "    - service: mysql\n    - service: redis\n    - service: kafka\n";
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let server = start(upstream.addr, services).await;
+        let mut vips = Vec::new();
+        for name in ["mysql.", "redis.", "kafka."] {
+            vips.push(addresses(&ask_udp(server.local_addrs[0], &query(name, RecordType::A, false)).await));
+        }
+        server.shutdown().await;
+        seen.push(vips);
+    }
+    assert_eq!(seen[0], seen[1]);
+}
+
+#[tokio::test]
+async fn dig_gets_the_hijacked_answer() {
+    let upstream = FakeUpstream::start().await;
+    let server = start(upstream.addr, HIJACK).await;
+    let port = server.local_addrs[0].port().to_string();
+    let dig = tokio::process::Command::new("dig")
+        .args([
+            "@127.0.0.1",
+            "-p",
+            &port,
+            "+short",
+            "+tries=1",
+            "+time=2",
+            "MySQL.default.svc.cluster.local",
+            "A",
+        ])
+        .output()
+        .await;
+    let output = match dig {
+        Ok(output) => output,
+        // CI installs dig (.ci/install-test-deps); a developer machine without it skips this check.
+        Err(error) if std::env::var_os("CI").is_none() => {
+            eprintln!("dig not found ({error}): run .ci/install-test-deps for this check");
+            return server.shutdown().await;
+        }
+        Err(error) => panic!("dig is required in CI: {error}"),
+    };
+    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "127.0.66.5");
+    let tcp = tokio::process::Command::new("dig")
+        .args(["@127.0.0.1", "-p", &port, "+short", "+tcp", "x.internal.example", "A"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&tcp.stdout).trim(), "127.0.66.6");
+    server.shutdown().await;
+}
