@@ -320,6 +320,55 @@ fn reuse_port_udp(address: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     Ok(socket.into())
 }
 
+/// Tries for a port 0 address: each try takes a fresh port, and one is rarely taken for UDP elsewhere.
+const PORT_ZERO_TRIES: usize = 16;
+
+/// The TCP listener and one UDP socket per worker for one listen address, on one port.
+///
+/// The TCP listener goes first. With port 0 it is bound plainly, which reserves a port no other server
+/// of ours holds (binding port 0 with SO_REUSEPORT may hand out a port that another reuseport socket of
+/// the same user already uses); if some other program has that port for UDP, another port is tried.
+/// With a given port, TCP takes SO_REUSEPORT like the UDP sockets, so that a reload which adds a listen
+/// address can start the new server on the old addresses before the old server lets go of them.
+fn bind_address(
+    address: SocketAddr,
+    workers: usize,
+) -> Result<(std::net::TcpListener, Vec<std::net::UdpSocket>), StartError> {
+    let tries = if address.port() == 0 { PORT_ZERO_TRIES } else { 1 };
+    let mut last = None;
+    for _ in 0..tries {
+        let listener = if address.port() == 0 {
+            std::net::TcpListener::bind(address).and_then(|listener| {
+                listener.set_nonblocking(true)?;
+                Ok(listener)
+            })
+        } else {
+            reuse_port_tcp(address)
+        }
+        .map_err(|error| StartError::Bind { address, error })?;
+        let bound = listener.local_addr().map_err(|error| StartError::Bind { address, error })?;
+        match (0..workers).map(|_| reuse_port_udp(bound)).collect::<std::io::Result<Vec<_>>>() {
+            Ok(sockets) => return Ok((listener, sockets)),
+            Err(error) => last = Some(StartError::Bind { address: bound, error }),
+        }
+    }
+    Err(last.expect("at least one try was made"))
+}
+
+/// A TCP listener with `SO_REUSEPORT` (see [`bind_address`]).
+fn reuse_port_tcp(address: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = socket2::Socket::new(socket2::Domain::for_address(address), socket2::Type::STREAM, None)?;
+    socket.set_reuse_port(true)?;
+    socket.set_reuse_address(true)?;
+    if address.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&address.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
+}
+
 impl DnsServer {
     /// Binds UDP (one socket per worker) and TCP on every listen address and starts serving `state`.
     /// Every socket is bound before any worker starts, so a bind failure leaves nothing running.
@@ -329,18 +378,11 @@ impl DnsServer {
         let mut tcp = Vec::new();
         let mut local_addrs = Vec::new();
         for &address in listen {
-            let bind_error = |error| StartError::Bind { address, error };
-            let first = reuse_port_udp(address).map_err(bind_error)?;
-            let bound = first.local_addr().map_err(bind_error)?;
-            udp[0].push(first);
-            for sockets in udp.iter_mut().skip(1) {
-                // The same port as the first (port 0 in the config means one port for all).
-                sockets
-                    .push(reuse_port_udp(bound).map_err(|error| StartError::Bind { address: bound, error })?);
+            let (listener, sockets) = bind_address(address, workers)?;
+            let bound = listener.local_addr().map_err(|error| StartError::Bind { address, error })?;
+            for (worker, socket) in udp.iter_mut().zip(sockets) {
+                worker.push(socket);
             }
-            let listener = std::net::TcpListener::bind(bound)
-                .map_err(|error| StartError::Bind { address: bound, error })?;
-            listener.set_nonblocking(true).map_err(|error| StartError::Bind { address: bound, error })?;
             tcp.push(listener);
             local_addrs.push(bound);
         }

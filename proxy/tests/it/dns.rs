@@ -57,9 +57,17 @@ fn upstream_answer(query: &Message) -> Message {
 
 impl FakeUpstream {
     async fn start() -> FakeUpstream {
-        let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        // UDP and TCP on one port: retry when the port the kernel gave for UDP is taken for TCP.
+        let mut tries = 0;
+        let (udp, tcp) = loop {
+            let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            match TcpListener::bind(udp.local_addr().unwrap()).await {
+                Ok(tcp) => break (udp, tcp),
+                Err(_) if tries < 16 => tries += 1,
+                Err(error) => panic!("no port free for both UDP and TCP: {error}"),
+            }
+        };
         let addr = udp.local_addr().unwrap();
-        let tcp = TcpListener::bind(addr).await.unwrap();
         let queries = Arc::new(AtomicUsize::new(0));
         let silent = Arc::new(AtomicBool::new(false));
         let (count, quiet) = (Arc::clone(&queries), Arc::clone(&silent));
@@ -310,6 +318,9 @@ async fn the_proxy_serves_dns_from_keel_yaml_and_reloads_it() {
             upstream.addr
         )
     };
+    // An explicit port (as in production), so that a reload can start a second server beside it.
+    let port = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap().port();
+    let yaml = |hijack: &str| yaml(hijack).replace("127.0.0.1:0\"]", &format!("127.0.0.1:{port}\"]"));
     let proxy = TestProxy::start(&yaml("    - service: mysql\n")).await;
     let status = proxy.proxy.dns_status().await.expect("the DNS server runs");
     let addr = status.listening[0];
@@ -330,6 +341,20 @@ async fn the_proxy_serves_dns_from_keel_yaml_and_reloads_it() {
     assert!(dump["dns"]["hijack"]["redis.default.svc.cluster.local"].is_string(), "{dump}");
     let hijacked = "keel_dns_queries_total{type=\"A\",outcome=\"hijacked\"}";
     assert_eq!(proxy.metric(hijacked).await, 3.0);
+
+    // Adding a listen address keeps the first one answering: the new server binds both.
+    let second = UdpSocket::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+    let two = format!(
+        "admin: {{address: \"127.0.0.1:0\"}}\ndns:\n  listen: [\"{addr}\", \"{second}\"]\n  upstreams: [\"{}\"]\n  hijack:\n    - service: mysql\n    - service: redis\n",
+        upstream.addr
+    );
+    proxy.replace_config(&two);
+    let (status, body) = proxy.post("/reload").await;
+    assert_eq!(status, 200, "{body}");
+    for server in [addr, second] {
+        assert_eq!(addresses(&ask_udp(server, &query("mysql.", RecordType::A, false)).await), mysql);
+        assert_eq!(addresses(&ask_tcp(server, &query("mysql.", RecordType::A, false)).await), mysql);
+    }
 
     // Removing the section stops the server.
     proxy.replace_config("admin: {address: \"127.0.0.1:0\"}\n");
