@@ -184,11 +184,12 @@ impl HijackTable {
 
     /// The VIP for a queried name, if it is hijacked. The most specific wildcard wins.
     pub fn lookup(&self, name: &str) -> Option<IpAddr> {
-        // Names from a DNS server arrive lowercased and often without the trailing dot: skip the copy.
-        let name = if name.ends_with('.') || name.bytes().any(|b| b.is_ascii_uppercase()) {
-            std::borrow::Cow::Owned(normalize(name))
+        // Names from a DNS server arrive lowercased: then dropping the trailing dot needs no copy.
+        let trimmed = name.strip_suffix('.').unwrap_or(name);
+        let name = if trimmed.bytes().any(|b| b.is_ascii_uppercase()) {
+            std::borrow::Cow::Owned(normalize(trimmed))
         } else {
-            std::borrow::Cow::Borrowed(name)
+            std::borrow::Cow::Borrowed(trimmed)
         };
         let name = name.as_ref();
         if let Some(vip) = self.exact.get(name) {
