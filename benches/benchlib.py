@@ -1,9 +1,11 @@
 """Helpers shared by the benchmark scripts: ports, processes, and waiting for listeners."""
 
+import argparse
 import os
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 
 
@@ -77,3 +79,15 @@ def rss_kib(pids):
         except FileNotFoundError:
             pass
     return total
+
+
+def options_and_workdir(prefix):
+    """The options every benchmark takes (--keel, --rounds, --seconds) and a fresh work directory that
+    peers running as nobody (nginx workers) can read."""
+    args = argparse.ArgumentParser()
+    args.add_argument("--keel", required=True, help="the proxy binary")
+    args.add_argument("--rounds", type=int, default=5)
+    args.add_argument("--seconds", type=int, default=4)
+    work = tempfile.mkdtemp(prefix=prefix)
+    os.chmod(work, 0o755)
+    return args.parse_args(), work

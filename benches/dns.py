@@ -1,15 +1,13 @@
 """Keel's DNS server against dnsmasq and unbound under dnsperf; see dns.sh."""
 
-import argparse
 import os
 import random
 import re
 import statistics
 import subprocess
 import sys
-import tempfile
 
-from benchlib import free_port, start, stop, wait_port
+from benchlib import free_port, options_and_workdir, start, stop, wait_port
 
 SERVICES = 50
 
@@ -45,12 +43,7 @@ def p99(latencies):
 
 
 def main():
-    args = argparse.ArgumentParser()
-    args.add_argument("--keel", required=True)
-    args.add_argument("--rounds", type=int, default=5)
-    args.add_argument("--seconds", type=int, default=4)
-    opts = args.parse_args()
-    work = tempfile.mkdtemp(prefix="keel-dns-bench-")
+    opts, work = options_and_workdir("keel-dns-bench-")
     procs = []
     try:
         names = [f"svc{i}.default.svc.cluster.local" for i in range(SERVICES)]

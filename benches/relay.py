@@ -1,6 +1,5 @@
 """Runs direct loopback, HAProxy, nginx stream and Keel relays side by side; see relay.sh."""
 
-import argparse
 import json
 import os
 import random
@@ -8,11 +7,10 @@ import re
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
-from benchlib import free_port, rss_kib, start, stop, wait_port
+from benchlib import free_port, options_and_workdir, rss_kib, start, stop, wait_port
 
 
 class Sampler(threading.Thread):
@@ -68,13 +66,7 @@ class Peer:
 
 
 def main():
-    args = argparse.ArgumentParser()
-    args.add_argument("--keel", required=True)
-    args.add_argument("--rounds", type=int, default=3)
-    args.add_argument("--seconds", type=int, default=5)
-    opts = args.parse_args()
-    work = tempfile.mkdtemp(prefix="keel-bench-")
-    os.chmod(work, 0o755)  # nginx workers run as nobody and must read the page
+    opts, work = options_and_workdir("keel-bench-")
     procs = []
     try:
         # Upstreams: an iperf3 server and an nginx page (1 KiB), shared by every peer.
