@@ -405,7 +405,10 @@ impl Proxy {
             return Ok(if running.is_some() { DnsPlan::Stop } else { DnsPlan::Keep });
         };
         let previous = running.map(DnsServer::state);
-        let metrics = DnsMetrics::new(&self.inner.metrics);
+        // The running state's metric handles carry over; registering them anew on every reload is waste.
+        let metrics = previous
+            .as_ref()
+            .map_or_else(|| DnsMetrics::new(&self.inner.metrics), |state| state.metrics().clone());
         let state = DnsState::new(dns, previous.as_deref(), metrics).map_err(|diagnostics| {
             ApplyError::Dns(ConfigErrors { origin: source.to_string(), diagnostics })
         })?;
@@ -476,18 +479,24 @@ impl Proxy {
 
     /// Reads the config file again and applies it; a bad file is recorded as rejected.
     pub async fn reload(&self) -> Result<ApplyReport, ReloadError> {
-        let path = self.inner.config_file.as_ref().ok_or(ReloadError::NoSource)?;
+        let path = self.inner.config_file.clone().ok_or(ReloadError::NoSource)?;
+        let loaded = source::load_file(&path, self.env());
+        self.apply_loaded(&path, loaded).await
+    }
+
+    /// Applies what loading the config file at `path` gave, or records its errors as rejected (and
+    /// whether the text itself was at fault, which the watcher uses to avoid re-reporting it).
+    pub async fn apply_loaded(
+        &self,
+        path: &std::path::Path,
+        loaded: Result<source::Loaded, source::LoadError>,
+    ) -> Result<ApplyReport, ReloadError> {
         let source_name = source::file_source_name(path);
-        match source::load_file(path, self.env()) {
+        match loaded {
             Ok(loaded) => Ok(self.apply(loaded.config, &source_name, &loaded.version).await?),
             Err(error) => {
                 let invalid_text = matches!(error, source::LoadError::Invalid { .. });
-                self.record_rejected(
-                    &source_name,
-                    error.version(),
-                    &error.as_config_errors(path),
-                    invalid_text,
-                );
+                self.record_rejected(&source_name, error.version(), &error.as_config_errors(), invalid_text);
                 Err(error.into())
             }
         }

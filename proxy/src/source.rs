@@ -43,10 +43,10 @@ impl LoadError {
     }
 
     /// The error as config errors, for `/config_dump`'s last-rejected record.
-    pub fn as_config_errors(&self, path: &Path) -> ConfigErrors {
+    pub fn as_config_errors(&self) -> ConfigErrors {
         match self {
             LoadError::Invalid { errors, .. } => errors.clone(),
-            LoadError::Read { error, .. } => ConfigErrors {
+            LoadError::Read { path, error } => ConfigErrors {
                 origin: path.display().to_string(),
                 diagnostics: vec![Diagnostic::new(
                     ConfigPath::root(),
@@ -164,12 +164,7 @@ async fn reload_if_changed(proxy: &Proxy, path: &Path) {
     if running.as_deref() == Some(version.as_str()) || rejected.as_deref() == Some(version.as_str()) {
         return;
     }
-    let source = file_source_name(path);
-    match load_text(&text, &path.display().to_string(), proxy.env()) {
-        Ok(loaded) => {
-            // Failures are logged and recorded by apply itself.
-            let _ = proxy.apply(loaded.config, &source, &loaded.version).await;
-        }
-        Err(error) => proxy.record_rejected(&source, error.version(), &error.as_config_errors(path), true),
-    }
+    // Failures are logged and recorded as rejected on the way.
+    let loaded = load_text(&text, &path.display().to_string(), proxy.env());
+    let _ = proxy.apply_loaded(path, loaded).await;
 }

@@ -1,9 +1,10 @@
-//! The DNS side of the proxy (issue 3, in progress).
+//! The proxy's DNS server: hijacked service names answered with VIPs, everything else forwarded.
 //!
-//! Built so far: [`upstream`], which forwards a query to the configured resolvers, and [`cache`], which
-//! keeps their answers for their TTLs. Still to come: the hickory-server request handler that answers
-//! hijacked names from `keel_schemas::dns::HijackTable` and forwards the rest through the cache, its
-//! wiring into `Proxy::apply`, metrics and `/config_dump`.
+//! - [`server`]: the request handler, Keel's UDP front end and the per-CPU workers;
+//! - [`upstream`]: forwarding to the configured resolvers;
+//! - [`cache`]: forwarded answers kept for their TTLs.
+//!
+//! The names and VIPs themselves come from `keel_schemas::dns::HijackTable`.
 
 pub mod cache;
 pub mod server;

@@ -20,7 +20,7 @@ use hickory_proto::op::{
     Edns, Header, HeaderCounts, LowerQuery, Message, MessageType, Metadata, OpCode, ResponseCode,
 };
 use hickory_proto::rr::rdata::{A, AAAA, SOA};
-use hickory_proto::rr::{LowerName, Name, RData, Record, RecordType};
+use hickory_proto::rr::{Name, RData, Record, RecordType};
 use hickory_proto::serialize::binary::BinEncoder;
 use hickory_server::Server;
 use hickory_server::net::NetError;
@@ -76,6 +76,11 @@ impl DnsState {
             cache_settings: dns.cache.clone(),
             metrics,
         })
+    }
+
+    /// The metric handles, for the next state to reuse.
+    pub fn metrics(&self) -> &DnsMetrics {
+        &self.metrics
     }
 
     pub fn cache_len(&self) -> u64 {
@@ -566,14 +571,4 @@ fn run_worker(
             tracing::warn!(%error, "DNS worker did not shut down cleanly");
         }
     });
-}
-
-/// Builds the cache key a client query would use; for tests and for warming.
-pub fn cache_key(name: &str, record_type: RecordType) -> Option<CacheKey> {
-    Some(CacheKey {
-        name: LowerName::from(Name::from_ascii(name).ok()?),
-        record_type,
-        class: hickory_proto::rr::DNSClass::IN,
-        dnssec_ok: false,
-    })
 }
