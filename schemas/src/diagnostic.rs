@@ -35,6 +35,11 @@ impl ConfigPath {
         Self(segments)
     }
 
+    /// This path followed by `rest`.
+    pub fn join(&self, rest: &ConfigPath) -> Self {
+        Self(self.0.iter().chain(&rest.0).cloned().collect())
+    }
+
     pub fn parent(&self) -> Option<Self> {
         let (_, rest) = self.0.split_last()?;
         Some(Self(rest.to_vec()))

@@ -170,13 +170,7 @@ fn serde_diagnostic(
     error: &serde_path_to_error::Error<serde_json::Error>,
     source_map: &SourceMap,
 ) -> Diagnostic {
-    let mut path = base.clone();
-    for segment in ConfigPath::from_serde(error.path()).segments() {
-        path = match segment {
-            crate::diagnostic::Segment::Key(key) => path.key(key.clone()),
-            crate::diagnostic::Segment::Index(index) => path.index(*index),
-        };
-    }
+    let path = base.join(&ConfigPath::from_serde(error.path()));
     let message = error.inner().to_string();
     // serde_json appends " at line 1 column 2" positions of its own in-memory value: meaningless here.
     let message = match message.rfind(" at line ") {
