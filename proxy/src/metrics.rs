@@ -307,6 +307,7 @@ pub enum DnsOutcome {
 }
 
 impl DnsOutcome {
+    /// Every outcome, in declaration order, so that `outcome as usize` is its index here.
     const ALL: [DnsOutcome; 5] = [
         DnsOutcome::Hijacked,
         DnsOutcome::CacheHit,
@@ -333,20 +334,25 @@ const DNS_TYPES: [&str; 12] =
 /// Handles for the DNS server.
 #[derive(Clone, Debug)]
 pub struct DnsMetrics {
-    queries: std::collections::HashMap<(&'static str, DnsOutcome), Counter>,
+    /// One counter per outcome (in [`DnsOutcome::ALL`] order) for each of [`DNS_TYPES`], then `other`.
+    queries: Vec<[Counter; DnsOutcome::ALL.len()]>,
     pub upstream_duration: Histogram,
     pub cache_entries: Gauge,
 }
 
 impl DnsMetrics {
     pub fn new(metrics: &Metrics) -> Self {
-        let mut queries = std::collections::HashMap::new();
-        for query_type in DNS_TYPES.iter().copied().chain(["other"]) {
-            for outcome in DnsOutcome::ALL {
-                let labels = [("type", query_type), ("outcome", outcome.label())];
-                queries.insert((query_type, outcome), metrics.counter("keel_dns_queries_total", &labels));
-            }
-        }
+        let queries = DNS_TYPES
+            .iter()
+            .copied()
+            .chain(["other"])
+            .map(|query_type| {
+                DnsOutcome::ALL.map(|outcome| {
+                    let labels = [("type", query_type), ("outcome", outcome.label())];
+                    metrics.counter("keel_dns_queries_total", &labels)
+                })
+            })
+            .collect();
         Self {
             queries,
             upstream_duration: metrics.histogram(DNS_UPSTREAM_DURATION, &[]),
@@ -356,9 +362,7 @@ impl DnsMetrics {
 
     /// Counts one query of type `query_type` (its mnemonic, such as `AAAA`).
     pub fn count(&self, query_type: &str, outcome: DnsOutcome) {
-        let known = DNS_TYPES.iter().copied().find(|known| *known == query_type).unwrap_or("other");
-        if let Some(counter) = self.queries.get(&(known, outcome)) {
-            counter.increment(1);
-        }
+        let row = DNS_TYPES.iter().position(|known| *known == query_type).unwrap_or(DNS_TYPES.len());
+        self.queries[row][outcome as usize].increment(1);
     }
 }

@@ -412,12 +412,13 @@ impl Proxy {
         let state = DnsState::new(dns, previous.as_deref(), metrics).map_err(|diagnostics| {
             ApplyError::Dns(ConfigErrors { origin: source.to_string(), diagnostics })
         })?;
-        let same_listen = old.dns.as_ref().is_some_and(|old| old.listen == dns.listen);
-        if running.is_some() && same_listen {
+        let same_sockets =
+            old.dns.as_ref().is_some_and(|old| old.listen == dns.listen && old.workers == dns.workers);
+        if running.is_some() && same_sockets {
             return Ok(DnsPlan::Replace(Box::new(state)));
         }
         let listen: Vec<SocketAddr> = dns.listen.iter().map(|address| address.0).collect();
-        match DnsServer::start(&listen, state).await {
+        match DnsServer::start(&listen, dns.workers, state).await {
             Ok(server) => Ok(DnsPlan::Start(Box::new(server))),
             Err(StartError::Bind { address, error }) => {
                 let index = listen.iter().position(|a| *a == address).unwrap_or(0);

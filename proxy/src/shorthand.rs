@@ -79,6 +79,7 @@ pub fn apply(config: &mut Config, env: &dyn Environment) -> Result<(), Vec<Diagn
         upstreams,
         upstream_timeout: defaults::upstream_timeout(),
         max_in_flight: defaults::max_in_flight(),
+        workers: defaults::dns_workers(),
         cache: Default::default(),
     });
     Ok(())

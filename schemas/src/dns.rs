@@ -205,6 +205,53 @@ impl HijackTable {
         None
     }
 
+    /// The VIP for a queried name given as its labels (as they are on the wire, without the root), if
+    /// it is hijacked: [`lookup`](Self::lookup) without building the dotted text first.
+    ///
+    /// A label that no hijack name can contain (a byte other than a letter, digit, `-` or `_`, as a
+    /// literal `*` or an escaped dot) cannot be part of a match, but a wildcard zone below it still
+    /// matches, as it does for [`lookup`](Self::lookup).
+    pub fn lookup_labels<'a>(&self, labels: impl IntoIterator<Item = &'a [u8]>) -> Option<IpAddr> {
+        // A name is at most 255 bytes on the wire, which is more than its dotted form takes.
+        let mut key = [0u8; 256];
+        let mut length = 0;
+        // Where the part of the name that can still match starts, and where each label after it starts.
+        let mut usable_from = 0;
+        let mut starts = [0usize; 128];
+        let mut labels_seen = 0;
+        for label in labels {
+            let dot = usize::from(length > 0);
+            if length + dot + label.len() > key.len() || labels_seen == starts.len() {
+                return None;
+            }
+            if dot == 1 {
+                key[length] = b'.';
+                length += 1;
+            }
+            starts[labels_seen] = length;
+            labels_seen += 1;
+            let valid = !label.is_empty()
+                && label.iter().all(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_');
+            for (slot, byte) in key[length..].iter_mut().zip(label) {
+                *slot = byte.to_ascii_lowercase();
+            }
+            length += label.len();
+            if !valid {
+                usable_from = labels_seen;
+            }
+        }
+        let text = |from: usize| std::str::from_utf8(&key[starts[from]..length]).ok();
+        if usable_from == 0
+            && labels_seen > 0
+            && let Some(vip) = text(0).and_then(|name| self.exact.get(name))
+        {
+            return Some(*vip);
+        }
+        // A wildcard zone is a proper suffix: it starts at the second usable label or later.
+        (usable_from.max(1)..labels_seen)
+            .find_map(|from| text(from).and_then(|zone| self.wildcards.get(zone)).copied())
+    }
+
     /// Each entry's key and VIP, in config order.
     pub fn entries(&self) -> &[(String, IpAddr)] {
         &self.entries
@@ -325,6 +372,40 @@ mod tests {
         assert_eq!(table.lookup("API.internal.example"), ip("127.0.66.9"), "an exact name beats a wildcard");
         assert_eq!(table.lookup("internal.example"), None);
         assert_eq!(table.lookup("example"), None);
+    }
+
+    #[test]
+    fn a_lookup_by_wire_labels_agrees_with_a_lookup_by_text() {
+        let dns = dns(
+            "  hijack:\n    - {name: \"*.internal.example\", address: 127.0.66.7}\n    - {name: \"*.deep.internal.example\", address: 127.0.66.8}\n    - {name: api.internal.example, address: 127.0.66.9}\n    - service: mysql\n",
+        );
+        let table = HijackTable::build(&dns, None).unwrap();
+        let by_labels = |labels: &[&[u8]]| table.lookup_labels(labels.iter().copied());
+        for name in [
+            "a.internal.example",
+            "A.B.Internal.Example",
+            "x.deep.internal.example",
+            "api.internal.example",
+            "internal.example",
+            "example",
+            "mysql",
+            "MySQL.default.svc.cluster.local",
+            "mysql.default.svc.cluster.local.extra",
+            "mysql.other",
+            "under_score.internal.example",
+        ] {
+            let labels: Vec<&[u8]> = name.split('.').map(str::as_bytes).collect();
+            assert_eq!(by_labels(&labels), table.lookup(name), "{name}");
+        }
+        let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+        // Bytes no hijack name has keep a label from matching, but not the zones below it.
+        assert_eq!(by_labels(&[b"*", b"internal", b"example"]), ip("127.0.66.7"));
+        assert_eq!(by_labels(&[b"a.b", b"internal", b"example"]), ip("127.0.66.7"));
+        assert_eq!(by_labels(&[b"a", b"\xff", b"internal", b"example"]), ip("127.0.66.7"));
+        assert_eq!(by_labels(&[b"my sql"]), None);
+        assert_eq!(by_labels(&[b"x", b"deep\x00", b"internal", b"example"]), ip("127.0.66.7"));
+        assert_eq!(by_labels(&[]), None);
+        assert_eq!(by_labels(&[b"internal.example"]), None);
     }
 
     #[test]

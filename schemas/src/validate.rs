@@ -14,6 +14,8 @@ use crate::types::Duration;
 
 /// Most characters in a listener, cluster or node name.
 const MAX_NAME_LEN: usize = 128;
+/// Most DNS worker threads (`dns.workers`).
+const MAX_DNS_WORKERS: u16 = 64;
 
 /// Every semantic problem in `config`, in document order.
 pub fn validate(config: &Config) -> Vec<Diagnostic> {
@@ -161,6 +163,9 @@ fn check_dns(problems: &mut Problems, path: &ConfigPath, dns: &Dns, config: &Con
     problems.check_positive(&path.key("upstream_timeout"), dns.upstream_timeout);
     if dns.max_in_flight == 0 {
         problems.push(&path.key("max_in_flight"), "must be at least 1");
+    }
+    if !(1..=MAX_DNS_WORKERS).contains(&dns.workers) {
+        problems.push(&path.key("workers"), format!("must be between 1 and {MAX_DNS_WORKERS}"));
     }
     let cache = path.key("cache");
     if dns.cache.size == 0 {

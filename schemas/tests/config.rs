@@ -309,6 +309,7 @@ dns:
     - {name: "*.ok.example", namespace: x}
   upstreams: ["10.0.0.10:53", "127.0.0.2:53"]
   cache: {min_ttl: 2h, max_ttl: 1h}
+  workers: 0
 "#;
     let lines = errors(text);
     let expected = [
@@ -319,6 +320,7 @@ dns:
         "keel.yaml:13:41: dns.hijack[2].namespace: namespace goes with service, not with name",
         "keel.yaml:14:31: dns.upstreams[1]: 127.0.0.2:53 is this DNS server itself (dns.listen[0]): forwarding there would loop",
         "keel.yaml:15:20: dns.cache.min_ttl: min_ttl 2h is longer than max_ttl 1h",
+        "keel.yaml:16:12: dns.workers: must be between 1 and 64",
     ];
     for line in expected {
         assert!(lines.iter().any(|l| l.starts_with(line)), "missing {line:?} in {lines:#?}");
@@ -342,4 +344,5 @@ fn dns_defaults_follow_the_seed_sidecar() {
     assert_eq!(dns.ip_range.to_string(), "127.0.66.0/24");
     assert_eq!(dns.ttl.to_string(), "30s");
     assert_eq!((dns.namespace.as_str(), dns.cluster_domain.as_str()), ("default", "cluster.local"));
+    assert_eq!(dns.workers, 1);
 }

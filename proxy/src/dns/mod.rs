@@ -6,6 +6,8 @@
 //!
 //! The names and VIPs themselves come from `keel_schemas::dns::HijackTable`.
 
+pub mod batch;
 pub mod cache;
 pub mod server;
 pub mod upstream;
+pub mod wire;

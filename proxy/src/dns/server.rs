@@ -9,13 +9,17 @@
 //!
 //! The response carries an OPT record exactly when the query did, advertising the client's payload size;
 //! hickory's encoder then truncates a UDP answer to that size (512 bytes without EDNS) and sets TC.
-//! Malformed packets are answered FORMERR by hickory-server itself.
+//!
+//! UDP is Keel's own loop ([`serve_udp`]), batched with [`super::batch`]; TCP is hickory-server's, which
+//! frames pipelined queries and answers malformed ones FORMERR itself.
 
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use hickory_proto::ProtoError;
 use hickory_proto::op::{
     Edns, Header, HeaderCounts, LowerQuery, Message, MessageType, Metadata, OpCode, ResponseCode,
 };
@@ -23,18 +27,20 @@ use hickory_proto::rr::rdata::{A, AAAA, SOA};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 use hickory_proto::serialize::binary::BinEncoder;
 use hickory_server::Server;
-use hickory_server::net::NetError;
-use hickory_server::net::runtime::{Time, TokioTime};
+use hickory_server::net::runtime::Time;
 use hickory_server::net::xfer::Protocol;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::{MessageResponse, MessageResponseBuilder};
 use keel_schemas::Diagnostic;
 use keel_schemas::config::{Dns, DnsCache};
 use keel_schemas::dns::HijackTable;
+use tokio::io::Interest;
 use tokio::net::{TcpListener, UdpSocket};
 
+use super::batch::{Datagram, RecvBatch, SendBatch};
 use super::cache::{AnswerCache, CacheKey};
 use super::upstream::{ForwardError, Upstreams};
+use super::wire;
 use crate::metrics::{DnsMetrics, DnsOutcome};
 
 /// How long a TCP client may stay silent before its connection is closed.
@@ -78,6 +84,34 @@ impl DnsState {
         })
     }
 
+    /// The answer to `request` if it needs no upstream: an error, a hijacked name, a cache hit.
+    fn resolve_now(&self, request: &Request) -> Resolution {
+        if request.metadata.message_type != MessageType::Query || request.metadata.op_code != OpCode::Query {
+            return Resolution::Now(Answer::error(request, ResponseCode::NotImp));
+        }
+        let [query] = request.queries.queries() else {
+            return Resolution::Now(Answer::error(request, ResponseCode::FormErr));
+        };
+        let query_type: &'static str = query.query_type().into();
+        if let Some(vip) = self.table.lookup_labels(query.name().iter()) {
+            self.metrics.count(query_type, DnsOutcome::Hijacked);
+            return Resolution::Now(Answer::hijacked(request, query, vip, self.ttl));
+        }
+        let key = CacheKey {
+            name: query.name().clone(),
+            record_type: query.query_type(),
+            class: query.query_class(),
+            dnssec_ok: request.edns.as_ref().is_some_and(|edns| edns.flags().dnssec_ok),
+        };
+        match self.cache.get(&key, request.metadata.id) {
+            Some(hit) => {
+                self.metrics.count(query_type, DnsOutcome::CacheHit);
+                Resolution::Now(Answer::forwarded(request, hit))
+            }
+            None => Resolution::Forward(key),
+        }
+    }
+
     /// The metric handles, for the next state to reuse.
     pub fn metrics(&self) -> &DnsMetrics {
         &self.metrics
@@ -105,25 +139,98 @@ fn response_edns(request: &Request) -> Option<Edns> {
     })
 }
 
-async fn send_error<R: ResponseHandler>(
-    request: &Request,
-    code: ResponseCode,
-    edns: Option<&Edns>,
-    mut response: R,
-) -> ResponseInfo {
-    let message = MessageResponseBuilder::new(&request.queries, edns).error_msg(&request.metadata, code);
-    match response.send_response(message).await {
-        Ok(info) => info,
-        Err(error) => failed(request, &error),
-    }
+/// What is wrong with a query that can be answered, or what it is answered with: the header and the
+/// records of each section (the question is always the query's own).
+#[derive(Debug)]
+struct Answer {
+    metadata: Metadata,
+    answers: Vec<Record>,
+    authorities: Vec<Record>,
+    soa: Vec<Record>,
+    additionals: Vec<Record>,
 }
 
-/// What to report when a response could not be sent.
-fn failed(request: &Request, error: &dyn std::fmt::Display) -> ResponseInfo {
-    tracing::debug!(client = %request.src(), %error, "DNS response not sent");
-    let mut metadata = Metadata::response_from_request(&request.metadata);
-    metadata.response_code = ResponseCode::ServFail;
-    ResponseInfo::from(Header { metadata, counts: HeaderCounts::default() })
+impl Answer {
+    /// An answer with no records and `code`.
+    fn error(request: &Request, code: ResponseCode) -> Self {
+        let mut metadata = Metadata::response_from_request(&request.metadata);
+        metadata.response_code = code;
+        Self {
+            metadata,
+            answers: Vec::new(),
+            authorities: Vec::new(),
+            soa: Vec::new(),
+            additionals: Vec::new(),
+        }
+    }
+
+    /// A hijacked name's answer: its VIP when the type asks for one, else NODATA with an SOA.
+    fn hijacked(request: &Request, query: &LowerQuery, vip: IpAddr, ttl: u32) -> Self {
+        let name = query.original().name();
+        let address = match (query.query_type(), vip) {
+            (RecordType::A | RecordType::ANY, IpAddr::V4(v4)) => Some(RData::A(A::from(v4))),
+            (RecordType::AAAA | RecordType::ANY, IpAddr::V6(v6)) => Some(RData::AAAA(AAAA::from(v6))),
+            _ => None,
+        };
+        let mut metadata = Metadata::response_from_request(&request.metadata);
+        metadata.authoritative = true;
+        metadata.recursion_available = true;
+        metadata.response_code = ResponseCode::NoError;
+        let (answers, soa) = match address {
+            Some(data) => (vec![Record::from_rdata(name.clone(), ttl, data)], Vec::new()),
+            None => (Vec::new(), vec![negative_soa(name, ttl)]),
+        };
+        Self { metadata, answers, authorities: Vec::new(), soa, additionals: Vec::new() }
+    }
+
+    /// An upstream's (or the cache's) answer, under the client's ID and flags.
+    fn forwarded(request: &Request, answer: Message) -> Self {
+        let mut metadata = Metadata::response_from_request(&request.metadata);
+        metadata.response_code = answer.metadata.response_code;
+        metadata.recursion_available = true;
+        metadata.authentic_data = answer.metadata.authentic_data;
+        Self {
+            metadata,
+            answers: answer.answers,
+            authorities: answer.authorities,
+            soa: Vec::new(),
+            additionals: answer.additionals,
+        }
+    }
+
+    /// The response message for `request`, borrowing the records.
+    fn response<'q, 'a>(
+        &'a self,
+        request: &'q Request,
+        edns: Option<&'q Edns>,
+    ) -> MessageResponse<
+        'q,
+        'a,
+        std::slice::Iter<'a, Record>,
+        std::slice::Iter<'a, Record>,
+        std::slice::Iter<'a, Record>,
+        std::slice::Iter<'a, Record>,
+    > {
+        MessageResponseBuilder::new(&request.queries, edns).build(
+            self.metadata,
+            self.answers.iter(),
+            self.authorities.iter(),
+            self.soa.iter(),
+            self.additionals.iter(),
+        )
+    }
+
+    /// The response in its UDP wire form: cut to the client's EDNS payload size, or 512 bytes without
+    /// EDNS (RFC 1035 section 4.2.1), with TC set when records had to be left out.
+    fn encode_udp(&self, request: &Request) -> Result<Vec<u8>, ProtoError> {
+        let edns = response_edns(request);
+        let limit = edns.as_ref().map_or(512, |edns| edns.max_payload().max(512));
+        let mut bytes = Vec::with_capacity(512);
+        let mut encoder = BinEncoder::new(&mut bytes);
+        encoder.set_max_size(limit);
+        self.response(request, edns.as_ref()).destructive_emit(&mut encoder)?;
+        Ok(bytes)
+    }
 }
 
 /// The SOA that makes a NODATA answer for a hijacked name cacheable for `ttl`.
@@ -134,146 +241,85 @@ fn negative_soa(name: &Name, ttl: u32) -> Record {
     Record::from_rdata(name.clone(), ttl, RData::SOA(soa))
 }
 
+/// How a query is answered: at once, or after asking the upstreams.
+#[derive(Debug)]
+enum Resolution {
+    Now(Answer),
+    Forward(CacheKey),
+}
+
 impl Handler {
     pub fn new(state: Arc<ArcSwap<DnsState>>) -> Self {
         Self { state }
     }
 
-    async fn hijacked<R: ResponseHandler>(
-        &self,
-        request: &Request,
-        query: &LowerQuery,
-        vip: IpAddr,
-        ttl: u32,
-        edns: Option<&Edns>,
-        mut response: R,
-    ) -> ResponseInfo {
-        let name = query.original().name().clone();
-        let address = match (query.query_type(), vip) {
-            (RecordType::A | RecordType::ANY, IpAddr::V4(v4)) => Some(RData::A(A::from(v4))),
-            (RecordType::AAAA | RecordType::ANY, IpAddr::V6(v6)) => Some(RData::AAAA(AAAA::from(v6))),
-            _ => None,
-        };
-        let mut metadata = Metadata::response_from_request(&request.metadata);
-        metadata.authoritative = true;
-        metadata.recursion_available = true;
-        metadata.response_code = ResponseCode::NoError;
-        let answers: Vec<Record> =
-            address.into_iter().map(|data| Record::from_rdata(name.clone(), ttl, data)).collect();
-        let soa: Vec<Record> = if answers.is_empty() { vec![negative_soa(&name, ttl)] } else { Vec::new() };
-        let message = MessageResponseBuilder::new(&request.queries, edns).build(
-            metadata,
-            answers.iter(),
-            std::iter::empty(),
-            soa.iter(),
-            std::iter::empty(),
-        );
-        match response.send_response(message).await {
-            Ok(info) => info,
-            Err(error) => failed(request, &error),
-        }
-    }
-
-    async fn forwarded<R: ResponseHandler>(
-        &self,
-        state: &DnsState,
-        request: &Request,
-        query: &LowerQuery,
-        edns: Option<&Edns>,
-        response: R,
-    ) -> ResponseInfo {
-        let dnssec_ok = edns.is_some_and(|edns| edns.flags().dnssec_ok);
-        let key = CacheKey {
-            name: query.name().clone(),
-            record_type: query.query_type(),
-            class: query.query_class(),
-            dnssec_ok,
-        };
-        let query_type: &'static str = query.query_type().into();
-        if let Some(hit) = state.cache.get(&key, request.metadata.id) {
-            state.metrics.count(query_type, DnsOutcome::CacheHit);
-            return send_answer(request, &hit, edns, response).await;
-        }
-        let mut upstream_query = Message::new(request.metadata.id, MessageType::Query, OpCode::Query);
-        upstream_query.metadata.recursion_desired = request.metadata.recursion_desired;
-        upstream_query.metadata.checking_disabled = request.metadata.checking_disabled;
-        upstream_query.add_query(query.original().clone());
-        let mut upstream_edns = Edns::new();
-        upstream_edns.set_max_payload(UPSTREAM_PAYLOAD);
-        upstream_edns.set_dnssec_ok(dnssec_ok);
-        upstream_query.set_edns(upstream_edns);
-        let started = tokio::time::Instant::now();
-        match state.upstreams.forward(&upstream_query).await {
-            Ok(answer) => {
-                state.metrics.upstream_duration.record(started.elapsed().as_secs_f64());
-                state.metrics.count(query_type, DnsOutcome::Forwarded);
-                state.cache.insert(key, &answer.message);
-                state.metrics.cache_entries.set(state.cache.len() as f64);
-                send_answer(request, &answer.message, edns, response).await
-            }
-            Err(error) => {
-                if let Some((stale, _)) = state.cache.get_stale(&key, request.metadata.id) {
-                    state.metrics.count(query_type, DnsOutcome::Stale);
-                    tracing::debug!(%error, name = %query.name(), "upstreams failed; serving a stale answer");
-                    return send_answer(request, &stale, edns, response).await;
-                }
-                let code = match error {
-                    ForwardError::NoUpstream => ResponseCode::Refused,
-                    _ => ResponseCode::ServFail,
-                };
-                state.metrics.count(query_type, DnsOutcome::Error);
-                tracing::debug!(%error, name = %query.name(), "forwarding failed");
-                send_error(request, code, edns, response).await
-            }
+    /// The answer to `request`, asking the upstreams if it must.
+    async fn resolve(&self, request: &Request) -> Answer {
+        let state = self.state.load_full();
+        match state.resolve_now(request) {
+            Resolution::Now(answer) => answer,
+            Resolution::Forward(key) => forward(&state, request, key).await,
         }
     }
 }
 
-/// Sends an upstream (or cached) answer to the client, under the client's ID and EDNS.
-async fn send_answer<R: ResponseHandler>(
-    request: &Request,
-    answer: &Message,
-    edns: Option<&Edns>,
-    mut response: R,
-) -> ResponseInfo {
-    let mut metadata = Metadata::response_from_request(&request.metadata);
-    metadata.response_code = answer.metadata.response_code;
-    metadata.recursion_available = true;
-    metadata.authentic_data = answer.metadata.authentic_data;
-    let message = MessageResponseBuilder::new(&request.queries, edns).build(
-        metadata,
-        answer.answers.iter(),
-        answer.authorities.iter(),
-        std::iter::empty(),
-        answer.additionals.iter(),
-    );
-    match response.send_response(message).await {
-        Ok(info) => info,
-        Err(error) => failed(request, &error),
+/// Asks the upstreams (the query is known to have one question), caches what they answer, and falls
+/// back to a stale answer when they all fail.
+async fn forward(state: &DnsState, request: &Request, key: CacheKey) -> Answer {
+    let query = &request.queries.queries()[0];
+    let query_type: &'static str = query.query_type().into();
+    let mut upstream_query = Message::new(request.metadata.id, MessageType::Query, OpCode::Query);
+    upstream_query.metadata.recursion_desired = request.metadata.recursion_desired;
+    upstream_query.metadata.checking_disabled = request.metadata.checking_disabled;
+    upstream_query.add_query(query.original().clone());
+    let mut upstream_edns = Edns::new();
+    upstream_edns.set_max_payload(UPSTREAM_PAYLOAD);
+    upstream_edns.set_dnssec_ok(key.dnssec_ok);
+    upstream_query.set_edns(upstream_edns);
+    let started = tokio::time::Instant::now();
+    match state.upstreams.forward(&upstream_query).await {
+        Ok(answer) => {
+            state.metrics.upstream_duration.record(started.elapsed().as_secs_f64());
+            state.metrics.count(query_type, DnsOutcome::Forwarded);
+            state.cache.insert(key, &answer.message);
+            state.metrics.cache_entries.set(state.cache.len() as f64);
+            Answer::forwarded(request, answer.message)
+        }
+        Err(error) => {
+            if let Some((stale, _)) = state.cache.get_stale(&key, request.metadata.id) {
+                state.metrics.count(query_type, DnsOutcome::Stale);
+                tracing::debug!(%error, name = %query.name(), "upstreams failed; serving a stale answer");
+                return Answer::forwarded(request, stale);
+            }
+            let code = match error {
+                ForwardError::NoUpstream => ResponseCode::Refused,
+                _ => ResponseCode::ServFail,
+            };
+            state.metrics.count(query_type, DnsOutcome::Error);
+            tracing::debug!(%error, name = %query.name(), "forwarding failed");
+            Answer::error(request, code)
+        }
     }
 }
 
+/// The TCP path (and any other transport hickory-server carries): hickory frames the messages.
 #[async_trait::async_trait]
 impl RequestHandler for Handler {
     async fn handle_request<R: ResponseHandler, T: Time>(
         &self,
         request: &Request,
-        response: R,
+        mut response: R,
     ) -> ResponseInfo {
+        let answer = self.resolve(request).await;
         let edns = response_edns(request);
-        if request.metadata.message_type != MessageType::Query || request.metadata.op_code != OpCode::Query {
-            return send_error(request, ResponseCode::NotImp, edns.as_ref(), response).await;
-        }
-        let [query] = request.queries.queries() else {
-            return send_error(request, ResponseCode::FormErr, edns.as_ref(), response).await;
-        };
-        let state = self.state.load_full();
-        match state.table.lookup(&query.name().to_string()) {
-            Some(vip) => {
-                state.metrics.count(query.query_type().into(), DnsOutcome::Hijacked);
-                self.hijacked(request, query, vip, state.ttl, edns.as_ref(), response).await
+        match response.send_response(answer.response(request, edns.as_ref())).await {
+            Ok(info) => info,
+            Err(error) => {
+                tracing::debug!(client = %request.src(), %error, "DNS response not sent");
+                let mut metadata = answer.metadata;
+                metadata.response_code = ResponseCode::ServFail;
+                ResponseInfo::from(Header { metadata, counts: HeaderCounts::default() })
             }
-            None => self.forwarded(&state, request, query, edns.as_ref(), response).await,
         }
     }
 }
@@ -375,10 +421,11 @@ fn reuse_port_tcp(address: SocketAddr) -> std::io::Result<std::net::TcpListener>
 }
 
 impl DnsServer {
-    /// Binds UDP (one socket per worker) and TCP on every listen address and starts serving `state`.
+    /// Binds UDP (one socket per worker) and TCP on every listen address and starts `workers` threads
+    /// serving `state`.
     /// Every socket is bound before any worker starts, so a bind failure leaves nothing running.
-    pub async fn start(listen: &[SocketAddr], state: DnsState) -> Result<Self, StartError> {
-        let workers = std::thread::available_parallelism().map_or(1, usize::from);
+    pub async fn start(listen: &[SocketAddr], workers: u16, state: DnsState) -> Result<Self, StartError> {
+        let workers = usize::from(workers.max(1));
         let mut udp: Vec<Vec<std::net::UdpSocket>> = (0..workers).map(|_| Vec::new()).collect();
         let mut tcp = Vec::new();
         let mut local_addrs = Vec::new();
@@ -434,54 +481,136 @@ impl DnsServer {
     }
 }
 
-/// Largest query read over UDP; a query is a header, one question and an OPT record.
+/// Largest query read over UDP; a query is a header, one question and an OPT record, and a longer
+/// datagram is answered FORMERR.
 const MAX_UDP_QUERY: usize = 4096;
 
-/// Keel's UDP front end around hickory's request handling: receive, handle and send on one task.
+/// Keel's UDP front end around the handler: receive, answer and send on one task, in batches.
 ///
-/// A query whose answer is ready at once (a hijacked name, a cache hit) is answered inline, with no task
-/// and no channel; one that must wait for an upstream is handed to a task of its own, so it never holds
-/// up the queries behind it. A packet that is not a query but has a header is answered FORMERR; anything
-/// shorter is dropped.
+/// Each wake-up reads every queued datagram (up to [`batch::BATCH`]) with one system call and sends the
+/// answers that are ready at once (hijacked names, cache hits, errors) with another. A query that must
+/// wait for an upstream is handed to a task of its own, so it never holds up the queries behind it, and
+/// that task sends its answer itself. A datagram that is not a query but has a header is answered
+/// FORMERR; anything shorter is dropped.
 async fn serve_udp(socket: Arc<UdpSocket>, handler: Handler, stop: tokio_util::sync::CancellationToken) {
-    let mut buffer = vec![0u8; MAX_UDP_QUERY];
+    let mut received = RecvBatch::new(MAX_UDP_QUERY);
+    let mut replies = SendBatch::default();
     loop {
-        let received = tokio::select! {
-            received = socket.recv_from(&mut buffer) => received,
+        tokio::select! {
+            ready = socket.readable() => {
+                if let Err(error) = ready {
+                    tracing::error!(%error, "DNS UDP socket failed; no longer serving it");
+                    return;
+                }
+            }
             () = stop.cancelled() => return,
-        };
-        let (length, client) = match received {
-            Ok(received) => received,
+        }
+        let count = match socket.try_io(Interest::READABLE, || received.receive(socket.as_fd())) {
+            Ok(count) => count,
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => continue,
             Err(error) => {
                 tracing::debug!(%error, "DNS UDP receive failed");
                 continue;
             }
         };
-        let packet = &buffer[..length];
-        let request = match Request::from_bytes(packet.to_vec(), client, Protocol::Udp) {
-            Ok(request) => request,
-            Err(_) => {
-                if let Some(reply) = form_error(packet) {
-                    let _ = socket.try_send_to(&reply, client);
-                }
-                continue;
-            }
+        let state = handler.state.load_full();
+        for datagram in (0..count).filter_map(|index| received.datagram(index)) {
+            answer_datagram(&state, &socket, datagram, &mut replies);
+        }
+        send_replies(&socket, &mut replies).await;
+    }
+}
+
+/// What to do with one datagram.
+#[derive(Debug)]
+enum Reply {
+    Send(Vec<u8>),
+    /// Boxed: the request is large, and this is the slow path.
+    Forward(Box<Request>, CacheKey),
+    Drop,
+}
+
+impl DnsState {
+    /// The reply to a datagram: a hijacked A or AAAA query straight from the wire, anything else
+    /// through hickory's types.
+    fn reply(&self, datagram: Datagram<'_>) -> Reply {
+        if !datagram.truncated
+            && let Some(hijacked) = wire::answer_hijacked(datagram.bytes, &self.table, self.ttl)
+        {
+            self.metrics.count(hijacked.query_type, DnsOutcome::Hijacked);
+            return Reply::Send(hijacked.response);
+        }
+        self.reply_decoded(datagram)
+    }
+
+    /// The reply to a datagram, decoded with hickory.
+    fn reply_decoded(&self, datagram: Datagram<'_>) -> Reply {
+        let parsed = if datagram.truncated {
+            None
+        } else {
+            Request::from_bytes(datagram.bytes.to_vec(), datagram.sender, Protocol::Udp).ok()
         };
-        let responder = UdpResponder { socket: Arc::clone(&socket), client };
-        let handler = handler.clone();
-        let mut answer = Box::pin(async move {
-            handler.handle_request::<_, TokioTime>(&request, responder).await;
-        });
-        if poll_once(answer.as_mut()).is_pending() {
-            tokio::spawn(answer);
+        let Some(request) = parsed else {
+            return form_error(datagram.bytes).map_or(Reply::Drop, Reply::Send);
+        };
+        match self.resolve_now(&request) {
+            Resolution::Now(answer) => match answer.encode_udp(&request) {
+                Ok(bytes) => Reply::Send(bytes),
+                Err(error) => {
+                    tracing::debug!(client = %datagram.sender, %error, "cannot encode a DNS response");
+                    Reply::Drop
+                }
+            },
+            Resolution::Forward(key) => Reply::Forward(Box::new(request), key),
         }
     }
 }
 
-/// Polls a future once, with a waker that does nothing: the caller spawns it if it is not done, and
-/// the runtime's first poll of the task registers the real waker.
-fn poll_once<F: std::future::Future + ?Sized>(future: std::pin::Pin<&mut F>) -> std::task::Poll<F::Output> {
-    future.poll(&mut std::task::Context::from_waker(std::task::Waker::noop()))
+/// Answers one datagram: into `replies` when the answer is ready, from a task of its own when it must
+/// be forwarded.
+fn answer_datagram(
+    state: &Arc<DnsState>,
+    socket: &Arc<UdpSocket>,
+    datagram: Datagram<'_>,
+    replies: &mut SendBatch,
+) {
+    let client = datagram.sender;
+    match state.reply(datagram) {
+        Reply::Send(bytes) => replies.push(client, bytes),
+        Reply::Drop => {}
+        Reply::Forward(request, key) => {
+            let state = Arc::clone(state);
+            let socket = Arc::clone(socket);
+            tokio::spawn(async move {
+                let answer = forward(&state, &request, key).await;
+                match answer.encode_udp(&request) {
+                    Ok(bytes) => {
+                        if let Err(error) = socket.send_to(&bytes, client).await {
+                            tracing::debug!(%client, %error, "DNS response not sent");
+                        }
+                    }
+                    Err(error) => tracing::debug!(%client, %error, "cannot encode a DNS response"),
+                }
+            });
+        }
+    }
+}
+
+/// Sends the queued answers, waiting for room in the socket's buffer if it is full.
+async fn send_replies(socket: &UdpSocket, replies: &mut SendBatch) {
+    while !replies.is_empty() {
+        match socket.try_io(Interest::WRITABLE, || replies.send(socket.as_fd())) {
+            Ok(()) => return,
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
+                if socket.writable().await.is_err() {
+                    replies.clear();
+                    return;
+                }
+            }
+            // One answer could not be sent (and was dropped); go on with the rest.
+            Err(error) => tracing::debug!(%error, "DNS response not sent"),
+        }
+    }
 }
 
 /// FORMERR for a packet with a readable header (its ID and opcode echoed), or nothing.
@@ -493,47 +622,6 @@ fn form_error(packet: &[u8]) -> Option<Vec<u8>> {
     reply[2] = 0x80 | (header[2] & 0x78);
     reply[3] = 0x01;
     Some(reply)
-}
-
-/// Sends a response straight to the client's address on the socket the query came in on.
-#[derive(Clone)]
-struct UdpResponder {
-    socket: Arc<UdpSocket>,
-    client: SocketAddr,
-}
-
-#[async_trait::async_trait]
-impl ResponseHandler for UdpResponder {
-    async fn send_response<'a>(
-        &mut self,
-        response: MessageResponse<
-            '_,
-            'a,
-            impl Iterator<Item = &'a Record> + Send + 'a,
-            impl Iterator<Item = &'a Record> + Send + 'a,
-            impl Iterator<Item = &'a Record> + Send + 'a,
-            impl Iterator<Item = &'a Record> + Send + 'a,
-        >,
-    ) -> Result<ResponseInfo, NetError> {
-        // RFC 1035 section 4.2.1: 512 bytes without EDNS; the client's payload size with it. The
-        // encoder drops what does not fit and sets TC.
-        let limit = response.edns().map_or(512, |edns| edns.max_payload().max(512));
-        let mut bytes = Vec::with_capacity(512);
-        let mut encoder = BinEncoder::new(&mut bytes);
-        encoder.set_max_size(limit);
-        let info = response.destructive_emit(&mut encoder)?;
-        match self.socket.try_send_to(&bytes, self.client) {
-            Ok(_) => Ok(info),
-            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
-                self.socket
-                    .send_to(&bytes, self.client)
-                    .await
-                    .map_err(|error| NetError::Io(Arc::new(error)))?;
-                Ok(info)
-            }
-            Err(error) => Err(NetError::Io(Arc::new(error))),
-        }
-    }
 }
 
 /// A worker thread's life: serve its sockets until told to stop.
@@ -571,4 +659,151 @@ fn run_worker(
             tracing::warn!(%error, "DNS worker did not shut down cleanly");
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use hickory_proto::op::Query;
+
+    use super::*;
+    use crate::metrics::Metrics;
+
+    fn state() -> DnsState {
+        let text = "dns:\n  hijack:\n    - service: mysql\n    - {name: v6.example, address: \"fd00::7\"}\n    - {name: \"*.internal.example\", address: 127.0.66.9}\n";
+        let config = keel_schemas::load(text, "test.yaml", &keel_schemas::MapEnvironment::default()).unwrap();
+        DnsState::new(config.dns.as_ref().unwrap(), None, DnsMetrics::new(&Metrics::new())).unwrap()
+    }
+
+    fn query(
+        id: u16,
+        name: &str,
+        record_type: RecordType,
+        flags: (bool, bool),
+        edns: Option<(u16, bool)>,
+    ) -> Vec<u8> {
+        let mut message = Message::new(id, MessageType::Query, OpCode::Query);
+        (message.metadata.recursion_desired, message.metadata.checking_disabled) = flags;
+        message.add_query(Query::query(Name::from_ascii(name).unwrap(), record_type));
+        if let Some((payload, dnssec_ok)) = edns {
+            let mut edns = Edns::new();
+            edns.set_max_payload(payload);
+            edns.set_dnssec_ok(dnssec_ok);
+            message.set_edns(edns);
+        }
+        message.to_vec().unwrap()
+    }
+
+    fn datagram(bytes: &[u8]) -> Datagram<'_> {
+        Datagram { bytes, sender: "127.0.0.1:5300".parse().unwrap(), truncated: false }
+    }
+
+    fn decoded(state: &DnsState, bytes: &[u8]) -> Vec<u8> {
+        match state.reply_decoded(datagram(bytes)) {
+            Reply::Send(response) => response,
+            other => panic!("the generic path did not answer: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_wire_fast_path_answers_as_the_generic_path_does() {
+        let state = state();
+        let mut checked = 0;
+        for name in [
+            "mysql.",
+            "MySQL.Default.svc.cluster.local.",
+            "mysql.default.svc",
+            "a.b.Internal.Example.",
+            "v6.example.",
+        ] {
+            for record_type in [RecordType::A, RecordType::AAAA] {
+                for flags in [(true, false), (false, true)] {
+                    for edns in [None, Some((4096, false)), Some((1232, true)), Some((100, false))] {
+                        let bytes = query(0x4b1d, name, record_type, flags, edns);
+                        let Some(fast) = wire::answer_hijacked(&bytes, &state.table, state.ttl) else {
+                            // Only a VIP of the other family leaves the fast path.
+                            let v6_name = name == "v6.example.";
+                            assert_eq!(record_type == RecordType::AAAA, !v6_name, "{name} {record_type}");
+                            continue;
+                        };
+                        let generic = decoded(&state, &bytes);
+                        assert_eq!(
+                            Message::from_vec(&fast.response).unwrap(),
+                            Message::from_vec(&generic).unwrap(),
+                            "{name} {record_type} {flags:?} {edns:?}"
+                        );
+                        // The same bytes, but for the answer's name, which the fast path compresses.
+                        let full_name = generic.len() - fast.response.len() + 2;
+                        assert_eq!(full_name, name.trim_end_matches('.').len() + 2, "{name}");
+                        assert_eq!(fast.query_type, record_type.to_string());
+                        checked += 1;
+                    }
+                }
+            }
+        }
+        assert_eq!(checked, 40);
+    }
+
+    #[test]
+    fn anything_unusual_goes_to_the_generic_path() {
+        let state = state();
+        let fast = |bytes: &[u8]| wire::answer_hijacked(bytes, &state.table, state.ttl).map(|h| h.response);
+        let plain = query(7, "mysql.", RecordType::A, (true, false), Some((1232, false)));
+        assert!(fast(&plain).is_some());
+
+        for (what, bytes) in [
+            ("another type", query(7, "mysql.", RecordType::TXT, (true, false), None)),
+            ("a name not hijacked", query(7, "postgres.", RecordType::A, (true, false), None)),
+            ("the zone of a wildcard", query(7, "internal.example.", RecordType::A, (true, false), None)),
+        ] {
+            assert!(fast(&bytes).is_none(), "{what}");
+        }
+        let mut mutations: Vec<(&str, Vec<u8>)> = Vec::new();
+        let mut response_bit = plain.clone();
+        response_bit[2] |= 0x80;
+        mutations.push(("a response", response_bit));
+        let mut notify = plain.clone();
+        notify[2] |= 4 << 3;
+        mutations.push(("another opcode", notify));
+        let mut two_questions = plain.clone();
+        two_questions[5] = 2;
+        mutations.push(("two questions", two_questions));
+        let mut trailing = query(7, "mysql.", RecordType::A, (true, false), None);
+        trailing.push(0);
+        mutations.push(("bytes after the message", trailing));
+        let mut version = plain.clone();
+        let opt = version.len() - 11;
+        version[opt + 6] = 1;
+        mutations.push(("EDNS version 1", version));
+        let mut chaos = query(7, "mysql.", RecordType::A, (true, false), None);
+        let class = chaos.len() - 1;
+        chaos[class] = 3;
+        mutations.push(("class CH", chaos));
+        let mut odd_label = query(7, "mysql.", RecordType::A, (true, false), None);
+        odd_label[13] = b'*';
+        mutations.push(("a label with '*'", odd_label));
+        let mut subnet = plain.clone();
+        let data = subnet.len() - 2;
+        subnet.splice(data.., [0, 8, 0, 8, 0, 8, 0, 1, 32, 0, 0, 0]);
+        mutations.push(("an EDNS Client Subnet option", subnet));
+        let mut cut = plain.clone();
+        cut.truncate(plain.len() - 3);
+        mutations.push(("a cut OPT record", cut));
+        for (what, bytes) in mutations {
+            assert!(fast(&bytes).is_none(), "{what}");
+        }
+
+        // A compressed question name points elsewhere: the generic path follows it, the fast path does not.
+        let mut pointer = plain[..12].to_vec();
+        pointer.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1]);
+        pointer[11] = 0;
+        assert!(fast(&pointer).is_none());
+        // Harmless options (a cookie here) stay on the fast path, and are not echoed, as hickory does not.
+        let mut cookie = plain.clone();
+        let data = cookie.len() - 2;
+        cookie.splice(data.., [0, 12, 0, 10, 0, 8, 1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(
+            Message::from_vec(&fast(&cookie).unwrap()).unwrap(),
+            Message::from_vec(&decoded(&state, &cookie)).unwrap()
+        );
+    }
 }

@@ -118,8 +118,11 @@ fn config(upstream: SocketAddr, hijack: &str) -> String {
 
 const HIJACK: &str = "    - {service: mysql, address: 127.0.66.5}\n    - {name: \"*.internal.example\", address: 127.0.66.6}\n";
 
+/// A server with two workers, so that the tests also cover the sockets shared through SO_REUSEPORT.
 async fn start(upstream: SocketAddr, hijack: &str) -> DnsServer {
-    DnsServer::start(&["127.0.0.1:0".parse().unwrap()], state(&config(upstream, hijack), None)).await.unwrap()
+    DnsServer::start(&["127.0.0.1:0".parse().unwrap()], 2, state(&config(upstream, hijack), None))
+        .await
+        .unwrap()
 }
 
 fn query(name: &str, record_type: RecordType, edns: bool) -> Message {
@@ -260,7 +263,7 @@ async fn large_answers_truncate_for_udp_clients_without_edns_and_come_whole_over
 async fn without_upstreams_other_names_are_refused_and_a_silent_one_is_servfail() {
     let upstream = FakeUpstream::start().await;
     let yaml = format!("dns:\n  listen: [\"127.0.0.1:0\"]\n  hijack:\n{HIJACK}");
-    let server = DnsServer::start(&["127.0.0.1:0".parse().unwrap()], state(&yaml, None)).await.unwrap();
+    let server = DnsServer::start(&["127.0.0.1:0".parse().unwrap()], 1, state(&yaml, None)).await.unwrap();
     let answer = ask_udp(server.local_addrs[0], &query("www.example.", RecordType::A, false)).await;
     assert_eq!(answer.metadata.response_code, ResponseCode::Refused);
     server.shutdown().await;
