@@ -91,3 +91,10 @@ def options_and_workdir(prefix):
     work = tempfile.mkdtemp(prefix=prefix)
     os.chmod(work, 0o755)
     return args.parse_args(), work
+
+
+def cpu_seconds(pid):
+    """User plus system CPU time of a process, all its threads together, in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

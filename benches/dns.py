@@ -7,19 +7,20 @@ import statistics
 import subprocess
 import sys
 
-from benchlib import free_port, options_and_workdir, start, stop, wait_port
+from benchlib import cpu_seconds, free_port, options_and_workdir, start, stop, wait_port
 
 SERVICES = 50
 
 
 def dnsperf(port, queries, seconds, verbose=False):
-    """Runs dnsperf; returns (qps, average latency ms, latencies in ms when verbose)."""
+    """Runs dnsperf; returns (qps, average latency ms, latencies in ms when verbose, queries completed)."""
     cmd = ["dnsperf", "-s", "127.0.0.1", "-p", str(port), "-d", queries, "-l", str(seconds),
            "-c", "8", "-T", "2", "-q", "200"]
     if verbose:
         cmd.append("-v")
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60).stdout
     qps = float(re.search(r"Queries per second:\s+([\d.]+)", out).group(1))
+    completed = int(re.search(r"Queries completed:\s+(\d+)", out).group(1))
     average = float(re.search(r"Average Latency \(s\):\s+([\d.]+)", out).group(1)) * 1000
     lost = re.search(r"Queries lost:\s+(\d+)", out)
     if lost and int(lost.group(1)) > 0:
@@ -32,7 +33,7 @@ def dnsperf(port, queries, seconds, verbose=False):
                 latencies.append(float(line.split()[-1]) * 1000)
             except ValueError:
                 pass
-    return qps, average, latencies
+    return qps, average, latencies, completed
 
 
 def p99(latencies):
@@ -91,6 +92,7 @@ def main():
   forward-addr: 127.0.0.1@{upstream}
 """)
         procs.append(start(["unbound", "-d", "-c", f"{work}/unbound.conf"], work, "unbound"))
+        unbound_proc = procs[-1]
 
         keel, admin = free_port(), free_port()
         hijack = "".join(f"    - {{service: svc{i}, address: {vip}}}\n" for i, vip in enumerate(vips))
@@ -102,6 +104,7 @@ dns:
   hijack:
 {hijack}""")
         procs.append(start([opts.keel, "--config", f"{work}/keel.yaml", "--log-level", "warn"], work, "keel"))
+        pids = {"keel": procs[-1].pid, "dnsmasq": procs[1].pid, "unbound": unbound_proc.pid}
 
         for port in (upstream, dnsmasq, unbound, keel):
             wait_port(port, work, udp=True)
@@ -113,32 +116,41 @@ dns:
         scenarios = [("hijacked", "keel", keel, hijack_file), ("hijacked", "dnsmasq", dnsmasq, hijack_file),
                      ("hijacked", "unbound", unbound, hijack_file), ("cache-hit", "keel", keel, cached_file),
                      ("cache-hit", "unbound", unbound, cached_file)]
-        results = {(s, n): {"qps": [], "avg": [], "p99": []} for s, n, _, _ in scenarios}
+        results = {(s, n): {"qps": [], "avg": [], "p99": [], "cpu": []} for s, n, _, _ in scenarios}
         rng = random.Random(11)
         for round_number in range(opts.rounds):
             print(f"round {round_number + 1}/{opts.rounds}", file=sys.stderr)
             order = scenarios[:]
             rng.shuffle(order)
             for scenario, name, port, queries in order:
-                qps, average, _ = dnsperf(port, queries, opts.seconds)
+                cpu_before = cpu_seconds(pids[name])
+                qps, average, _, completed = dnsperf(port, queries, opts.seconds)
+                # The server's own CPU time per answered query: what QPS cannot show once the client,
+                # sharing the cores, is the bottleneck.
+                cpu_us = (cpu_seconds(pids[name]) - cpu_before) * 1e6 / max(completed, 1)
                 # p99 from a shorter run with per-query output, which slows dnsperf, so QPS is not taken from it.
-                _, _, latencies = dnsperf(port, queries, 2, verbose=True)
+                _, _, latencies, _ = dnsperf(port, queries, 2, verbose=True)
                 r = results[(scenario, name)]
                 r["qps"].append(qps)
                 r["avg"].append(average)
                 r["p99"].append(p99(latencies))
+                r["cpu"].append(cpu_us)
 
         med = {key: {k: statistics.median(v) for k, v in r.items()} for key, r in results.items()}
         print(f"\ndns benchmark: {opts.rounds} rounds x {opts.seconds}s, medians, {os.cpu_count()} cores, "
               f"all servers in one run (dnsperf -c 8 -T 2 -q 200)")
-        print(f"{'scenario':<10} {'server':<8} {'QPS':>9} {'avg ms':>8} {'p99 ms':>8}")
+        print(f"{'scenario':<10} {'server':<8} {'QPS':>9} {'avg ms':>8} {'p99 ms':>8} {'CPU us/query':>13}")
         for scenario, name, _, _ in scenarios:
             m = med[(scenario, name)]
-            print(f"{scenario:<10} {name:<8} {m['qps']:>9.0f} {m['avg']:>8.3f} {m['p99']:>8.3f}")
+            print(f"{scenario:<10} {name:<8} {m['qps']:>9.0f} {m['avg']:>8.3f} {m['p99']:>8.3f} {m['cpu']:>13.2f}")
         k_h, d_h, u_h = (med[("hijacked", n)]["qps"] for n in ("keel", "dnsmasq", "unbound"))
         k_c, u_c = (med[("cache-hit", n)]["qps"] for n in ("keel", "unbound"))
         print(f"keel hijacked QPS: {k_h / d_h:.2f}x dnsmasq, {k_h / u_h:.2f}x unbound (bar >= 1.50 both); "
               f"keel cache-hit QPS: {k_c / u_c:.2f}x unbound (bar >= 1.00)")
+        k_hc, d_hc, u_hc = (med[("hijacked", n)]["cpu"] for n in ("keel", "dnsmasq", "unbound"))
+        k_cc, u_cc = (med[("cache-hit", n)]["cpu"] for n in ("keel", "unbound"))
+        print(f"server CPU per query, hijacked: dnsmasq/keel {d_hc / k_hc:.2f}x, unbound/keel {u_hc / k_hc:.2f}x; "
+              f"cache-hit: unbound/keel {u_cc / k_cc:.2f}x (higher is better for keel)")
     finally:
         stop(procs)
 

@@ -1,6 +1,8 @@
 //! The proxy's DNS server: hijacked service names answered with VIPs, everything else forwarded.
 //!
-//! - [`server`]: the request handler, Keel's UDP front end and the per-CPU workers;
+//! - [`server`]: how a query is answered, Keel's UDP front end, the worker threads, hickory's TCP;
+//! - [`batch`]: `recvmmsg`/`sendmmsg` for the UDP front end;
+//! - [`wire`]: plain A/AAAA queries for hijacked names answered from the bytes;
 //! - [`upstream`]: forwarding to the configured resolvers;
 //! - [`cache`]: forwarded answers kept for their TTLs.
 //!

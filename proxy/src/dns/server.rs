@@ -341,12 +341,11 @@ struct Worker {
 
 /// A running DNS server.
 ///
-/// It runs one worker thread per CPU, each with a single-threaded tokio runtime and its own UDP socket
-/// on every listen address (`SO_REUSEPORT`, so the kernel spreads clients across them). A query is
-/// received, answered and sent on one thread: hickory-server hands each query to a task and each
-/// response to a sender task, and on a shared multi-threaded runtime those hand-offs cost a cross-thread
-/// wake-up per query, which profiling showed to be most of the time spent. TCP, which carries little
-/// DNS traffic, is served by the first worker.
+/// It runs `dns.workers` threads (one by default), each with a single-threaded tokio runtime and its own
+/// UDP socket on every listen address (`SO_REUSEPORT`, so the kernel spreads clients across them). A
+/// query is received, answered and sent on one thread, in batches: hand-offs between threads cost a
+/// wake-up per query, which profiling showed to be most of the time spent when hickory-server's UDP path
+/// ran on the shared runtime. TCP, which carries little DNS traffic, is served by the first worker.
 pub struct DnsServer {
     workers: Vec<Worker>,
     state: Arc<ArcSwap<DnsState>>,
