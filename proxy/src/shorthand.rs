@@ -67,6 +67,7 @@ pub fn apply(config: &mut Config, env: &dyn Environment) -> Result<(), Vec<Diagn
             namespace: None,
             name: None,
             address: None,
+            for_visit: None,
         })
         .collect();
     config.dns = Some(Dns {

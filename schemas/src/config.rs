@@ -37,6 +37,154 @@ pub struct Config {
     /// The DNS server: hijacked service names answered with loopback VIPs, everything else forwarded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dns: Option<Dns>,
+    /// Tunnels (frp's stcp model): serve as a router, publish local services through routers, visit
+    /// services published elsewhere.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tunnels: Option<Tunnels>,
+}
+
+/// The `tunnels` section. The wire protocol is described in docs/tunnel-protocol.md.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Tunnels {
+    /// Serve as a router: accept publishers and visitors and pair their connections.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server: Option<TunnelServer>,
+    /// The routers this proxy publishes and visits through, by name.
+    #[serde(default)]
+    pub routers: Vec<RouterRef>,
+    /// Local services offered to visitors elsewhere.
+    #[serde(default)]
+    pub publish: Vec<Publish>,
+    /// Services published elsewhere, reached through a local listener.
+    #[serde(default)]
+    pub visit: Vec<Visit>,
+    /// Largest difference between two clocks a proof may show; a proof older or newer than this is
+    /// refused, and nonces are remembered this long to refuse a replay.
+    #[serde(default = "defaults::max_skew")]
+    pub max_skew: Duration,
+}
+
+/// This proxy as a router.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TunnelServer {
+    /// Where publishers and visitors connect.
+    pub listen: SocketAddress,
+    /// The router token every publisher and visitor must prove it knows (it is never sent).
+    #[serde(
+        default,
+        deserialize_with = "crate::types::present_secret",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub token: Option<Secret>,
+    /// File holding the token; surrounding whitespace is trimmed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<String>,
+    /// How a visitor's connection picks among the publishers of its service.
+    #[serde(default)]
+    pub balance: TunnelBalancing,
+    /// How long a visitor's connection may wait for a publisher to accept it.
+    #[serde(default = "defaults::connect_timeout")]
+    pub connect_timeout: Duration,
+}
+
+/// How a router spreads connections over the publishers of one service.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum TunnelBalancing {
+    /// Each publisher in turn.
+    #[default]
+    RoundRobin,
+    /// The publisher with the fewest open connections through this router.
+    LeastConnections,
+}
+
+/// A router this proxy connects to.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RouterRef {
+    /// The name `publish` and `visit` entries use for it.
+    pub name: String,
+    /// Its `tunnels.server.listen` address, as reached from here.
+    pub address: HostPort,
+    /// The router's token.
+    #[serde(
+        default,
+        deserialize_with = "crate::types::present_secret",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub token: Option<Secret>,
+    /// File holding the token; surrounding whitespace is trimmed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<String>,
+}
+
+/// A local service published through routers.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Publish {
+    /// The service name visitors ask for (`mysql`).
+    pub name: String,
+    /// Where the service listens here; each visitor connection is dialled to it.
+    pub local: HostPort,
+    /// The service secret: visitors prove they know it; no router ever sees it.
+    #[serde(
+        default,
+        deserialize_with = "crate::types::present_secret",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub secret: Option<Secret>,
+    /// File holding the secret; surrounding whitespace is trimmed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_file: Option<String>,
+    /// The routers to register with, by name; all of `tunnels.routers` when empty.
+    #[serde(default)]
+    pub routers: Vec<String>,
+    /// Several publishers may serve this name on one router only when all of them set `share`; otherwise
+    /// a router refuses a second publisher of a name.
+    #[serde(default)]
+    pub share: bool,
+    /// Connections kept open and authenticated to each router, ready for visitors.
+    #[serde(default = "defaults::publish_pool")]
+    pub pool: u16,
+    /// How long dialling `local` may take.
+    #[serde(default = "defaults::connect_timeout")]
+    pub connect_timeout: Duration,
+}
+
+/// A service published elsewhere, reached through a local listener.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Visit {
+    /// The published service's name.
+    pub name: String,
+    /// The service secret, as its publisher has it.
+    #[serde(
+        default,
+        deserialize_with = "crate::types::present_secret",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub secret: Option<Secret>,
+    /// File holding the secret; surrounding whitespace is trimmed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_file: Option<String>,
+    /// The routers to go through, by name, in order of preference; all of `tunnels.routers` when empty.
+    #[serde(default)]
+    pub routers: Vec<String>,
+    /// Where to listen. Without it, `port` is required and the service gets a VIP from `dns.ip_range`:
+    /// its names are hijacked to the VIP and the visitor listens on VIP:port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddress>,
+    /// The port to listen on at the service's VIP (with `dns`, instead of `listen`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// The namespace of the service's DNS names, when it is not `dns.namespace`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// Connections kept open and authenticated to each router, ready for new local connections.
+    #[serde(default = "defaults::visit_pool")]
+    pub pool: u16,
 }
 
 /// The pod's DNS server. Point the pod at it with `dnsPolicy: None` and `nameservers: [127.0.0.2]`.
@@ -101,6 +249,11 @@ pub struct Hijack {
     /// The VIP to answer with; allocated from `ip_range` when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address: Option<std::net::IpAddr>,
+    /// Set on the entries Keel adds for `tunnels.visit[N]` (the index), so that problems with them are
+    /// reported there.
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub for_visit: Option<usize>,
 }
 
 /// The cache of forwarded answers.
@@ -356,6 +509,15 @@ pub mod defaults {
     }
     pub fn dns_workers() -> u16 {
         1
+    }
+    pub fn max_skew() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn publish_pool() -> u16 {
+        4
+    }
+    pub fn visit_pool() -> u16 {
+        2
     }
     pub fn cache_size() -> u64 {
         10_000

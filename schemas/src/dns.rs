@@ -76,6 +76,37 @@ fn matcher(entry: &Hijack, dns: &Dns) -> (String, Matcher) {
     }
 }
 
+/// Adds a `dns.hijack` entry for every visited service that listens on a VIP (`port` without `listen`)
+/// and is not hijacked already, so that its names answer the VIP its visitor listens on.
+pub fn add_visited_services(config: &mut crate::Config) {
+    let (Some(dns), Some(tunnels)) = (config.dns.as_mut(), config.tunnels.as_ref()) else { return };
+    for (index, visit) in tunnels.visit.iter().enumerate() {
+        if visit.listen.is_some() || visit.port.is_none() {
+            continue;
+        }
+        let namespace = visit.namespace.as_deref().unwrap_or(&dns.namespace).to_string();
+        let hijacked = dns.hijack.iter().any(|entry| {
+            entry.service.as_deref() == Some(visit.name.as_str())
+                && entry.namespace.as_deref().unwrap_or(&dns.namespace) == namespace
+        });
+        if !hijacked {
+            dns.hijack.push(Hijack {
+                service: Some(visit.name.clone()),
+                namespace: visit.namespace.clone(),
+                name: None,
+                address: None,
+                for_visit: Some(index),
+            });
+        }
+    }
+}
+
+/// The name a visited service's VIP is looked up by: its fully qualified service name.
+pub fn visited_service_name(visit: &crate::config::Visit, dns: &Dns) -> String {
+    let namespace = visit.namespace.as_deref().unwrap_or(&dns.namespace);
+    format!("{}.{}.svc.{}", normalize(&visit.name), normalize(namespace), normalize(&dns.cluster_domain))
+}
+
 /// The running map of hijacked names to VIPs.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct HijackTable {
@@ -88,7 +119,11 @@ pub struct HijackTable {
 impl HijackTable {
     /// Builds the table for `dns`, keeping the VIPs `previous` gave to names that are still there.
     pub fn build(dns: &Dns, previous: Option<&HijackTable>) -> Result<Self, Vec<Diagnostic>> {
-        let path = ConfigPath::root().key("dns").key("hijack");
+        // An entry Keel added for a visited service is reported at that `tunnels.visit` entry.
+        let at = |i: usize| match dns.hijack[i].for_visit {
+            Some(visit) => ConfigPath::root().key("tunnels").key("visit").index(visit),
+            None => ConfigPath::root().key("dns").key("hijack").index(i),
+        };
         let mut problems = Vec::new();
         let matchers: Vec<(String, Matcher)> = dns.hijack.iter().map(|entry| matcher(entry, dns)).collect();
 
@@ -101,10 +136,8 @@ impl HijackTable {
             };
             for name in names {
                 if let Some(first) = owners.insert(name, i) {
-                    problems.push(Diagnostic::new(
-                        path.index(i),
-                        format!("{name} is already answered by dns.hijack[{first}]"),
-                    ));
+                    problems
+                        .push(Diagnostic::new(at(i), format!("{name} is already answered by {}", at(first))));
                 }
             }
         }
@@ -116,8 +149,8 @@ impl HijackTable {
             if let Some(address) = entry.address {
                 if let Some(first) = taken.insert(address, i) {
                     problems.push(Diagnostic::new(
-                        path.index(i).key("address"),
-                        format!("{address} is already the address of dns.hijack[{first}]"),
+                        at(i).key("address"),
+                        format!("{address} is already the address of {}", at(first)),
                     ));
                 }
                 vips[i] = Some(address);
@@ -146,7 +179,7 @@ impl HijackTable {
             }
             if free == 0 {
                 problems.push(Diagnostic::new(
-                    path.index(i),
+                    at(i),
                     format!(
                         "no free address left in dns.ip_range {} ({} usable) for {key}",
                         dns.ip_range,
@@ -341,6 +374,7 @@ mod tests {
             namespace: None,
             name: name.map(Into::into),
             address: address.map(|a| a.parse().unwrap()),
+            for_visit: None,
         }
     }
 

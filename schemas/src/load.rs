@@ -9,7 +9,7 @@ use std::ops::Deref;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use crate::config::{Admin, Cluster, Config, Dns, Listener, Node};
+use crate::config::{Admin, Cluster, Config, Dns, Listener, Node, Tunnels};
 use crate::diagnostic::{ConfigErrors, ConfigPath, Diagnostic, SourceMap};
 use crate::interpolate::Environment;
 use crate::types::{Duration, Secret};
@@ -28,6 +28,7 @@ impl ValidatedConfig {
         origin: &str,
         env: &dyn Environment,
     ) -> Result<Self, ConfigErrors> {
+        crate::dns::add_visited_services(&mut config);
         let mut diagnostics = validate(&config);
         if diagnostics.is_empty() {
             diagnostics = resolve_secrets(&mut config, env);
@@ -89,6 +90,7 @@ pub fn load_with(
     if let Err(prepared) = prepare(&mut config) {
         return Err(fail(prepared));
     }
+    crate::dns::add_visited_services(&mut config);
     let mut diagnostics = validate(&config);
     if diagnostics.is_empty() {
         diagnostics = resolve_secrets(&mut config, env);
@@ -120,6 +122,7 @@ fn structural_errors(value: &Value, source_map: &SourceMap) -> Vec<Diagnostic> {
             "clusters" => check_each::<Cluster>(value, &path, source_map, &mut out),
             "drain_timeout" => check::<Duration>(value, &path, source_map, &mut out),
             "dns" => check::<Dns>(value, &path, source_map, &mut out),
+            "tunnels" => check::<Tunnels>(value, &path, source_map, &mut out),
             _ => out.push(
                 Diagnostic::new(
                     path.clone(),
@@ -134,7 +137,8 @@ fn structural_errors(value: &Value, source_map: &SourceMap) -> Vec<Diagnostic> {
 
 /// The top-level keys of keel.yaml, as [`structural_errors`] knows them. A test checks this list against
 /// the fields of [`Config`].
-pub(crate) const SECTIONS: [&str; 6] = ["node", "admin", "listeners", "clusters", "drain_timeout", "dns"];
+pub(crate) const SECTIONS: [&str; 7] =
+    ["node", "admin", "listeners", "clusters", "drain_timeout", "dns", "tunnels"];
 
 fn check<T: DeserializeOwned>(
     value: &Value,
@@ -194,15 +198,51 @@ fn serde_diagnostic(
 /// Reads every `*_file` secret into its sibling field.
 fn resolve_secrets(config: &mut Config, env: &dyn Environment) -> Vec<Diagnostic> {
     let mut out = Vec::new();
-    if let Some(file) = &config.admin.token_file {
-        let path = ConfigPath::root().key("admin").key("token_file");
-        match env.read_file(file) {
-            Ok(contents) if contents.trim().is_empty() => {
-                out.push(Diagnostic::new(path, format!("{file}: the file is empty")));
-            }
-            Ok(contents) => config.admin.token = Some(Secret::new(contents.trim())),
-            Err(error) => out.push(Diagnostic::new(path, format!("cannot read {file}: {error}"))),
+    let root = ConfigPath::root();
+    let admin = &mut config.admin;
+    read_secret(
+        env,
+        &root.key("admin").key("token_file"),
+        admin.token_file.as_deref(),
+        &mut admin.token,
+        &mut out,
+    );
+    if let Some(tunnels) = &mut config.tunnels {
+        let path = root.key("tunnels");
+        if let Some(server) = &mut tunnels.server {
+            let at = path.key("server").key("token_file");
+            read_secret(env, &at, server.token_file.as_deref(), &mut server.token, &mut out);
+        }
+        for (i, router) in tunnels.routers.iter_mut().enumerate() {
+            let at = path.key("routers").index(i).key("token_file");
+            read_secret(env, &at, router.token_file.as_deref(), &mut router.token, &mut out);
+        }
+        for (i, publish) in tunnels.publish.iter_mut().enumerate() {
+            let at = path.key("publish").index(i).key("secret_file");
+            read_secret(env, &at, publish.secret_file.as_deref(), &mut publish.secret, &mut out);
+        }
+        for (i, visit) in tunnels.visit.iter_mut().enumerate() {
+            let at = path.key("visit").index(i).key("secret_file");
+            read_secret(env, &at, visit.secret_file.as_deref(), &mut visit.secret, &mut out);
         }
     }
     out
+}
+
+/// Reads a `*_file` secret, when one is named, into `secret`.
+fn read_secret(
+    env: &dyn Environment,
+    path: &ConfigPath,
+    file: Option<&str>,
+    secret: &mut Option<Secret>,
+    out: &mut Vec<Diagnostic>,
+) {
+    let Some(file) = file else { return };
+    match env.read_file(file) {
+        Ok(contents) if contents.trim().is_empty() => {
+            out.push(Diagnostic::new(path.clone(), format!("{file}: the file is empty")));
+        }
+        Ok(contents) => *secret = Some(Secret::new(contents.trim())),
+        Err(error) => out.push(Diagnostic::new(path.clone(), format!("cannot read {file}: {error}"))),
+    }
 }

@@ -7,10 +7,10 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 
-use crate::config::{Cluster, Config, Dns, HealthCheck, Listener, OutlierDetection};
+use crate::config::{Cluster, Config, Dns, HealthCheck, Listener, OutlierDetection, Tunnels};
 use crate::diagnostic::{ConfigPath, Diagnostic};
 use crate::dns::{HijackTable, is_valid_name};
-use crate::types::Duration;
+use crate::types::{Duration, Secret, SocketAddress};
 
 /// Most characters in a listener, cluster or node name.
 const MAX_NAME_LEN: usize = 128;
@@ -85,7 +85,141 @@ pub fn validate(config: &Config) -> Vec<Diagnostic> {
     if let Some(dns) = &config.dns {
         check_dns(&mut problems, &root.key("dns"), dns, config);
     }
+    if let Some(tunnels) = &config.tunnels {
+        check_tunnels(&mut problems, &root.key("tunnels"), tunnels, config);
+    }
     problems.0
+}
+
+/// A Kubernetes service or namespace name: one DNS label.
+fn is_service_name(name: &str) -> bool {
+    is_valid_name(name) && !name.contains('.')
+}
+
+/// Exactly one of a secret and its file, and not an empty secret.
+fn check_secret(problems: &mut Problems, path: &ConfigPath, key: &str, secret: Option<&Secret>, file: bool) {
+    match (secret, file) {
+        (Some(_), true) => problems
+            .push(&path.key(&format!("{key}_file")), format!("set either {key} or {key}_file, not both")),
+        (None, false) => problems.push(path, format!("give {key} or {key}_file")),
+        (Some(secret), false) if secret.is_empty() => {
+            problems.push(&path.key(key), format!("the {key} is empty"))
+        }
+        _ => {}
+    }
+}
+
+/// The routers an entry names, which must exist; `tunnels.routers` being empty is an error of its own.
+fn check_router_refs(problems: &mut Problems, path: &ConfigPath, names: &[String], tunnels: &Tunnels) {
+    if tunnels.routers.is_empty() {
+        problems.push(path, "tunnels.routers is empty: there is no router to go through");
+        return;
+    }
+    for (i, name) in names.iter().enumerate() {
+        if !tunnels.routers.iter().any(|router| &router.name == name) {
+            let known: Vec<&str> = tunnels.routers.iter().map(|router| router.name.as_str()).collect();
+            problems.push(
+                &path.key("routers").index(i),
+                format!("no router named {name:?} in tunnels.routers (known: {})", known.join(", ")),
+            );
+        }
+    }
+}
+
+/// Most pooled connections per router for one entry.
+const MAX_POOL: u16 = 64;
+
+fn check_tunnels(problems: &mut Problems, path: &ConfigPath, tunnels: &Tunnels, config: &Config) {
+    problems.check_positive(&path.key("max_skew"), tunnels.max_skew);
+    let mut taken: Vec<(SocketAddress, String)> = config
+        .listeners
+        .iter()
+        .enumerate()
+        .map(|(i, listener)| (listener.address, format!("listeners[{i}]")))
+        .chain([(config.admin.address, "admin.address".to_string())])
+        .chain(config.dns.iter().flat_map(|dns| {
+            dns.listen.iter().enumerate().map(|(i, listen)| (*listen, format!("dns.listen[{i}]")))
+        }))
+        .collect();
+    let mut claim = |problems: &mut Problems, at: &ConfigPath, address: SocketAddress| {
+        if let Some((_, owner)) = taken.iter().find(|(other, _)| other.overlaps(&address)) {
+            problems.push(at, format!("address {address} overlaps {owner}"));
+        }
+        taken.push((address, at.to_string()));
+    };
+    if let Some(server) = &tunnels.server {
+        let at = path.key("server");
+        claim(problems, &at.key("listen"), server.listen);
+        check_secret(problems, &at, "token", server.token.as_ref(), server.token_file.is_some());
+        problems.check_positive(&at.key("connect_timeout"), server.connect_timeout);
+    }
+    let mut router_names: HashMap<&str, usize> = HashMap::new();
+    for (i, router) in tunnels.routers.iter().enumerate() {
+        let at = path.key("routers").index(i);
+        problems.check_name(&at.key("name"), &router.name);
+        if let Some(first) = router_names.insert(router.name.as_str(), i) {
+            problems.push(
+                &at.key("name"),
+                format!("duplicate router name {:?} (first at tunnels.routers[{first}])", router.name),
+            );
+        }
+        check_secret(problems, &at, "token", router.token.as_ref(), router.token_file.is_some());
+    }
+    let mut published: HashMap<&str, usize> = HashMap::new();
+    for (i, publish) in tunnels.publish.iter().enumerate() {
+        let at = path.key("publish").index(i);
+        if !is_service_name(&publish.name) {
+            problems.push(&at.key("name"), format!("invalid service name {:?}: one DNS label", publish.name));
+        }
+        if let Some(first) = published.insert(publish.name.as_str(), i) {
+            problems.push(
+                &at.key("name"),
+                format!("{:?} is already published by tunnels.publish[{first}]", publish.name),
+            );
+        }
+        check_secret(problems, &at, "secret", publish.secret.as_ref(), publish.secret_file.is_some());
+        check_router_refs(problems, &at, &publish.routers, tunnels);
+        if !(1..=MAX_POOL).contains(&publish.pool) {
+            problems.push(&at.key("pool"), format!("must be between 1 and {MAX_POOL}"));
+        }
+        problems.check_positive(&at.key("connect_timeout"), publish.connect_timeout);
+    }
+    let mut visited: HashMap<&str, usize> = HashMap::new();
+    for (i, visit) in tunnels.visit.iter().enumerate() {
+        let at = path.key("visit").index(i);
+        if !is_service_name(&visit.name) {
+            problems.push(&at.key("name"), format!("invalid service name {:?}: one DNS label", visit.name));
+        }
+        if let Some(first) = visited.insert(visit.name.as_str(), i) {
+            problems.push(
+                &at.key("name"),
+                format!("{:?} is already visited by tunnels.visit[{first}]", visit.name),
+            );
+        }
+        if let Some(namespace) = &visit.namespace
+            && !is_service_name(namespace)
+        {
+            problems.push(&at.key("namespace"), format!("invalid namespace {namespace:?}"));
+        }
+        check_secret(problems, &at, "secret", visit.secret.as_ref(), visit.secret_file.is_some());
+        check_router_refs(problems, &at, &visit.routers, tunnels);
+        if visit.pool > MAX_POOL {
+            problems.push(&at.key("pool"), format!("must be between 0 and {MAX_POOL}"));
+        }
+        match (visit.listen, visit.port) {
+            (Some(listen), None) => claim(problems, &at.key("listen"), listen),
+            (None, Some(0)) => problems.push(&at.key("port"), "must be between 1 and 65535"),
+            (None, Some(_)) if config.dns.is_none() => problems.push(
+                &at.key("port"),
+                "a port without listen needs a dns section, which gives the service its VIP",
+            ),
+            (None, Some(_)) => {}
+            (Some(_), Some(_)) => problems.push(&at.key("port"), "set either listen or port, not both"),
+            (None, None) => {
+                problems.push(&at, "give listen (an address), or port (on the service's VIP, with dns)")
+            }
+        }
+    }
 }
 
 fn check_dns(problems: &mut Problems, path: &ConfigPath, dns: &Dns, config: &Config) {
@@ -116,6 +250,13 @@ fn check_dns(problems: &mut Problems, path: &ConfigPath, dns: &Dns, config: &Con
     }
     let mut entries_valid = true;
     for (i, entry) in dns.hijack.iter().enumerate() {
+        if entry.for_visit.is_some() {
+            // Added for a visited service: its name and namespace are checked at tunnels.visit.
+            let service_ok = entry.service.as_deref().is_some_and(is_service_name);
+            let namespace_ok = entry.namespace.as_deref().is_none_or(is_service_name);
+            entries_valid &= service_ok && namespace_ok;
+            continue;
+        }
         let at = path.key("hijack").index(i);
         let before = problems.0.len();
         match (&entry.service, &entry.name) {
@@ -123,7 +264,7 @@ fn check_dns(problems: &mut Problems, path: &ConfigPath, dns: &Dns, config: &Con
                 problems.push(&at, "give either service (a Kubernetes service name) or name (a DNS name)")
             }
             (Some(service), None) => {
-                if !is_valid_name(service) || service.contains('.') {
+                if !is_service_name(service) {
                     problems
                         .push(&at.key("service"), format!("invalid service name {service:?}: one DNS label"));
                 }
@@ -139,7 +280,7 @@ fn check_dns(problems: &mut Problems, path: &ConfigPath, dns: &Dns, config: &Con
             }
         }
         if let Some(namespace) = &entry.namespace
-            && (!is_valid_name(namespace) || namespace.contains('.'))
+            && !is_service_name(namespace)
         {
             problems.push(&at.key("namespace"), format!("invalid namespace {namespace:?}"));
         }

@@ -243,7 +243,7 @@ fn schema_lists_every_section_the_loader_knows() {
     let schema = json_schema();
     let mut properties: Vec<&String> = schema["properties"].as_object().unwrap().keys().collect();
     properties.sort();
-    let mut sections = ["node", "admin", "listeners", "clusters", "drain_timeout", "dns"];
+    let mut sections = ["node", "admin", "listeners", "clusters", "drain_timeout", "dns", "tunnels"];
     sections.sort();
     assert_eq!(properties, sections);
     // Every section is actually checked by the per-section pass: an invalid value is reported as a type
@@ -345,4 +345,69 @@ fn dns_defaults_follow_the_seed_sidecar() {
     assert_eq!(dns.ttl.to_string(), "30s");
     assert_eq!((dns.namespace.as_str(), dns.cluster_domain.as_str()), ("default", "cluster.local"));
     assert_eq!(dns.workers, 1);
+}
+
+#[test]
+fn tunnel_errors_are_located() {
+    let text = r#"
+admin: {address: "127.0.0.1:9901"}
+tunnels:
+  server: {listen: "127.0.0.1:9901"}
+  routers:
+    - {name: a, address: "router.example:7000", token: t}
+    - {name: a, address: "router.example:7001", token: t, token_file: /x}
+  publish:
+    - {name: "my.sql", local: "127.0.0.1:3306", routers: [b], pool: 0}
+  visit:
+    - {name: redis, secret: s, port: 6379}
+    - {name: pg, secret: s}
+"#;
+    let lines = errors(text);
+    let expected = [
+        "keel.yaml:4:20: tunnels.server.listen: address 127.0.0.1:9901 overlaps admin.address",
+        "keel.yaml:4:11: tunnels.server: give token or token_file",
+        "keel.yaml:7:14: tunnels.routers[1].name: duplicate router name \"a\" (first at tunnels.routers[0])",
+        "keel.yaml:7:71: tunnels.routers[1].token_file: set either token or token_file, not both",
+        "keel.yaml:9:14: tunnels.publish[0].name: invalid service name \"my.sql\": one DNS label",
+        "keel.yaml:9:7: tunnels.publish[0]: give secret or secret_file",
+        "keel.yaml:9:59: tunnels.publish[0].routers[0]: no router named \"b\" in tunnels.routers (known: a, a)",
+        "keel.yaml:9:69: tunnels.publish[0].pool: must be between 1 and 64",
+        "keel.yaml:11:38: tunnels.visit[0].port: a port without listen needs a dns section",
+        "keel.yaml:12:7: tunnels.visit[1]: give listen (an address), or port (on the service's VIP, with dns)",
+    ];
+    for line in expected {
+        assert!(lines.iter().any(|l| l.starts_with(line)), "missing {line:?} in {lines:#?}");
+    }
+    assert_eq!(lines.len(), expected.len(), "{lines:#?}");
+}
+
+#[test]
+fn a_visited_service_on_a_port_gets_a_hijacked_vip() {
+    let text = r#"
+dns:
+  hijack: [{service: mysql, address: 127.0.66.9}]
+tunnels:
+  routers: [{name: r, address: "10.0.0.1:7000", token_file: /run/token}]
+  visit:
+    - {name: mysql, secret: s, port: 3306}
+    - {name: redis, secret: s, port: 6379, namespace: cache}
+    - {name: pg, secret: s, listen: "127.0.0.1:5432"}
+"#;
+    let env = env().with_file("/run/token", "router-token\n");
+    let config = load(text, "keel.yaml", &env).unwrap();
+    let dns = config.dns.as_ref().unwrap();
+    // mysql was hijacked already (its pinned VIP stands); redis is added; pg has an address of its own.
+    assert_eq!(dns.hijack.len(), 2, "{:#?}", dns.hijack);
+    assert_eq!(dns.hijack[1].service.as_deref(), Some("redis"));
+    assert_eq!(dns.hijack[1].namespace.as_deref(), Some("cache"));
+    let tunnels = config.tunnels.as_ref().unwrap();
+    assert_eq!(tunnels.routers[0].token.as_ref().unwrap().expose(), "router-token");
+    let table = keel_schemas::dns::HijackTable::build(dns, None).unwrap();
+    let name = keel_schemas::dns::visited_service_name(&tunnels.visit[1], dns);
+    assert_eq!(name, "redis.cache.svc.cluster.local");
+    assert!(table.lookup(&name).is_some());
+    assert_eq!(table.lookup("mysql").unwrap().to_string(), "127.0.66.9");
+    // The dump shows the added entry, and the secrets masked.
+    let dumped = serde_json::to_string(config.config()).unwrap();
+    assert!(!dumped.contains("router-token") && !dumped.contains("\"s\""), "{dumped}");
 }
