@@ -100,7 +100,7 @@ fn is_service_name(name: &str) -> bool {
 fn check_secret(problems: &mut Problems, path: &ConfigPath, key: &str, secret: Option<&Secret>, file: bool) {
     match (secret, file) {
         (Some(_), true) => problems
-            .push(&path.key(&format!("{key}_file")), format!("set either {key} or {key}_file, not both")),
+            .push(&path.key(format!("{key}_file")), format!("set either {key} or {key}_file, not both")),
         (None, false) => problems.push(path, format!("give {key} or {key}_file")),
         (Some(secret), false) if secret.is_empty() => {
             problems.push(&path.key(key), format!("the {key} is empty"))
