@@ -19,6 +19,7 @@ pub mod relay;
 pub mod runtime;
 pub mod shorthand;
 pub mod source;
+pub mod tunnel;
 
 use std::time::Duration;
 
@@ -82,6 +83,7 @@ pub async fn serve(proxy: Proxy, admin: TcpListener) -> std::io::Result<()> {
     watcher.abort();
     proxy.stop_health_checks();
     proxy.stop_dns().await;
+    proxy.stop_tunnels().await;
     stop_admin.cancel();
     match tokio::time::timeout(ADMIN_STOP_GRACE, admin_task).await {
         Ok(Ok(result)) => result?,

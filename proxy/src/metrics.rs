@@ -114,6 +114,37 @@ const DESCRIPTIONS: &[(&str, Kind, Unit, &str)] = &[
         "Time for an upstream resolver to answer a forwarded query.",
     ),
     ("keel_dns_cache_entries", Kind::Gauge, Unit::Count, "Answers in the DNS cache."),
+    (
+        "keel_tunnel_connections_total",
+        Kind::Counter,
+        Unit::Count,
+        "Tunnelled connections opened, by service and role (router, publisher, visitor).",
+    ),
+    ("keel_tunnel_connections_active", Kind::Gauge, Unit::Count, "Tunnelled connections open now."),
+    (
+        "keel_tunnel_sent_bytes_total",
+        Kind::Counter,
+        Unit::Bytes,
+        "Bytes moved from the visitor's side towards the publisher's, by service and role.",
+    ),
+    (
+        "keel_tunnel_received_bytes_total",
+        Kind::Counter,
+        Unit::Bytes,
+        "Bytes moved from the publisher's side towards the visitor's, by service and role.",
+    ),
+    (
+        "keel_tunnel_handshake_failures_total",
+        Kind::Counter,
+        Unit::Count,
+        "Handshakes refused or failed, by service, role and reason.",
+    ),
+    (
+        "keel_tunnel_reconnects_total",
+        Kind::Counter,
+        Unit::Count,
+        "Control connections to a router opened again after one was lost, by service, role and router.",
+    ),
 ];
 
 #[derive(Clone, Copy)]
@@ -364,5 +395,42 @@ impl DnsMetrics {
     pub fn count(&self, query_type: &str, outcome: DnsOutcome) {
         let row = DNS_TYPES.iter().position(|known| *known == query_type).unwrap_or(DNS_TYPES.len());
         self.queries[row][outcome as usize].increment(1);
+    }
+}
+
+/// Handles for one tunnelled service in one role (`router`, `publisher` or `visitor`).
+#[derive(Clone, Debug)]
+pub struct TunnelMetrics {
+    metrics_service: String,
+    role: &'static str,
+    pub connections: Counter,
+    pub active: Gauge,
+    pub sent: Counter,
+    pub received: Counter,
+}
+
+impl TunnelMetrics {
+    pub fn new(metrics: &Metrics, service: &str, role: &'static str) -> Self {
+        let labels = [("service", service), ("role", role)];
+        Self {
+            metrics_service: service.to_string(),
+            role,
+            connections: metrics.counter("keel_tunnel_connections_total", &labels),
+            active: metrics.gauge("keel_tunnel_connections_active", &labels),
+            sent: metrics.counter("keel_tunnel_sent_bytes_total", &labels),
+            received: metrics.counter("keel_tunnel_received_bytes_total", &labels),
+        }
+    }
+
+    /// Counts a refused or failed handshake.
+    pub fn handshake_failed(&self, metrics: &Metrics, reason: &str) {
+        let labels = [("service", self.metrics_service.as_str()), ("role", self.role), ("reason", reason)];
+        metrics.counter("keel_tunnel_handshake_failures_total", &labels).increment(1);
+    }
+
+    /// Counts a control connection to `router` opened again.
+    pub fn reconnected(&self, metrics: &Metrics, router: &str) {
+        let labels = [("service", self.metrics_service.as_str()), ("role", self.role), ("router", router)];
+        metrics.counter("keel_tunnel_reconnects_total", &labels).increment(1);
     }
 }

@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::SystemTime;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
+use keel_schemas::dns::HijackTable;
 use keel_schemas::{ConfigErrors, ConfigPath, Diagnostic, Environment, ValidatedConfig};
 use tokio::sync::{Mutex, watch};
 use tokio_util::sync::CancellationToken;
@@ -31,6 +32,7 @@ use crate::dns::server::{DnsServer, DnsState, StartError};
 use crate::listener::{BoundSocket, RunningListener};
 use crate::metrics::{ConfigMetrics, DnsMetrics, Metrics};
 use crate::source;
+use crate::tunnel::set::{TunnelSet, TunnelsStatus};
 
 /// The clusters the data path reads, by name.
 pub type ClusterMap = HashMap<String, Arc<Cluster>>;
@@ -102,7 +104,7 @@ pub struct Proxy {
 }
 
 struct Inner {
-    metrics: Metrics,
+    metrics: Arc<Metrics>,
     config_metrics: ConfigMetrics,
     env: Arc<dyn Environment + Send + Sync>,
     config_file: Option<PathBuf>,
@@ -112,6 +114,8 @@ struct Inner {
     listeners: Mutex<HashMap<String, RunningListener>>,
     /// The DNS server, when the config has a `dns` section. Locked after `listeners`, by applies only.
     dns: Mutex<Option<DnsServer>>,
+    /// Routers, publishers and visitors. Locked after `dns`.
+    tunnels: Mutex<TunnelSet>,
     draining: AtomicBool,
     close_all: CancellationToken,
     all_connections: TaskTracker,
@@ -128,9 +132,17 @@ impl Proxy {
     /// A proxy with nothing running yet. `config_file` is what reloads read; `None` for a config that
     /// did not come from a file.
     pub fn new(env: Arc<dyn Environment + Send + Sync>, config_file: Option<PathBuf>) -> Self {
-        let metrics = Metrics::new();
+        let metrics = Arc::new(Metrics::new());
         let config_metrics = ConfigMetrics::new(&metrics);
         config_metrics.ready.set(0.0);
+        let close_all = CancellationToken::new();
+        let all_connections = TaskTracker::new();
+        let tunnel_context = crate::tunnel::Context {
+            node: String::new(),
+            metrics: Arc::clone(&metrics),
+            close: close_all.clone(),
+            connections: all_connections.clone(),
+        };
         Self {
             inner: Arc::new(Inner {
                 metrics,
@@ -142,9 +154,10 @@ impl Proxy {
                 clusters: Arc::new(ArcSwap::from_pointee(ClusterMap::new())),
                 listeners: Mutex::new(HashMap::new()),
                 dns: Mutex::new(None),
+                tunnels: Mutex::new(TunnelSet::new(tunnel_context)),
                 draining: AtomicBool::new(false),
-                close_all: CancellationToken::new(),
-                all_connections: TaskTracker::new(),
+                close_all,
+                all_connections,
                 shutdown: watch::channel(None).0,
             }),
         }
@@ -279,6 +292,21 @@ impl Proxy {
             return Err(ApplyError::Bind(ConfigErrors { origin: source.to_string(), diagnostics: failures }));
         }
         let mut dns_slot = inner.dns.lock().await;
+        // Tunnels bind before DNS starts anything, so that a tunnel bind failure leaves no new DNS server
+        // behind. Visitors listen on the VIPs the new hijack table gives (the DNS plan builds the same
+        // table: allocation is deterministic given the running one).
+        let mut tunnels = inner.tunnels.lock().await;
+        let hijack_table = match &config.dns {
+            Some(dns) => {
+                let running = dns_slot.as_ref().map(DnsServer::state);
+                HijackTable::build(dns, running.as_ref().map(|state| &state.table)).ok()
+            }
+            None => None,
+        };
+        tunnels.set_node(crate::tunnel::node_name(config.config()));
+        let tunnel_plan = tunnels.plan(config.config(), hijack_table.as_ref()).map_err(|diagnostics| {
+            ApplyError::Bind(ConfigErrors { origin: source.to_string(), diagnostics })
+        })?;
         let dns_plan = self.plan_dns(config.config(), old, dns_slot.as_ref(), source).await?;
 
         // Clusters before listeners, so a listener never points at a cluster that is not there yet.
@@ -381,6 +409,8 @@ impl Proxy {
             }
         }
         drop(dns_slot);
+        tunnels.commit(tunnel_plan);
+        drop(tunnels);
 
         let changed = !changes.is_empty();
         inner.applied.store(Some(Arc::new(Applied {
@@ -451,6 +481,26 @@ impl Proxy {
         })
     }
 
+    /// Routers, publishers and visitors, for `/tunnels`.
+    pub async fn tunnels_status(&self) -> TunnelsStatus {
+        self.inner.tunnels.lock().await.status().await
+    }
+
+    /// Where a visitor of `service` listens (its port filled in).
+    pub async fn tunnel_visitor_addr(&self, service: &str) -> Option<SocketAddr> {
+        self.inner.tunnels.lock().await.visitor_addr(service)
+    }
+
+    /// Where this proxy's tunnel router listens (its port filled in).
+    pub async fn tunnel_router_addr(&self) -> Option<SocketAddr> {
+        self.inner.tunnels.lock().await.router_addr()
+    }
+
+    /// Stops the tunnels' listeners, sessions and pools; relays in progress are the drain's.
+    pub async fn stop_tunnels(&self) {
+        self.inner.tunnels.lock().await.stop_all();
+    }
+
     /// Stops the DNS server (at the end of `serve`).
     pub async fn stop_dns(&self) {
         if let Some(server) = self.inner.dns.lock().await.take() {
@@ -513,6 +563,8 @@ impl Proxy {
             for listener in table.values() {
                 listener.stop_accepting();
             }
+            // Tunnels stop accepting too: visitor listeners close, publishers unregister.
+            self.inner.tunnels.lock().await.stop_all();
             let drain_timeout = self.applied().map(|applied| applied.config.drain_timeout);
             drain_timeout.unwrap_or_else(keel_schemas::config::defaults::drain_timeout).get()
         };

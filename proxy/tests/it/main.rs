@@ -7,3 +7,4 @@ mod dns;
 mod relay;
 mod reload;
 mod support;
+mod tunnel;

@@ -1,0 +1,226 @@
+//! Tunnels: frp's stcp model in Keel (docs/tunnel-protocol.md has the wire protocol and its reasons).
+//!
+//! - [`router`]: `tunnels.server`, which pairs visitors' connections with publishers';
+//! - [`publisher`]: `tunnels.publish`, a local service offered through routers;
+//! - [`visitor`]: `tunnels.visit`, a local listener whose connections reach a publisher;
+//! - [`frame`] and [`proof`]: the frames, and the HMAC proofs that keep secrets off the wire;
+//! - [`set`]: the running tunnels of a config, changed entry by entry on reload.
+//!
+//! What the three roles share lives here: the control-connection loop with its keepalives, the relay
+//! with per-service counters, reconnect backoff, and the per-service metrics.
+
+pub mod frame;
+pub mod proof;
+pub mod publisher;
+pub mod router;
+pub mod set;
+pub mod visitor;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use metrics::Counter;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use self::frame::{Frame, Reason, read_frame, write_frame};
+use crate::metrics::{Metrics, TunnelMetrics};
+use crate::relay::{DirectionCounters, relay};
+
+/// How long a new connection may take to send its `Hello`, and a peer to answer one.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// A control connection that has sent nothing for this long sends a `Ping`.
+pub const KEEPALIVE: Duration = Duration::from_secs(10);
+/// A control connection that has heard nothing for this long is given up.
+pub const SILENCE_LIMIT: Duration = Duration::from_secs(30);
+
+/// What every tunnel component needs from the proxy.
+#[derive(Clone, Debug)]
+pub struct Context {
+    /// This proxy's name on the wire (`node.id`, else the host name).
+    pub node: String,
+    pub metrics: Arc<Metrics>,
+    /// Cancelled when the proxy closes every connection (fast shutdown, end of a drain).
+    pub close: CancellationToken,
+    /// Every relayed connection is tracked here, so that a drain waits for them.
+    pub connections: TaskTracker,
+}
+
+/// One service's metric handles in one role.
+#[derive(Clone, Debug)]
+pub struct ServiceMetrics {
+    handles: TunnelMetrics,
+    registry: Arc<Metrics>,
+}
+
+impl ServiceMetrics {
+    pub fn new(registry: &Arc<Metrics>, service: &str, role: &'static str) -> Self {
+        Self { handles: TunnelMetrics::new(registry, service, role), registry: Arc::clone(registry) }
+    }
+
+    pub fn handshake_failed(&self, reason: Reason) {
+        self.handles.handshake_failed(&self.registry, reason.label());
+    }
+
+    pub fn reconnected(&self, router: &str) {
+        self.handles.reconnected(&self.registry, router);
+    }
+}
+
+/// Relays a paired connection to its end, counting it for the service. `towards_publisher` is the side
+/// nearer the visitor.
+pub async fn relay_counted(
+    visitor_side: &mut TcpStream,
+    publisher_side: &mut TcpStream,
+    metrics: &ServiceMetrics,
+    close: &CancellationToken,
+) {
+    let handles = &metrics.handles;
+    handles.connections.increment(1);
+    handles.active.increment(1.0);
+    let sent = DirectionCounters { from: handles.sent.clone(), to: Counter::noop() };
+    let received = DirectionCounters { from: handles.received.clone(), to: Counter::noop() };
+    if let Err(error) = relay(visitor_side, publisher_side, None, &sent, &received, close).await {
+        tracing::debug!(%error, "tunnel relay ended with an error");
+    }
+    handles.active.decrement(1.0);
+}
+
+/// Whether an idle pooled connection was closed by its peer (or broke the protocol by sending before
+/// its turn); a live idle connection has nothing to read.
+pub fn is_closed(stream: &TcpStream) -> bool {
+    let mut byte = [0u8; 1];
+    !matches!(stream.try_read(&mut byte), Err(error) if error.kind() == std::io::ErrorKind::WouldBlock)
+}
+
+/// Runs a control connection until it ends: a writer task sends what arrives on the returned channel's
+/// other end and a `Ping` after [`KEEPALIVE`] of quiet; this task reads frames, answers `Ping`, skips
+/// frame types it does not know, and hands every other frame to `handle`, which returns `false` to end
+/// the connection. It also ends after [`SILENCE_LIMIT`] without a frame, on EOF or error, and on `stop`.
+pub async fn control_loop<F, Fut>(stream: TcpStream, stop: CancellationToken, mut handle: F)
+where
+    F: FnMut(Frame, mpsc::UnboundedSender<Frame>) -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let (mut reader, mut writer) = stream.into_split();
+    let (out, mut outgoing) = mpsc::unbounded_channel::<Frame>();
+    let done = CancellationToken::new();
+    let writer_done = done.clone();
+    let writer_task = tokio::spawn(async move {
+        let mut sequence = 0u64;
+        loop {
+            let frame = tokio::select! {
+                frame = outgoing.recv() => match frame {
+                    Some(frame) => frame,
+                    None => break,
+                },
+                () = tokio::time::sleep(KEEPALIVE) => {
+                    sequence += 1;
+                    Frame::Ping(sequence)
+                }
+                () = writer_done.cancelled() => break,
+            };
+            if write_frame(&mut writer, &frame).await.is_err() {
+                break;
+            }
+        }
+        writer_done.cancel();
+    });
+    loop {
+        let frame = tokio::select! {
+            frame = tokio::time::timeout(SILENCE_LIMIT, read_frame(&mut reader)) => frame,
+            () = stop.cancelled() => break,
+            () = done.cancelled() => break,
+        };
+        let frame = match frame {
+            Ok(Ok(frame)) => frame,
+            Ok(Err(error)) => {
+                tracing::debug!(%error, "tunnel control connection ended");
+                break;
+            }
+            Err(_) => {
+                tracing::debug!("tunnel control connection silent for too long");
+                break;
+            }
+        };
+        match frame {
+            Frame::Ping(sequence) => {
+                let _ = out.send(Frame::Pong(sequence));
+            }
+            Frame::Pong(_) | Frame::Unknown(_) => {}
+            frame => {
+                if !handle(frame, out.clone()).await {
+                    break;
+                }
+            }
+        }
+    }
+    // Let frames already queued (a refusal, say) go out, then close.
+    drop(out);
+    let _ = tokio::time::timeout(Duration::from_secs(1), writer_task).await;
+    done.cancel();
+}
+
+/// Reconnect delays: 100 ms doubling to 10 s, each within ±20 %.
+#[derive(Debug)]
+pub struct Backoff {
+    next: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self { next: Backoff::FIRST }
+    }
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(100);
+    const MAX: Duration = Duration::from_millis(800);
+
+    /// The delay before the next attempt.
+    pub fn next_delay(&mut self) -> Duration {
+        let base = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        base.mul_f64(0.8 + fastrand::f64() * 0.4)
+    }
+
+    /// A connection worked: start from the shortest delay again.
+    pub fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
+}
+
+/// This proxy's name: `node.id`, else the host name, else `keel`.
+pub fn node_name(config: &keel_schemas::Config) -> String {
+    config
+        .node
+        .id
+        .clone()
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|name| name.trim().to_string())
+        })
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "keel".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_its_ceiling_with_jitter_and_resets() {
+        let mut backoff = Backoff::default();
+        let first = backoff.next_delay();
+        assert!(first >= Duration::from_millis(80) && first <= Duration::from_millis(120), "{first:?}");
+        for _ in 0..20 {
+            backoff.next_delay();
+        }
+        let late = backoff.next_delay();
+        assert!(late >= Duration::from_secs(8) && late <= Duration::from_secs(12), "{late:?}");
+        backoff.reset();
+        assert!(backoff.next_delay() <= Duration::from_millis(120));
+    }
+}

@@ -1,0 +1,342 @@
+//! A visited service (`tunnels.visit`): a local listener whose connections reach a publisher through a
+//! router. For each router it keeps a control session watching the service (how many publishers the
+//! router has for it) and a pool of idle, authenticated connections.
+//!
+//! An accepted connection goes to the first router, in configured order, that has a live publisher: a
+//! pooled connection is taken, `Open` (the proof of the service secret) written, and the answer read;
+//! `Opened` starts the relay, `Refused` moves on to the next router. When no router has a live
+//! publisher the connection is reset at once, so the application fails fast instead of hanging. The
+//! listener itself stays up whatever the routers do.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
+use std::time::Duration;
+
+use keel_schemas::config::{RouterRef, Visit};
+use keel_schemas::types::HostPort;
+use serde::Serialize;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Mutex, Notify};
+use tokio_util::sync::CancellationToken;
+
+use super::frame::{Frame, Kind, read_frame, write_frame};
+use super::{Backoff, Context, HELLO_TIMEOUT, ServiceMetrics, control_loop, is_closed, proof, relay_counted};
+use crate::cluster::connect_to;
+
+/// How often a link checks that its pool is full (beyond being woken when a connection is taken).
+const POOL_CHECK: Duration = Duration::from_secs(2);
+
+#[derive(Debug)]
+struct Settings {
+    service: String,
+    secret: String,
+    pool: u16,
+    metrics: ServiceMetrics,
+    context: Context,
+}
+
+/// One router's side of a visit.
+#[derive(Debug)]
+struct Link {
+    router: String,
+    address: HostPort,
+    token: String,
+    /// The control session is up.
+    watching: AtomicBool,
+    /// Live publishers of the service on this router, as its last `Status` said.
+    publishers: AtomicU16,
+    idle: Mutex<VecDeque<TcpStream>>,
+    taken: Notify,
+}
+
+/// A running `tunnels.visit` entry.
+#[derive(Debug)]
+pub struct Visitation {
+    settings: Arc<Settings>,
+    links: Vec<Arc<Link>>,
+    stop: CancellationToken,
+    pub local_addr: SocketAddr,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct VisitationStatus {
+    pub service: String,
+    pub listen: SocketAddr,
+    pub routers: Vec<VisitorLinkStatus>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct VisitorLinkStatus {
+    pub router: String,
+    pub address: String,
+    /// The control session with the router is up.
+    pub connected: bool,
+    /// Publishers of the service the router has now.
+    pub publishers: u16,
+    pub idle_connections: usize,
+}
+
+impl Visitation {
+    /// Starts serving `listener` (bound by the caller) for `entry` through `routers`, in that order.
+    pub fn start(listener: TcpListener, entry: &Visit, routers: &[RouterRef], context: Context) -> Self {
+        let local_addr = listener.local_addr().expect("a bound listener has an address");
+        let settings = Arc::new(Settings {
+            service: entry.name.clone(),
+            secret: entry.secret.as_ref().map(|s| s.expose().to_string()).unwrap_or_default(),
+            pool: entry.pool,
+            metrics: ServiceMetrics::new(&context.metrics, &entry.name, "visitor"),
+            context,
+        });
+        let stop = CancellationToken::new();
+        let links: Vec<Arc<Link>> = routers
+            .iter()
+            .map(|router| {
+                Arc::new(Link {
+                    router: router.name.clone(),
+                    address: router.address.clone(),
+                    token: router.token.as_ref().map(|t| t.expose().to_string()).unwrap_or_default(),
+                    watching: AtomicBool::new(false),
+                    publishers: AtomicU16::new(0),
+                    idle: Mutex::new(VecDeque::new()),
+                    taken: Notify::new(),
+                })
+            })
+            .collect();
+        for link in &links {
+            tokio::spawn(watch(Arc::clone(&settings), Arc::clone(link), stop.clone()));
+            tokio::spawn(fill_pool(Arc::clone(&settings), Arc::clone(link), stop.clone()));
+        }
+        tokio::spawn(accept_loop(listener, Arc::clone(&settings), links.clone(), stop.clone()));
+        tracing::info!(service = entry.name, address = %local_addr, "tunnel visitor listening");
+        Self { settings, links, stop, local_addr }
+    }
+
+    /// Closes the listener, the control sessions and the idle pooled connections; relays go on.
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+
+    pub async fn status(&self) -> VisitationStatus {
+        let mut routers = Vec::new();
+        for link in &self.links {
+            routers.push(VisitorLinkStatus {
+                router: link.router.clone(),
+                address: link.address.to_string(),
+                connected: link.watching.load(Ordering::Relaxed),
+                publishers: link.publishers.load(Ordering::Relaxed),
+                idle_connections: link.idle.lock().await.len(),
+            });
+        }
+        VisitationStatus { service: self.settings.service.clone(), listen: self.local_addr, routers }
+    }
+}
+
+impl Drop for Visitation {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Keeps a control session with the router up, tracking the service's publishers there.
+async fn watch(settings: Arc<Settings>, link: Arc<Link>, stop: CancellationToken) {
+    let mut backoff = Backoff::default();
+    let mut first = true;
+    while !stop.is_cancelled() {
+        if !first {
+            settings.metrics.reconnected(&link.router);
+        }
+        first = false;
+        if let Err(error) = watch_session(&settings, &link, &stop, &mut backoff).await {
+            tracing::warn!(
+                service = settings.service,
+                router = link.router,
+                error,
+                "tunnel visitor: session with the router ended"
+            );
+        }
+        link.watching.store(false, Ordering::Relaxed);
+        link.publishers.store(0, Ordering::Relaxed);
+        // Pooled connections to a router that went away are of no use.
+        link.idle.lock().await.clear();
+        tokio::select! {
+            () = tokio::time::sleep(backoff.next_delay()) => {}
+            () = stop.cancelled() => return,
+        }
+    }
+}
+
+async fn watch_session(
+    settings: &Settings,
+    link: &Arc<Link>,
+    stop: &CancellationToken,
+    backoff: &mut Backoff,
+) -> Result<(), String> {
+    let hello = proof::hello(&link.token, Kind::Control, &settings.context.node, "", 0);
+    let mut stream = dial(&link.address, Frame::Hello(hello)).await?;
+    match tokio::time::timeout(HELLO_TIMEOUT, read_frame(&mut stream)).await {
+        Ok(Ok(Frame::Welcome { .. })) => {}
+        Ok(Ok(Frame::Refused { reason, detail })) => {
+            settings.metrics.handshake_failed(reason);
+            return Err(format!("refused: {reason} ({detail})"));
+        }
+        Ok(Ok(other)) => return Err(format!("expected Welcome, got {other:?}")),
+        Ok(Err(error)) => return Err(error.to_string()),
+        Err(_) => return Err("no Welcome in time".into()),
+    }
+    write_frame(&mut stream, &Frame::Watch { service: settings.service.clone() })
+        .await
+        .map_err(|error| error.to_string())?;
+    link.watching.store(true, Ordering::Relaxed);
+    backoff.reset();
+    link.taken.notify_one();
+    let handler_link = Arc::clone(link);
+    control_loop(stream, stop.clone(), move |frame, _out| {
+        let link = Arc::clone(&handler_link);
+        async move {
+            match frame {
+                Frame::Status { publishers, .. } => {
+                    link.publishers.store(publishers, Ordering::Relaxed);
+                    // Publishers appeared: the pool may fill now.
+                    link.taken.notify_one();
+                    true
+                }
+                _ => false,
+            }
+        }
+    })
+    .await;
+    if stop.is_cancelled() { Ok(()) } else { Err("connection lost".into()) }
+}
+
+async fn dial(address: &HostPort, hello: Frame) -> Result<TcpStream, String> {
+    let mut stream = tokio::time::timeout(HELLO_TIMEOUT, connect_to(address))
+        .await
+        .map_err(|_| format!("cannot connect to {address}: no answer in time"))?
+        .map_err(|error| format!("cannot connect to {address}: {error}"))?;
+    write_frame(&mut stream, &hello).await.map_err(|error| error.to_string())?;
+    Ok(stream)
+}
+
+/// A fresh pooled connection to the link's router.
+async fn pooled_connection(settings: &Settings, link: &Link) -> Result<TcpStream, String> {
+    let hello = proof::hello(&link.token, Kind::VisitorPool, &settings.context.node, "", 0);
+    dial(&link.address, Frame::Hello(hello)).await
+}
+
+/// Keeps `pool` idle connections to the router while it has publishers of the service.
+async fn fill_pool(settings: Arc<Settings>, link: Arc<Link>, stop: CancellationToken) {
+    loop {
+        let wanted = link.watching.load(Ordering::Relaxed) && link.publishers.load(Ordering::Relaxed) > 0;
+        if wanted {
+            let mut idle = link.idle.lock().await;
+            idle.retain(|stream| !is_closed(stream));
+            let missing = usize::from(settings.pool).saturating_sub(idle.len());
+            drop(idle);
+            for _ in 0..missing {
+                match pooled_connection(&settings, &link).await {
+                    Ok(stream) => link.idle.lock().await.push_back(stream),
+                    Err(error) => {
+                        tracing::debug!(
+                            service = settings.service,
+                            router = link.router,
+                            error,
+                            "tunnel visitor: no pooled connection"
+                        );
+                        break;
+                    }
+                }
+            }
+        }
+        tokio::select! {
+            () = link.taken.notified() => {}
+            () = tokio::time::sleep(POOL_CHECK) => {}
+            () = stop.cancelled() => return,
+        }
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    settings: Arc<Settings>,
+    links: Vec<Arc<Link>>,
+    stop: CancellationToken,
+) {
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = stop.cancelled() => return,
+        };
+        match accepted {
+            Ok((stream, _)) => {
+                let _ = stream.set_nodelay(true);
+                let settings = Arc::clone(&settings);
+                let links = links.clone();
+                settings
+                    .context
+                    .connections
+                    .clone()
+                    .spawn(async move { carry(stream, &settings, &links).await });
+            }
+            Err(error) => {
+                tracing::warn!(service = settings.service, %error, "tunnel visitor: accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Carries one accepted connection to a publisher through the first router that takes it.
+async fn carry(mut local: TcpStream, settings: &Settings, links: &[Arc<Link>]) {
+    for link in links {
+        if !link.watching.load(Ordering::Relaxed) || link.publishers.load(Ordering::Relaxed) == 0 {
+            continue;
+        }
+        let Some(mut remote) = take(settings, link).await else { continue };
+        let open = proof::open(&settings.secret, &settings.service, &settings.context.node);
+        if write_frame(&mut remote, &Frame::Open(open)).await.is_err() {
+            continue;
+        }
+        match tokio::time::timeout(HELLO_TIMEOUT, read_frame(&mut remote)).await {
+            Ok(Ok(Frame::Opened)) => {
+                relay_counted(&mut local, &mut remote, &settings.metrics, &settings.context.close).await;
+                return;
+            }
+            Ok(Ok(Frame::Refused { reason, detail })) => {
+                settings.metrics.handshake_failed(reason);
+                tracing::info!(service = settings.service, router = link.router, %reason, detail, "tunnel visitor: refused");
+            }
+            Ok(Ok(_)) | Ok(Err(_)) | Err(_) => {
+                tracing::debug!(
+                    service = settings.service,
+                    router = link.router,
+                    "tunnel visitor: no answer to Open"
+                );
+            }
+        }
+    }
+    // No router could take it: reset the connection at once rather than leave the application waiting.
+    tracing::debug!(service = settings.service, "tunnel visitor: no live publisher; connection reset");
+    let _ = local.set_zero_linger();
+}
+
+/// An idle pooled connection (a fresh one when the pool is empty); the pool refills behind it.
+async fn take(settings: &Settings, link: &Link) -> Option<TcpStream> {
+    let pooled = {
+        let mut idle = link.idle.lock().await;
+        let mut found = None;
+        while let Some(stream) = idle.pop_front() {
+            if !is_closed(&stream) {
+                found = Some(stream);
+                break;
+            }
+        }
+        found
+    };
+    link.taken.notify_one();
+    match pooled {
+        Some(stream) => Some(stream),
+        None => pooled_connection(settings, link).await.ok(),
+    }
+}

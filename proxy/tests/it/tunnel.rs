@@ -1,0 +1,301 @@
+//! Tunnels over loopback: a router, publishers and visitors, each a proxy of its own in this process.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use keel_proxy::tunnel::frame::{Frame, Kind, Reason, read_frame, write_frame};
+use keel_proxy::tunnel::proof;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::support::{TestProxy, Upstream, echo_once, eventually};
+
+const TOKEN: &str = "router-token";
+const SECRET: &str = "mysql-secret";
+
+async fn router() -> (TestProxy, SocketAddr) {
+    let config = format!(
+        "node: {{id: router-1}}\nadmin: {{address: \"127.0.0.1:0\"}}\ntunnels:\n  server: {{listen: \"127.0.0.1:0\", token: {TOKEN}, connect_timeout: 2s}}\n"
+    );
+    let proxy = TestProxy::start(&config).await;
+    let addr = proxy.proxy.tunnel_router_addr().await.unwrap();
+    (proxy, addr)
+}
+
+fn routers(addrs: &[SocketAddr]) -> String {
+    let mut text = String::from("  routers:\n");
+    for (i, addr) in addrs.iter().enumerate() {
+        text.push_str(&format!("    - {{name: r{i}, address: \"{addr}\", token: {TOKEN}}}\n"));
+    }
+    text
+}
+
+fn publisher_config(node: &str, routers_at: &[SocketAddr], local: SocketAddr, share: bool) -> String {
+    format!(
+        "node: {{id: {node}}}\nadmin: {{address: \"127.0.0.1:0\"}}\ntunnels:\n{}  publish:\n    - {{name: mysql, local: \"{local}\", secret: {SECRET}, share: {share}, pool: 2}}\n",
+        routers(routers_at)
+    )
+}
+
+async fn publisher(node: &str, routers_at: &[SocketAddr], local: SocketAddr, share: bool) -> TestProxy {
+    TestProxy::start(&publisher_config(node, routers_at, local, share)).await
+}
+
+fn visitor_config(routers_at: &[SocketAddr], secret: &str, listen: &str) -> String {
+    format!(
+        "node: {{id: pod-a}}\nadmin: {{address: \"127.0.0.1:0\"}}\ntunnels:\n{}  visit:\n    - {{name: mysql, secret: {secret}, listen: \"{listen}\", pool: 2}}\n",
+        routers(routers_at)
+    )
+}
+
+async fn visitor(routers_at: &[SocketAddr], secret: &str) -> (TestProxy, SocketAddr) {
+    let proxy = TestProxy::start(&visitor_config(routers_at, secret, "127.0.0.1:0")).await;
+    let addr = proxy.proxy.tunnel_visitor_addr("mysql").await.unwrap();
+    (proxy, addr)
+}
+
+/// Waits until the visitor's first router reports `publishers` publishers of the service.
+async fn publishers_seen(visitor: &TestProxy, publishers: u16) {
+    eventually(Duration::from_secs(5), "the visitor to see the publishers", || async {
+        let status = visitor.proxy.tunnels_status().await;
+        status.visit[0].routers.iter().any(|router| router.publishers == publishers)
+    })
+    .await;
+}
+
+/// Whether a connection to `addr` is closed or reset without any byte, quickly.
+async fn refused_fast(addr: SocketAddr) -> Duration {
+    let started = Instant::now();
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let mut buffer = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buffer)).await.unwrap();
+    assert!(matches!(read, Ok(0) | Err(_)), "expected no bytes, got {read:?}");
+    started.elapsed()
+}
+
+#[tokio::test]
+async fn a_visitor_reaches_a_published_service_through_a_router() {
+    let local = Upstream::echo().await;
+    let (router, router_at) = router().await;
+    let publisher = publisher("node-b", &[router_at], local.addr, false).await;
+    let (visitor, visit_at) = visitor(&[router_at], SECRET).await;
+    publishers_seen(&visitor, 1).await;
+
+    // Bytes both ways, and the first byte quickly.
+    let started = Instant::now();
+    let mut stream = TcpStream::connect(visit_at).await.unwrap();
+    echo_once(&mut stream, b"ping").await.unwrap();
+    let first = started.elapsed();
+    assert!(first < Duration::from_millis(100), "first round trip took {first:?}");
+    drop(stream);
+
+    // A large transfer arrives whole and in order, with half-close passed through.
+    let mut stream = TcpStream::connect(visit_at).await.unwrap();
+    let payload: Vec<u8> = (0..8 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+    let (mut read, mut write) = stream.split();
+    let send = async {
+        write.write_all(&payload).await.unwrap();
+        write.shutdown().await.unwrap();
+    };
+    let mut echoed = Vec::new();
+    let receive = read.read_to_end(&mut echoed);
+    let ((), received) = tokio::join!(send, receive);
+    received.unwrap();
+    assert!(echoed == payload, "the echoed bytes differ");
+
+    // Many connections at once.
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..50u32 {
+        tasks.spawn(async move {
+            let mut stream = TcpStream::connect(visit_at).await.unwrap();
+            echo_once(&mut stream, format!("hello {i}").as_bytes()).await.unwrap();
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.unwrap();
+    }
+
+    let status = router.proxy.tunnels_status().await;
+    let router_view = serde_json::to_value(status.router.unwrap()).unwrap();
+    let clients = &router_view["activeServices"][0]["clients"];
+    assert_eq!(router_view["activeServices"][0]["name"], "mysql");
+    assert!(
+        clients.as_array().unwrap().iter().any(|c| c["type"] == "publisher" && c["id"] == "node-b-mysql")
+    );
+    assert!(clients.as_array().unwrap().iter().any(|c| c["type"] == "visitor" && c["id"] == "pod-a-mysql"));
+    let opened = visitor.metric("keel_tunnel_connections_total{service=\"mysql\",role=\"visitor\"}").await;
+    assert_eq!(opened, 52.0);
+    let sent = publisher.metric("keel_tunnel_sent_bytes_total{service=\"mysql\",role=\"publisher\"}").await;
+    assert!(sent >= payload.len() as f64, "{sent}");
+}
+
+#[tokio::test]
+async fn a_wrong_secret_is_rejected_by_the_publisher() {
+    let local = Upstream::echo().await;
+    let (_router, router_at) = router().await;
+    let publisher = publisher("node-b", &[router_at], local.addr, false).await;
+    let (visitor, visit_at) = visitor(&[router_at], "not-the-secret").await;
+    publishers_seen(&visitor, 1).await;
+    refused_fast(visit_at).await;
+    let rejected = publisher
+        .metric("keel_tunnel_handshake_failures_total{service=\"mysql\",role=\"publisher\",reason=\"bad_secret\"}")
+        .await;
+    assert_eq!(rejected, 1.0);
+}
+
+#[tokio::test]
+async fn a_replayed_or_forged_handshake_is_refused() {
+    let local = Upstream::echo().await;
+    let (_router, router_at) = router().await;
+    let _publisher = publisher("node-b", &[router_at], local.addr, false).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    async fn pooled(router_at: SocketAddr) -> TcpStream {
+        let mut stream = TcpStream::connect(router_at).await.unwrap();
+        let hello = proof::hello(TOKEN, Kind::VisitorPool, "attacker", "", 0);
+        write_frame(&mut stream, &Frame::Hello(hello)).await.unwrap();
+        stream
+    }
+    // A genuine Open goes through once.
+    let open = proof::open(SECRET, "mysql", "pod-a");
+    let mut first = pooled(router_at).await;
+    write_frame(&mut first, &Frame::Open(open.clone())).await.unwrap();
+    assert_eq!(read_frame(&mut first).await.unwrap(), Frame::Opened);
+    echo_once(&mut first, b"genuine").await.unwrap();
+    // The same bytes again, as a captured handshake would be: refused.
+    let mut replay = pooled(router_at).await;
+    write_frame(&mut replay, &Frame::Open(open)).await.unwrap();
+    assert!(matches!(
+        read_frame(&mut replay).await.unwrap(),
+        Frame::Refused { reason: Reason::Replayed, .. }
+    ));
+    // A replayed Hello is refused too, before anything else.
+    let hello = proof::hello(TOKEN, Kind::VisitorPool, "attacker", "", 0);
+    for expected in [None, Some(Reason::Replayed)] {
+        let mut stream = TcpStream::connect(router_at).await.unwrap();
+        write_frame(&mut stream, &Frame::Hello(hello.clone())).await.unwrap();
+        if let Some(reason) = expected {
+            assert!(
+                matches!(read_frame(&mut stream).await.unwrap(), Frame::Refused { reason: r, .. } if r == reason)
+            );
+        }
+    }
+    // A wrong router token, and a stale clock.
+    let mut stream = TcpStream::connect(router_at).await.unwrap();
+    let forged = proof::hello("guess", Kind::VisitorPool, "attacker", "", 0);
+    write_frame(&mut stream, &Frame::Hello(forged)).await.unwrap();
+    assert!(matches!(
+        read_frame(&mut stream).await.unwrap(),
+        Frame::Refused { reason: Reason::BadToken, .. }
+    ));
+    let mut stale = proof::open(SECRET, "mysql", "pod-a");
+    stale.time -= 3600;
+    let mut stream = pooled(router_at).await;
+    write_frame(&mut stream, &Frame::Open(stale)).await.unwrap();
+    assert!(matches!(
+        read_frame(&mut stream).await.unwrap(),
+        Frame::Refused { reason: Reason::ClockSkew, .. }
+    ));
+    // Something that is not Keel at all.
+    let mut stream = TcpStream::connect(router_at).await.unwrap();
+    stream.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    assert!(matches!(
+        read_frame(&mut stream).await.unwrap(),
+        Frame::Refused { reason: Reason::Malformed, .. }
+    ));
+}
+
+#[tokio::test]
+async fn without_a_live_publisher_the_visitor_refuses_at_once() {
+    let (_router, router_at) = router().await;
+    let (visitor, visit_at) = visitor(&[router_at], SECRET).await;
+    eventually(Duration::from_secs(5), "the visitor to connect", || async {
+        visitor.proxy.tunnels_status().await.visit[0].routers[0].connected
+    })
+    .await;
+    let took = refused_fast(visit_at).await;
+    assert!(took < Duration::from_millis(200), "refusing took {took:?}");
+}
+
+#[tokio::test]
+async fn a_router_restart_keeps_the_visitor_listening_and_service_returns_quickly() {
+    let local = Upstream::echo().await;
+    let (router, router_at) = router().await;
+    let _publisher = publisher("node-b", &[router_at], local.addr, false).await;
+    let (visitor, visit_at) = visitor(&[router_at], SECRET).await;
+    publishers_seen(&visitor, 1).await;
+    let mut held = TcpStream::connect(visit_at).await.unwrap();
+    echo_once(&mut held, b"before").await.unwrap();
+
+    router.stop().await;
+    // The listener stays up: connections are accepted and refused at once, not left hanging.
+    eventually(Duration::from_secs(5), "the visitor to see the router gone", || async {
+        !visitor.proxy.tunnels_status().await.visit[0].routers[0].connected
+    })
+    .await;
+    refused_fast(visit_at).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // The router comes back on the same address.
+    let config = format!(
+        "node: {{id: router-1}}\nadmin: {{address: \"127.0.0.1:0\"}}\ntunnels:\n  server: {{listen: \"{router_at}\", token: {TOKEN}}}\n"
+    );
+    let _router = TestProxy::start(&config).await;
+    let returned = Instant::now();
+    eventually(Duration::from_secs(5), "a connection through the returned router", || async {
+        match TcpStream::connect(visit_at).await {
+            Ok(mut stream) => echo_once(&mut stream, b"after").await.is_ok(),
+            Err(_) => false,
+        }
+    })
+    .await;
+    let took = returned.elapsed();
+    assert!(took < Duration::from_millis(1500), "service returned after {took:?}");
+}
+
+#[tokio::test]
+async fn two_sharing_publishers_split_the_load_and_one_leaving_moves_it() {
+    let a = Upstream::tagged("A").await;
+    let b = Upstream::tagged("B").await;
+    let (_router, router_at) = router().await;
+    let publisher_a = publisher("node-a", &[router_at], a.addr, true).await;
+    let _publisher_b = publisher("node-b", &[router_at], b.addr, true).await;
+    let (visitor, visit_at) = visitor(&[router_at], SECRET).await;
+    publishers_seen(&visitor, 2).await;
+    let mut tags = String::new();
+    for _ in 0..10 {
+        tags.push_str(&crate::support::read_all(visit_at).await);
+    }
+    assert!(tags.contains('A') && tags.contains('B'), "{tags}");
+
+    publisher_a.stop().await;
+    publishers_seen(&visitor, 1).await;
+    for _ in 0..5 {
+        assert_eq!(crate::support::read_all(visit_at).await, "B");
+    }
+}
+
+#[tokio::test]
+async fn a_second_publisher_of_an_unshared_name_is_refused() {
+    let local = Upstream::echo().await;
+    let (router, router_at) = router().await;
+    let _first = publisher("node-a", &[router_at], local.addr, false).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let second = publisher("node-b", &[router_at], local.addr, false).await;
+    eventually(Duration::from_secs(5), "the second publisher to be refused", || async {
+        second
+            .metric("keel_tunnel_handshake_failures_total{service=\"mysql\",role=\"publisher\",reason=\"name_taken\"}")
+            .await
+            >= 1.0
+    })
+    .await;
+    let status = serde_json::to_value(router.proxy.tunnels_status().await.router.unwrap()).unwrap();
+    let publishers: Vec<_> = status["activeServices"][0]["clients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|client| client["type"] == "publisher")
+        .map(|client| client["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(publishers, ["node-a-mysql"]);
+}
