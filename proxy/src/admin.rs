@@ -50,6 +50,7 @@ pub fn router(proxy: Proxy) -> Router {
         .route("/stats/prometheus", get(prometheus))
         .route("/clusters", get(clusters))
         .route("/listeners", get(listeners))
+        .route("/tunnels", get(tunnels))
         .merge(guarded)
         .with_state(proxy)
 }
@@ -62,6 +63,7 @@ async fn index() -> &'static str {
      GET  /stats/prometheus  metrics\n\
      GET  /clusters          endpoints and health (?format=json)\n\
      GET  /listeners         listeners (?format=json)\n\
+     GET  /tunnels           router (seed Router status shape), publishers, visitors (JSON)\n\
      POST /reload            re-read the config file\n\
      POST /drain             stop accepting and drain connections\n\
      POST /quitquitquit      exit now\n"
@@ -203,6 +205,12 @@ async fn listeners(State(proxy): State<Proxy>, Query(format): Query<Format>) -> 
         let _ = writeln!(text, "{}::{}", listener.name, listener.bound);
     }
     text.into_response()
+}
+
+/// The tunnels: the router's view (`activeServices` with their clients, as the seed's Router status),
+/// each published service with its routers, each visited service with its routers.
+async fn tunnels(State(proxy): State<Proxy>) -> Response {
+    axum::Json(proxy.tunnels_status().await).into_response()
 }
 
 async fn reload(State(proxy): State<Proxy>) -> Response {

@@ -125,7 +125,7 @@ async fn start(upstream: SocketAddr, hijack: &str) -> DnsServer {
         .unwrap()
 }
 
-fn query(name: &str, record_type: RecordType, edns: bool) -> Message {
+pub fn query(name: &str, record_type: RecordType, edns: bool) -> Message {
     let mut message = Message::new(fastrand::u16(..), MessageType::Query, OpCode::Query);
     message.metadata.recursion_desired = true;
     message.add_query(Query::query(Name::from_ascii(name).unwrap(), record_type));
@@ -137,7 +137,7 @@ fn query(name: &str, record_type: RecordType, edns: bool) -> Message {
     message
 }
 
-async fn ask_udp(server: SocketAddr, question: &Message) -> Message {
+pub async fn ask_udp(server: SocketAddr, question: &Message) -> Message {
     let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     socket.send_to(&question.to_vec().unwrap(), server).await.unwrap();
     let mut buffer = vec![0u8; 65535];
@@ -160,7 +160,7 @@ async fn ask_tcp(server: SocketAddr, question: &Message) -> Message {
     Message::from_vec(&buffer).unwrap()
 }
 
-fn addresses(answer: &Message) -> Vec<String> {
+pub fn addresses(answer: &Message) -> Vec<String> {
     answer
         .answers
         .iter()

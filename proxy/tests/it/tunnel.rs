@@ -299,3 +299,41 @@ async fn a_second_publisher_of_an_unshared_name_is_refused() {
         .collect();
     assert_eq!(publishers, ["node-a-mysql"]);
 }
+
+#[tokio::test]
+async fn an_application_resolves_the_service_name_and_reaches_it_through_the_tunnel() {
+    let local = Upstream::echo().await;
+    let (_router, router_at) = router().await;
+    let _publisher = publisher("node-b", &[router_at], local.addr, false).await;
+    // The visited service listens on its VIP at this port (a free one, as tests never use fixed ports).
+    let port = crate::support::closed_port().await.port();
+    let config = format!(
+        "node: {{id: pod-a}}\nadmin: {{address: \"127.0.0.1:0\"}}\ndns:\n  listen: [\"127.0.0.1:0\"]\ntunnels:\n{}  visit:\n    - {{name: mysql, secret: {SECRET}, port: {port}}}\n",
+        routers(&[router_at])
+    );
+    let visitor = TestProxy::start(&config).await;
+    publishers_seen(&visitor, 1).await;
+
+    let dns = visitor.proxy.dns_status().await.unwrap();
+    let answer = crate::dns::ask_udp(
+        dns.listening[0],
+        &crate::dns::query("mysql.default.svc.", hickory_proto::rr::RecordType::A, false),
+    )
+    .await;
+    let vips = crate::dns::addresses(&answer);
+    assert_eq!(vips.len(), 1, "{answer:?}");
+    let vip: std::net::IpAddr = vips[0].parse().unwrap();
+    assert!(vip.to_string().starts_with("127.0.66."), "{vip}");
+    assert_eq!(visitor.proxy.tunnel_visitor_addr("mysql").await, Some(SocketAddr::new(vip, port)));
+
+    let mut stream = TcpStream::connect((vip, port)).await.unwrap();
+    echo_once(&mut stream, b"SELECT 1").await.unwrap();
+
+    // /tunnels on the admin API shows the visit, its VIP listener and its router.
+    let (status, body) = visitor.get("/tunnels").await;
+    assert_eq!(status, 200);
+    let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["visit"][0]["service"], "mysql");
+    assert_eq!(body["visit"][0]["listen"], format!("{vip}:{port}"));
+    assert_eq!(body["visit"][0]["routers"][0]["publishers"], 1);
+}
