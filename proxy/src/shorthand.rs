@@ -1,19 +1,30 @@
-//! The seed sidecar's environment variables, as a shorthand for a `dns` section.
+//! The seed sidecar's environment variables, as a shorthand for a `dns` section and the visits of a
+//! `tunnels` section.
 //!
 //! `SIDECAR_MAPPED_SERVICES=mysql,redis` (with `SIDECAR_IP_RANGE` and `SIDECAR_DNS_ADDR`, as the seed
 //! sidecar read them) builds the `dns` section a config does not have: those services hijacked, VIPs
 //! from the range, listening on the address (default 127.0.0.2:53). Upstreams come from
 //! `KEEL_DNS_UPSTREAMS` (comma-separated IP:port), or else from the nameservers in `/etc/resolv.conf`
 //! other than the sidecar itself. A config whose file has a `dns` section ignores the variables.
+//!
+//! A service written with its port (`mysql:3306`) is also visited through the routers of
+//! `KEEL_TUNNEL_ROUTERS` (comma-separated host:port), with the router token of `KEEL_TUNNEL_TOKEN` and
+//! the service secret of `KEEL_TUNNEL_SECRET_MYSQL` (the name upper-cased, `-` as `_`) or else
+//! `KEEL_TUNNEL_SECRET`: the visitor listens on the service's VIP at that port, so `mysql.default.svc:3306`
+//! reaches the published MySQL, as the seed's frpc mapping did. The seed found routers and ports in its
+//! node API server; here they are given, until the control plane hands them out.
 
-use keel_schemas::config::{Dns, Hijack, defaults};
-use keel_schemas::types::{Cidr, SocketAddress};
+use keel_schemas::config::{Dns, Hijack, RouterRef, Tunnels, Visit, defaults};
+use keel_schemas::types::{Cidr, HostPort, Secret, SocketAddress};
 use keel_schemas::{Config, ConfigPath, Diagnostic, Environment};
 
 pub const MAPPED_SERVICES: &str = "SIDECAR_MAPPED_SERVICES";
 pub const IP_RANGE: &str = "SIDECAR_IP_RANGE";
 pub const DNS_ADDR: &str = "SIDECAR_DNS_ADDR";
 pub const DNS_UPSTREAMS: &str = "KEEL_DNS_UPSTREAMS";
+pub const TUNNEL_ROUTERS: &str = "KEEL_TUNNEL_ROUTERS";
+pub const TUNNEL_TOKEN: &str = "KEEL_TUNNEL_TOKEN";
+pub const TUNNEL_SECRET: &str = "KEEL_TUNNEL_SECRET";
 
 /// Adds the `dns` section the environment describes, if the config has none. Errors name the variable.
 pub fn apply(config: &mut Config, env: &dyn Environment) -> Result<(), Vec<Diagnostic>> {
@@ -55,21 +66,32 @@ pub fn apply(config: &mut Config, env: &dyn Environment) -> Result<(), Vec<Diagn
             .collect(),
         None => resolv_conf_nameservers(&env.read_file("/etc/resolv.conf").unwrap_or_default(), listen),
     };
+    let mut hijack = Vec::new();
+    let mut visits = Vec::new();
+    for item in services.split(',').map(str::trim).filter(|item| !item.is_empty()) {
+        match item.split_once(':') {
+            None => hijack.push(Hijack {
+                service: Some(item.to_string()),
+                namespace: None,
+                name: None,
+                address: None,
+                for_visit: None,
+            }),
+            Some((service, port)) => match port.parse::<u16>() {
+                Ok(port) if port > 0 => visits.push((service.to_string(), port)),
+                _ => problems.push(problem(MAPPED_SERVICES, format!("invalid port in {item:?}"))),
+            },
+        }
+    }
+    if !visits.is_empty() && config.tunnels.is_none() {
+        match visits_section(&visits, env) {
+            Ok(tunnels) => config.tunnels = Some(tunnels),
+            Err(mut more) => problems.append(&mut more),
+        }
+    }
     if !problems.is_empty() {
         return Err(problems);
     }
-    let hijack = services
-        .split(',')
-        .map(str::trim)
-        .filter(|service| !service.is_empty())
-        .map(|service| Hijack {
-            service: Some(service.to_string()),
-            namespace: None,
-            name: None,
-            address: None,
-            for_visit: None,
-        })
-        .collect();
     config.dns = Some(Dns {
         listen: vec![listen],
         namespace: defaults::dns_namespace(),
@@ -84,6 +106,59 @@ pub fn apply(config: &mut Config, env: &dyn Environment) -> Result<(), Vec<Diagn
         cache: Default::default(),
     });
     Ok(())
+}
+
+/// The `tunnels` section for services given with a port: one visit each, through every router.
+fn visits_section(visits: &[(String, u16)], env: &dyn Environment) -> Result<Tunnels, Vec<Diagnostic>> {
+    let problem =
+        |variable: &str, message: String| Diagnostic::new(ConfigPath::root().key(variable), message);
+    let mut problems = Vec::new();
+    let Some(routers) = env.var(TUNNEL_ROUTERS).filter(|value| !value.trim().is_empty()) else {
+        let (service, port) = &visits[0];
+        let message =
+            format!("{service}:{port} is to be visited through a tunnel, which needs {TUNNEL_ROUTERS}");
+        return Err(vec![problem(MAPPED_SERVICES, message)]);
+    };
+    let token = env.var(TUNNEL_TOKEN).map(Secret::new);
+    let routers: Vec<RouterRef> = routers
+        .split(',')
+        .map(str::trim)
+        .filter(|item| !item.is_empty())
+        .enumerate()
+        .filter_map(|(index, item)| match item.parse::<HostPort>() {
+            Ok(address) => Some(RouterRef {
+                name: format!("router-{index}"),
+                address,
+                token: token.clone(),
+                token_file: None,
+            }),
+            Err(error) => {
+                problems.push(problem(TUNNEL_ROUTERS, error));
+                None
+            }
+        })
+        .collect();
+    let shared_secret = env.var(TUNNEL_SECRET);
+    let visit = visits
+        .iter()
+        .map(|(service, port)| {
+            let own = format!("{TUNNEL_SECRET}_{}", service.to_ascii_uppercase().replace('-', "_"));
+            Visit {
+                name: service.clone(),
+                secret: env.var(&own).or_else(|| shared_secret.clone()).map(Secret::new),
+                secret_file: None,
+                routers: Vec::new(),
+                listen: None,
+                port: Some(*port),
+                namespace: None,
+                pool: defaults::visit_pool(),
+            }
+        })
+        .collect();
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    Ok(Tunnels { server: None, routers, publish: Vec::new(), visit, max_skew: defaults::max_skew() })
 }
 
 /// The `nameserver` lines of a resolv.conf, on port 53, without `own` (the sidecar's own address).
@@ -145,5 +220,39 @@ mod tests {
         from_file.dns.as_mut().unwrap().hijack.clear();
         apply(&mut from_file, &env).unwrap();
         assert!(from_file.dns.unwrap().hijack.is_empty());
+    }
+
+    #[test]
+    fn services_with_a_port_are_visited_through_the_routers_given() {
+        let env = MapEnvironment::default()
+            .with_var(MAPPED_SERVICES, "mysql:3306, redis, my-cache:6379")
+            .with_var(DNS_UPSTREAMS, "10.0.0.10:53")
+            .with_var(TUNNEL_ROUTERS, "router-a.example:7000, 10.0.0.2:7000")
+            .with_var(TUNNEL_TOKEN, "router-token")
+            .with_var(TUNNEL_SECRET, "shared")
+            .with_var("KEEL_TUNNEL_SECRET_MY_CACHE", "own");
+        // Config::default() is not an empty keel.yaml (drain_timeout would be 0): take serde's defaults.
+        let mut config: Config = serde_json::from_str("{}").unwrap();
+        apply(&mut config, &env).unwrap();
+        let hijacked: Vec<_> =
+            config.dns.as_ref().unwrap().hijack.iter().map(|h| h.service.clone().unwrap()).collect();
+        assert_eq!(hijacked, ["redis"], "visited services are hijacked through their visits");
+        let tunnels = config.tunnels.as_ref().unwrap();
+        assert_eq!(tunnels.routers.len(), 2);
+        assert_eq!(tunnels.routers[0].token.as_ref().unwrap().expose(), "router-token");
+        assert_eq!(tunnels.visit[0].name, "mysql");
+        assert_eq!(tunnels.visit[0].port, Some(3306));
+        assert_eq!(tunnels.visit[0].secret.as_ref().unwrap().expose(), "shared");
+        assert_eq!(tunnels.visit[1].secret.as_ref().unwrap().expose(), "own");
+        // The whole thing validates, and the visited services get VIPs.
+        let validated = keel_schemas::ValidatedConfig::from_config(config, "environment", &env).unwrap();
+        assert_eq!(validated.dns.as_ref().unwrap().hijack.len(), 3);
+
+        let no_routers = MapEnvironment::default().with_var(MAPPED_SERVICES, "mysql:3306");
+        let error = apply(&mut Config::default(), &no_routers).unwrap_err()[0].to_string();
+        assert!(error.contains("needs KEEL_TUNNEL_ROUTERS"), "{error}");
+        let bad_port = MapEnvironment::default().with_var(MAPPED_SERVICES, "mysql:http");
+        let error = apply(&mut Config::default(), &bad_port).unwrap_err()[0].to_string();
+        assert!(error.contains("invalid port in \"mysql:http\""), "{error}");
     }
 }
