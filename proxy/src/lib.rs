@@ -19,6 +19,7 @@ pub mod relay;
 pub mod runtime;
 pub mod shorthand;
 pub mod source;
+pub mod splice;
 pub mod tunnel;
 
 use std::time::Duration;

@@ -53,17 +53,17 @@ pub struct DirectionCounters {
 }
 
 /// The time of the last byte moved, shared by both pumps and the idle watchdog.
-struct Activity {
+pub(crate) struct Activity {
     start: Instant,
     last_millis: AtomicU64,
 }
 
 impl Activity {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self { start: Instant::now(), last_millis: AtomicU64::new(0) }
     }
 
-    fn touch(&self) {
+    pub(crate) fn touch(&self) {
         let millis = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.last_millis.store(millis, Ordering::Relaxed);
     }
@@ -151,7 +151,7 @@ async fn pump(
 }
 
 /// Resolves once nothing has moved for `timeout`; never, when there is no timeout.
-async fn idle(activity: &Activity, timeout: Option<Duration>) {
+pub(crate) async fn idle(activity: &Activity, timeout: Option<Duration>) {
     let Some(timeout) = timeout else { return std::future::pending().await };
     loop {
         let deadline = activity.last() + timeout;

@@ -28,7 +28,7 @@ use tokio_util::task::TaskTracker;
 
 use self::frame::{Frame, Reason, read_frame, write_frame};
 use crate::metrics::{Metrics, TunnelMetrics};
-use crate::relay::{DirectionCounters, relay};
+use crate::relay::DirectionCounters;
 
 /// How long a new connection may take to send its `Hello`, and a peer to answer one.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -70,8 +70,8 @@ impl ServiceMetrics {
     }
 }
 
-/// Relays a paired connection to its end, counting it for the service. `towards_publisher` is the side
-/// nearer the visitor.
+/// Relays a paired connection to its end with `splice(2)`, counting it for the service: `sent` is what
+/// moves from the visitor's side towards the publisher's.
 pub async fn relay_counted(
     visitor_side: &mut TcpStream,
     publisher_side: &mut TcpStream,
@@ -83,7 +83,9 @@ pub async fn relay_counted(
     handles.active.increment(1.0);
     let sent = DirectionCounters { from: handles.sent.clone(), to: Counter::noop() };
     let received = DirectionCounters { from: handles.received.clone(), to: Counter::noop() };
-    if let Err(error) = relay(visitor_side, publisher_side, None, &sent, &received, close).await {
+    if let Err(error) =
+        crate::splice::relay(visitor_side, publisher_side, None, &sent, &received, close).await
+    {
         tracing::debug!(%error, "tunnel relay ended with an error");
     }
     handles.active.decrement(1.0);
