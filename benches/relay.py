@@ -1,59 +1,13 @@
 """Runs direct loopback, HAProxy, nginx stream and Keel relays side by side; see relay.sh."""
 
-import json
 import os
 import random
-import re
 import statistics
-import subprocess
 import sys
-import threading
 import time
 
-from benchlib import free_port, options_and_workdir, rss_kib, start, stop, wait_port
-
-
-class Sampler(threading.Thread):
-    """Records the peak RSS of a relay while a load runs."""
-
-    def __init__(self, pids):
-        super().__init__(daemon=True)
-        self.pids, self.peak, self.stop = pids, 0, threading.Event()
-
-    def run(self):
-        while not self.stop.is_set():
-            self.peak = max(self.peak, rss_kib(self.pids))
-            time.sleep(0.1)
-
-
-def iperf(port, streams, seconds):
-    out = subprocess.run(
-        ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds), "-P", str(streams), "-J"],
-        capture_output=True, text=True, timeout=seconds + 30,
-    )
-    result = json.loads(out.stdout)
-    if "error" in result:
-        raise RuntimeError(result["error"])
-    return result["end"]["sum_received"]["bits_per_second"] / 1e9
-
-
-def to_ms(value):
-    number, unit = re.match(r"([\d.]+)(\w+)", value).groups()
-    return float(number) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
-
-
-def wrk(port, seconds):
-    out = subprocess.run(
-        ["wrk", "-t2", "-c64", f"-d{seconds}s", "--latency", f"http://127.0.0.1:{port}/"],
-        capture_output=True, text=True, timeout=seconds + 30,
-    ).stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    p50 = to_ms(re.search(r"\s50%\s+(\S+)", out).group(1))
-    p99 = to_ms(re.search(r"\s99%\s+(\S+)", out).group(1))
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)|Socket errors: (.*)", out)
-    if errors:
-        print(f"  wrk reported: {errors.group(0)}", file=sys.stderr)
-    return rps, p50, p99
+from benchlib import (Sampler, free_port, iperf, options_and_workdir, rss_kib, start, start_origins, stop,
+                      wait_port, wrk)
 
 
 class Peer:
@@ -69,22 +23,7 @@ def main():
     opts, work = options_and_workdir("keel-bench-")
     procs = []
     try:
-        # Upstreams: an iperf3 server and an nginx page (1 KiB), shared by every peer.
-        iperf_port, origin_port = free_port(), free_port()
-        procs.append(start(["iperf3", "-s", "-p", str(iperf_port)], work, "iperf3"))
-        os.makedirs(f"{work}/www")
-        with open(f"{work}/www/index.html", "w") as f:
-            f.write("k" * 1024)
-        with open(f"{work}/origin.conf", "w") as f:
-            f.write(f"""worker_processes 1; pid {work}/origin.pid; error_log {work}/origin.err;
-events {{ worker_connections 4096; }}
-http {{ access_log off; keepalive_requests 1000000;
-  server {{ listen 127.0.0.1:{origin_port}; root {work}/www; }} }}
-""")
-        procs.append(start(["nginx", "-e", f"{work}/origin.err", "-p", work, "-c", f"{work}/origin.conf",
-                            "-g", "daemon off;"], work, "origin"))
-        wait_port(iperf_port, work)
-        wait_port(origin_port, work)
+        iperf_port, origin_port = start_origins(work, procs)
 
         peers = [Peer("direct", iperf_port, origin_port, [])]
 

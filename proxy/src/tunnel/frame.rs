@@ -388,6 +388,17 @@ pub async fn read_frame<S: AsyncRead + Unpin>(stream: &mut S) -> Result<Frame, F
     Frame::decode(header[0], &payload)
 }
 
+/// The first whole frame at the start of `bytes` and how many bytes it took, or `None` if more bytes
+/// are needed.
+pub fn parse_frame(bytes: &[u8]) -> Result<Option<(Frame, usize)>, FrameError> {
+    let Some(header) = bytes.get(..3) else { return Ok(None) };
+    let length = usize::from(u16::from_be_bytes([header[1], header[2]]));
+    match bytes.get(3..3 + length) {
+        Some(payload) => Ok(Some((Frame::decode(header[0], payload)?, 3 + length))),
+        None => Ok(None),
+    }
+}
+
 /// Longest `Hello` payload: magic, version, kind, two strings, three numbers, nonce and MAC.
 const MAX_HELLO: usize = 4 + 1 + 1 + 2 * 256 + 8 + 8 + 16 + 32;
 

@@ -91,6 +91,81 @@ pub async fn relay_counted(
     handles.active.decrement(1.0);
 }
 
+/// Most bytes sent on ahead of an answer (see [`forward_until_answer`]).
+pub const EARLY_DATA_LIMIT: usize = 64 * 1024;
+
+/// How [`forward_until_answer`] ended.
+#[derive(Debug)]
+pub struct Answered {
+    pub frame: Frame,
+    /// Bytes that followed the frame in the same read: relayed data, to be passed on first.
+    pub after: Vec<u8>,
+}
+
+/// Waits for the answer frame on `remote` (`Opened` or `Refused` from a router, `Accepted` or `Rejected`
+/// from a publisher) while already passing what `local` sends on to `remote`, up to
+/// [`EARLY_DATA_LIMIT`] bytes, so that an application that speaks first loses no round trip. What was
+/// sent on ahead is appended to `sent`, for a caller that may replay it elsewhere. An end of file from
+/// `local` is left for the relay to pass on.
+pub async fn forward_until_answer(
+    local: &TcpStream,
+    remote: &TcpStream,
+    sent: &mut Vec<u8>,
+    limit: Duration,
+) -> Result<Answered, frame::FrameError> {
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut answer: Vec<u8> = Vec::with_capacity(64);
+    let mut chunk = vec![0u8; 16 * 1024];
+    let mut local_open = true;
+    let start = sent.len();
+    loop {
+        if let Some((frame, used)) = frame::parse_frame(&answer)? {
+            return Ok(Answered { frame, after: answer[used..].to_vec() });
+        }
+        let may_read_local = local_open && sent.len() - start < EARLY_DATA_LIMIT;
+        tokio::select! {
+            ready = remote.readable() => {
+                ready?;
+                match remote.try_read(&mut chunk) {
+                    Ok(0) => return Err(frame::FrameError::Closed),
+                    Ok(read) => answer.extend_from_slice(&chunk[..read]),
+                    Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(error) => return Err(error.into()),
+                }
+            }
+            ready = local.readable(), if may_read_local => {
+                ready?;
+                let room = (EARLY_DATA_LIMIT - (sent.len() - start)).min(chunk.len());
+                match local.try_read(&mut chunk[..room]) {
+                    Ok(0) => local_open = false,
+                    Ok(read) => {
+                        write_all(remote, &chunk[..read]).await?;
+                        sent.extend_from_slice(&chunk[..read]);
+                    }
+                    Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(error) => return Err(error.into()),
+                }
+            }
+            () = tokio::time::sleep_until(deadline) => {
+                return Err(frame::FrameError::Io(std::io::ErrorKind::TimedOut.into()));
+            }
+        }
+    }
+}
+
+/// Writes all of `bytes` to a shared stream.
+pub async fn write_all(stream: &TcpStream, mut bytes: &[u8]) -> std::io::Result<()> {
+    while !bytes.is_empty() {
+        stream.writable().await?;
+        match stream.try_write(bytes) {
+            Ok(written) => bytes = &bytes[written..],
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(())
+}
+
 /// Whether an idle pooled connection was closed by its peer (or broke the protocol by sending before
 /// its turn); a live idle connection has nothing to read.
 pub fn is_closed(stream: &TcpStream) -> bool {

@@ -27,7 +27,9 @@ use super::frame::{
     Frame, FrameError, Hello, Kind, Open, Reason, VERSION, read_frame, read_hello, write_frame,
 };
 use super::proof::{self, ReplayGuard};
-use super::{Context, HELLO_TIMEOUT, ServiceMetrics, control_loop, is_closed};
+use super::{
+    Answered, Context, HELLO_TIMEOUT, ServiceMetrics, control_loop, forward_until_answer, is_closed,
+};
 
 /// A running router.
 #[derive(Debug)]
@@ -382,15 +384,32 @@ async fn serve_visitor(mut visitor: TcpStream, inner: Arc<RouterInner>, stop: Ca
         return;
     }
     let metrics = inner.metrics(&open.service).await;
-    let Some((mut publisher, active)) = pair(&inner, &open, &metrics).await else {
+    let Some((mut publisher, active)) = pair(&inner, &open).await else {
         return refuse_open(&inner, &mut visitor, &open.service).await;
     };
-    if write_frame(&mut visitor, &Frame::Opened).await.is_err() {
-        active.fetch_sub(1, Ordering::Relaxed);
-        return;
+    // What the visitor sends while the publisher checks the proof and dials goes on ahead; the publisher
+    // passes none of it to its service before the proof is checked.
+    let mut sent_ahead = Vec::new();
+    let answered = forward_until_answer(&visitor, &publisher, &mut sent_ahead, inner.connect_timeout).await;
+    match answered {
+        Ok(Answered { frame: Frame::Accepted, after }) => {
+            let mut opened = Frame::Opened.encode();
+            opened.extend_from_slice(&after);
+            if super::write_all(&visitor, &opened).await.is_ok() {
+                let relay =
+                    super::relay_counted(&mut visitor, &mut publisher, &metrics, &inner.context.close);
+                inner.context.connections.track_future(relay).await;
+            }
+        }
+        Ok(Answered { frame: Frame::Rejected { reason, detail }, .. }) => {
+            tracing::debug!(service = open.service, %reason, detail, "tunnel router: publisher rejected");
+            inner.refuse(&mut visitor, &open.service, reason, detail).await;
+        }
+        Ok(_) | Err(_) => {
+            let detail = "the publisher's connection failed before it answered".to_string();
+            inner.refuse(&mut visitor, &open.service, Reason::Busy, detail).await;
+        }
     }
-    let relay = super::relay_counted(&mut visitor, &mut publisher, &metrics, &inner.context.close);
-    inner.context.connections.track_future(relay).await;
     active.fetch_sub(1, Ordering::Relaxed);
 }
 
@@ -408,37 +427,17 @@ async fn refuse_open(inner: &RouterInner, visitor: &mut TcpStream, service: &str
 /// How many pooled connections a visitor's `Open` may try before giving up.
 const PAIR_ATTEMPTS: usize = 4;
 
-/// A publisher connection that accepted `open`: a pooled one is taken, `Connect` sent, `Accepted` read.
-/// `None` when no publisher accepted in time (a `Rejected` answer is passed on to the visitor's metrics).
-async fn pair(
-    inner: &RouterInner,
-    open: &Open,
-    metrics: &ServiceMetrics,
-) -> Option<(TcpStream, Arc<AtomicUsize>)> {
+/// A publisher connection with `Connect` written on it: a pooled one is taken (another one tried when
+/// writing fails: it died while idle). `None` when none could be had in time.
+async fn pair(inner: &RouterInner, open: &Open) -> Option<(TcpStream, Arc<AtomicUsize>)> {
     let deadline = tokio::time::Instant::now() + inner.connect_timeout;
+    let connect = Frame::Connect(open.clone());
     for _ in 0..PAIR_ATTEMPTS {
         let (mut stream, active) = take_pooled(inner, &open.service, deadline).await?;
-        let connected = async {
-            write_frame(&mut stream, &Frame::Connect(open.clone())).await.map_err(FrameError::Io)?;
-            read_frame(&mut stream).await
-        };
-        match tokio::time::timeout_at(deadline, connected).await {
-            Ok(Ok(Frame::Accepted)) => return Some((stream, active)),
-            Ok(Ok(Frame::Rejected { reason, detail })) => {
-                tracing::debug!(service = open.service, %reason, detail, "tunnel router: publisher rejected");
-                metrics.handshake_failed(reason);
-                active.fetch_sub(1, Ordering::Relaxed);
-                return None;
-            }
-            // A pooled connection that died while idle: try another.
-            Ok(_) => {
-                active.fetch_sub(1, Ordering::Relaxed);
-            }
-            Err(_) => {
-                active.fetch_sub(1, Ordering::Relaxed);
-                return None;
-            }
+        if write_frame(&mut stream, &connect).await.is_ok() {
+            return Some((stream, active));
         }
+        active.fetch_sub(1, Ordering::Relaxed);
     }
     None
 }

@@ -22,7 +22,10 @@ use tokio::sync::{Mutex, Notify};
 use tokio_util::sync::CancellationToken;
 
 use super::frame::{Frame, Kind, read_frame, write_frame};
-use super::{Backoff, Context, HELLO_TIMEOUT, ServiceMetrics, control_loop, is_closed, proof, relay_counted};
+use super::{
+    Answered, Backoff, Context, HELLO_TIMEOUT, ServiceMetrics, control_loop, forward_until_answer, is_closed,
+    proof, relay_counted, write_all,
+};
 use crate::cluster::connect_to;
 
 /// How often a link checks that its pool is full (beyond being woken when a connection is taken).
@@ -287,38 +290,56 @@ async fn accept_loop(
     }
 }
 
-/// Carries one accepted connection to a publisher through the first router that takes it.
+/// Carries one accepted connection to a publisher through the first router that takes it. What the
+/// application sends while a router answers goes on ahead, and is kept to be sent again through the
+/// next router if this one refuses.
 async fn carry(mut local: TcpStream, settings: &Settings, links: &[Arc<Link>]) {
+    let mut sent_ahead = Vec::new();
     for link in links {
         if !link.watching.load(Ordering::Relaxed) || link.publishers.load(Ordering::Relaxed) == 0 {
             continue;
         }
         let Some(mut remote) = take(settings, link).await else { continue };
         let open = proof::open(&settings.secret, &settings.service, &settings.context.node);
-        if write_frame(&mut remote, &Frame::Open(open)).await.is_err() {
+        let mut first = Frame::Open(open).encode();
+        first.extend_from_slice(&sent_ahead);
+        if write_frame_bytes(&mut remote, &first).await.is_err() {
             continue;
         }
-        match tokio::time::timeout(HELLO_TIMEOUT, read_frame(&mut remote)).await {
-            Ok(Ok(Frame::Opened)) => {
+        match forward_until_answer(&local, &remote, &mut sent_ahead, HELLO_TIMEOUT).await {
+            Ok(Answered { frame: Frame::Opened, after }) => {
+                if !after.is_empty() && write_all(&local, &after).await.is_err() {
+                    return;
+                }
                 relay_counted(&mut local, &mut remote, &settings.metrics, &settings.context.close).await;
                 return;
             }
-            Ok(Ok(Frame::Refused { reason, detail })) => {
+            Ok(Answered { frame: Frame::Refused { reason, detail }, .. }) => {
                 settings.metrics.handshake_failed(reason);
                 tracing::info!(service = settings.service, router = link.router, %reason, detail, "tunnel visitor: refused");
             }
-            Ok(Ok(_)) | Ok(Err(_)) | Err(_) => {
+            Ok(_) | Err(_) => {
                 tracing::debug!(
                     service = settings.service,
                     router = link.router,
                     "tunnel visitor: no answer to Open"
                 );
+                // The bytes sent ahead may have reached the service before the router went away: sending
+                // them again elsewhere could repeat a request. Only a refusal is safe to retry.
+                if !sent_ahead.is_empty() {
+                    return;
+                }
             }
         }
     }
     // No router could take it: reset the connection at once rather than leave the application waiting.
     tracing::debug!(service = settings.service, "tunnel visitor: no live publisher; connection reset");
     let _ = local.set_zero_linger();
+}
+
+async fn write_frame_bytes(stream: &mut TcpStream, bytes: &[u8]) -> std::io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    stream.write_all(bytes).await
 }
 
 /// An idle pooled connection (a fresh one when the pool is empty); the pool refills behind it.

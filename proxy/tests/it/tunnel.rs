@@ -337,3 +337,33 @@ async fn an_application_resolves_the_service_name_and_reaches_it_through_the_tun
     assert_eq!(body["visit"][0]["listen"], format!("{vip}:{port}"));
     assert_eq!(body["visit"][0]["routers"][0]["publishers"], 1);
 }
+
+#[tokio::test]
+async fn a_refusing_router_passes_the_connection_and_its_early_bytes_to_the_next() {
+    let local = Upstream::echo().await;
+    let (_first, first_at) = router().await;
+    let (_second, second_at) = router().await;
+    // The first router's publisher has another secret, so it rejects the visitor's proof.
+    let wrong = publisher_config("node-a", &[first_at], local.addr, false).replace(SECRET, "other-secret");
+    let _wrong = TestProxy::start(&wrong).await;
+    let _right = publisher("node-b", &[second_at], local.addr, false).await;
+    let (visitor, visit_at) = visitor(&[first_at, second_at], SECRET).await;
+    eventually(Duration::from_secs(5), "both routers to have a publisher", || async {
+        visitor.proxy.tunnels_status().await.visit[0].routers.iter().all(|router| router.publishers == 1)
+    })
+    .await;
+    // The application speaks first: its bytes travel ahead of the answers, through the refusal, and
+    // arrive once, in order, through the second router.
+    let mut stream = TcpStream::connect(visit_at).await.unwrap();
+    stream.write_all(b"first words").await.unwrap();
+    let mut back = [0u8; 11];
+    tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut back)).await.unwrap().unwrap();
+    assert_eq!(&back, b"first words");
+    echo_once(&mut stream, b" and more").await.unwrap();
+    let refused = visitor
+        .metric(
+            "keel_tunnel_handshake_failures_total{service=\"mysql\",role=\"visitor\",reason=\"bad_secret\"}",
+        )
+        .await;
+    assert_eq!(refused, 1.0);
+}
