@@ -91,6 +91,9 @@ pub async fn relay_counted(
     handles.active.decrement(1.0);
 }
 
+/// How long a pool waits before replacing a connection that was taken.
+pub const REFILL_DELAY: Duration = Duration::from_millis(3);
+
 /// Most bytes sent on ahead of an answer (see [`forward_until_answer`]).
 pub const EARLY_DATA_LIMIT: usize = 64 * 1024;
 

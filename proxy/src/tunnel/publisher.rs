@@ -266,6 +266,8 @@ async fn session(
 /// One pooled connection: idle until the router pairs it, then one relayed connection.
 async fn pooled(settings: Arc<Settings>, link: Arc<Link>, session: u64, stop: CancellationToken) {
     let node = &settings.context.node;
+    // Most pooled connections replace one the router just used: let that connection be set up first.
+    tokio::time::sleep(super::REFILL_DELAY).await;
     let hello = proof::hello(&link.token, Kind::PublisherPool, node, &settings.service, session);
     let mut stream = match dial(&link.address, Frame::Hello(hello)).await {
         Ok(stream) => stream,

@@ -253,7 +253,9 @@ async fn fill_pool(settings: Arc<Settings>, link: Arc<Link>, stop: CancellationT
             }
         }
         tokio::select! {
-            () = link.taken.notified() => {}
+            // Refill a moment later: the connection that was just taken is being set up now, and a
+            // refill competing with it for the CPU would only slow it down.
+            () = link.taken.notified() => tokio::time::sleep(super::REFILL_DELAY).await,
             () = tokio::time::sleep(POOL_CHECK) => {}
             () = stop.cancelled() => return,
         }
