@@ -131,6 +131,7 @@ fn visits_section(visits: &[(String, u16)], env: &dyn Environment) -> Result<Tun
                 address,
                 token: token.clone(),
                 token_file: None,
+                tls: None,
             }),
             Err(error) => {
                 problems.push(problem(TUNNEL_ROUTERS, error));

@@ -87,6 +87,42 @@ pub struct TunnelServer {
     /// How long a visitor's connection may wait for a publisher to accept it.
     #[serde(default = "defaults::connect_timeout")]
     pub connect_timeout: Duration,
+    /// TLS on the router's listener; without it, the router speaks plain TCP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ServerTls>,
+}
+
+/// The router's TLS (rustls): its certificate, and optionally the CA its clients' certificates must
+/// chain to.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ServerTls {
+    /// PEM certificate chain the router presents.
+    pub cert_file: String,
+    /// PEM private key of that certificate.
+    pub key_file: String,
+    /// PEM CA certificates; when set, every publisher and visitor must present a certificate one of them
+    /// signed (mutual TLS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_ca_file: Option<String>,
+}
+
+/// TLS to a router (rustls).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ClientTls {
+    /// PEM CA certificates the router's certificate must chain to.
+    pub ca_file: String,
+    /// The name (or IP address) the router's certificate must be valid for; the host of `address` by
+    /// default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
+    /// PEM client certificate chain, for a router that requires one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<String>,
+    /// PEM private key of the client certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<String>,
 }
 
 /// How a router spreads connections over the publishers of one service.
@@ -118,6 +154,9 @@ pub struct RouterRef {
     /// File holding the token; surrounding whitespace is trimmed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_file: Option<String>,
+    /// TLS to this router; it must match the router's `tunnels.server.tls`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ClientTls>,
 }
 
 /// A local service published through routers.

@@ -164,6 +164,14 @@ fn check_tunnels(problems: &mut Problems, path: &ConfigPath, tunnels: &Tunnels, 
             );
         }
         check_secret(problems, &at, "token", router.token.as_ref(), router.token_file.is_some());
+        if let Some(tls) = &router.tls
+            && tls.cert_file.is_some() != tls.key_file.is_some()
+        {
+            problems.push(
+                &at.key("tls"),
+                "give cert_file and key_file together (a client certificate and its key)",
+            );
+        }
     }
     let mut published: HashMap<&str, usize> = HashMap::new();
     for (i, publish) in tunnels.publish.iter().enumerate() {

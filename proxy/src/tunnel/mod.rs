@@ -4,16 +4,19 @@
 //! - [`publisher`]: `tunnels.publish`, a local service offered through routers;
 //! - [`visitor`]: `tunnels.visit`, a local listener whose connections reach a publisher;
 //! - [`frame`] and [`proof`]: the frames, and the HMAC proofs that keep secrets off the wire;
+//! - [`conn`] and [`tls`]: connections between roles, plain TCP or TLS (rustls);
 //! - [`set`]: the running tunnels of a config, changed entry by entry on reload.
 //!
 //! What the three roles share lives here: the control-connection loop with its keepalives, the relay
 //! with per-service counters, reconnect backoff, and the per-service metrics.
 
+pub mod conn;
 pub mod frame;
 pub mod proof;
 pub mod publisher;
 pub mod router;
 pub mod set;
+pub mod tls;
 pub mod visitor;
 
 use std::future::Future;
@@ -21,11 +24,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use metrics::Counter;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use self::conn::Conn;
 use self::frame::{Frame, Reason, read_frame, write_frame};
 use crate::metrics::{Metrics, TunnelMetrics};
 use crate::relay::DirectionCounters;
@@ -70,26 +74,46 @@ impl ServiceMetrics {
     }
 }
 
-/// Relays a paired connection to its end with `splice(2)`, counting it for the service: `sent` is what
-/// moves from the visitor's side towards the publisher's.
+/// Relays a paired connection to its end, counting it for the service: `sent` is what moves from the
+/// visitor's side towards the publisher's. Plain TCP on both sides is relayed with `splice(2)`; a TLS
+/// side is copied through user space, and its bytes are counted when the relay ends.
 pub async fn relay_counted(
-    visitor_side: &mut TcpStream,
-    publisher_side: &mut TcpStream,
+    visitor_side: &mut Conn,
+    publisher_side: &mut Conn,
     metrics: &ServiceMetrics,
     close: &CancellationToken,
 ) {
     let handles = &metrics.handles;
     handles.connections.increment(1);
     handles.active.increment(1.0);
-    let sent = DirectionCounters { from: handles.sent.clone(), to: Counter::noop() };
-    let received = DirectionCounters { from: handles.received.clone(), to: Counter::noop() };
-    if let Err(error) =
-        crate::splice::relay(visitor_side, publisher_side, None, &sent, &received, close).await
-    {
-        tracing::debug!(%error, "tunnel relay ended with an error");
+    match (visitor_side, publisher_side) {
+        (Conn::Plain(visitor), Conn::Plain(publisher)) => {
+            let sent = DirectionCounters { from: handles.sent.clone(), to: Counter::noop() };
+            let received = DirectionCounters { from: handles.received.clone(), to: Counter::noop() };
+            if let Err(error) = crate::splice::relay(visitor, publisher, None, &sent, &received, close).await
+            {
+                tracing::debug!(%error, "tunnel relay ended with an error");
+            }
+        }
+        (visitor, publisher) => {
+            let copied = tokio::select! {
+                copied = tokio::io::copy_bidirectional_with_sizes(visitor, publisher, COPY_BUFFER, COPY_BUFFER) => copied,
+                () = close.cancelled() => Ok((0, 0)),
+            };
+            match copied {
+                Ok((sent, received)) => {
+                    handles.sent.increment(sent);
+                    handles.received.increment(received);
+                }
+                Err(error) => tracing::debug!(%error, "tunnel relay ended with an error"),
+            }
+        }
     }
     handles.active.decrement(1.0);
 }
+
+/// Copy buffer per direction when a side is TLS.
+const COPY_BUFFER: usize = 64 * 1024;
 
 /// How long a pool waits before replacing a connection that was taken.
 pub const REFILL_DELAY: Duration = Duration::from_millis(3);
@@ -111,13 +135,14 @@ pub struct Answered {
 /// sent on ahead is appended to `sent`, for a caller that may replay it elsewhere. An end of file from
 /// `local` is left for the relay to pass on.
 pub async fn forward_until_answer(
-    local: &TcpStream,
-    remote: &TcpStream,
+    local: &mut Conn,
+    remote: &mut Conn,
     sent: &mut Vec<u8>,
     limit: Duration,
 ) -> Result<Answered, frame::FrameError> {
     let deadline = tokio::time::Instant::now() + limit;
     let mut answer: Vec<u8> = Vec::with_capacity(64);
+    let mut answer_chunk = [0u8; 4096];
     let mut chunk = vec![0u8; 16 * 1024];
     let mut local_open = true;
     let start = sent.len();
@@ -125,30 +150,21 @@ pub async fn forward_until_answer(
         if let Some((frame, used)) = frame::parse_frame(&answer)? {
             return Ok(Answered { frame, after: answer[used..].to_vec() });
         }
-        let may_read_local = local_open && sent.len() - start < EARLY_DATA_LIMIT;
+        let room = EARLY_DATA_LIMIT - (sent.len() - start);
+        let may_read_local = local_open && room > 0;
+        // Both reads are cancel-safe: a read that loses the race has taken no bytes.
         tokio::select! {
-            ready = remote.readable() => {
-                ready?;
-                match remote.try_read(&mut chunk) {
-                    Ok(0) => return Err(frame::FrameError::Closed),
-                    Ok(read) => answer.extend_from_slice(&chunk[..read]),
-                    Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
-                    Err(error) => return Err(error.into()),
+            read = remote.read(&mut answer_chunk) => match read? {
+                0 => return Err(frame::FrameError::Closed),
+                read => answer.extend_from_slice(&answer_chunk[..read]),
+            },
+            read = local.read(&mut chunk[..room.min(16 * 1024)]), if may_read_local => match read? {
+                0 => local_open = false,
+                read => {
+                    remote.write_all(&chunk[..read]).await?;
+                    sent.extend_from_slice(&chunk[..read]);
                 }
-            }
-            ready = local.readable(), if may_read_local => {
-                ready?;
-                let room = (EARLY_DATA_LIMIT - (sent.len() - start)).min(chunk.len());
-                match local.try_read(&mut chunk[..room]) {
-                    Ok(0) => local_open = false,
-                    Ok(read) => {
-                        write_all(remote, &chunk[..read]).await?;
-                        sent.extend_from_slice(&chunk[..read]);
-                    }
-                    Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
-                    Err(error) => return Err(error.into()),
-                }
-            }
+            },
             () = tokio::time::sleep_until(deadline) => {
                 return Err(frame::FrameError::Io(std::io::ErrorKind::TimedOut.into()));
             }
@@ -156,36 +172,37 @@ pub async fn forward_until_answer(
     }
 }
 
-/// Writes all of `bytes` to a shared stream.
-pub async fn write_all(stream: &TcpStream, mut bytes: &[u8]) -> std::io::Result<()> {
-    while !bytes.is_empty() {
-        stream.writable().await?;
-        match stream.try_write(bytes) {
-            Ok(written) => bytes = &bytes[written..],
-            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(error) => return Err(error),
+/// Opens a connection to a router (TLS when `tls` says so) and sends `hello` on it.
+pub async fn dial(
+    address: &keel_schemas::types::HostPort,
+    tls: Option<&tls::Client>,
+    hello: &Frame,
+) -> Result<Conn, String> {
+    let connect = async {
+        let stream = crate::cluster::connect_to(address).await?;
+        match tls {
+            Some(tls) => tls.connect(stream).await,
+            None => Ok(Conn::Plain(stream)),
         }
-    }
-    Ok(())
-}
-
-/// Whether an idle pooled connection was closed by its peer (or broke the protocol by sending before
-/// its turn); a live idle connection has nothing to read.
-pub fn is_closed(stream: &TcpStream) -> bool {
-    let mut byte = [0u8; 1];
-    !matches!(stream.try_read(&mut byte), Err(error) if error.kind() == std::io::ErrorKind::WouldBlock)
+    };
+    let mut conn = tokio::time::timeout(HELLO_TIMEOUT, connect)
+        .await
+        .map_err(|_| format!("cannot connect to {address}: no answer in time"))?
+        .map_err(|error| format!("cannot connect to {address}: {error}"))?;
+    write_frame(&mut conn, hello).await.map_err(|error| error.to_string())?;
+    Ok(conn)
 }
 
 /// Runs a control connection until it ends: a writer task sends what arrives on the returned channel's
 /// other end and a `Ping` after [`KEEPALIVE`] of quiet; this task reads frames, answers `Ping`, skips
 /// frame types it does not know, and hands every other frame to `handle`, which returns `false` to end
 /// the connection. It also ends after [`SILENCE_LIMIT`] without a frame, on EOF or error, and on `stop`.
-pub async fn control_loop<F, Fut>(stream: TcpStream, stop: CancellationToken, mut handle: F)
+pub async fn control_loop<F, Fut>(stream: Conn, stop: CancellationToken, mut handle: F)
 where
     F: FnMut(Frame, mpsc::UnboundedSender<Frame>) -> Fut,
     Fut: Future<Output = bool>,
 {
-    let (mut reader, mut writer) = stream.into_split();
+    let (mut reader, mut writer) = tokio::io::split(stream);
     let (out, mut outgoing) = mpsc::unbounded_channel::<Frame>();
     let done = CancellationToken::new();
     let writer_done = done.clone();

@@ -12,12 +12,12 @@ use std::time::Duration;
 use keel_schemas::config::{Publish, RouterRef};
 use keel_schemas::types::HostPort;
 use serde::Serialize;
-use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+use super::conn::Conn;
 use super::frame::{Frame, Kind, Open, Reason, read_frame, write_frame};
 use super::proof::{self, ReplayGuard};
-use super::{Backoff, Context, HELLO_TIMEOUT, ServiceMetrics, control_loop, relay_counted};
+use super::{Backoff, Context, HELLO_TIMEOUT, ServiceMetrics, control_loop, relay_counted, tls};
 use crate::cluster::connect_to;
 
 /// What a publication needs to serve, shared by its tasks.
@@ -40,6 +40,7 @@ struct Link {
     router: String,
     address: HostPort,
     token: String,
+    tls: Option<tls::Client>,
     registered: AtomicBool,
     session: AtomicU64,
     idle: AtomicUsize,
@@ -71,7 +72,14 @@ pub struct PublisherLinkStatus {
 
 impl Publication {
     /// Starts registering `entry` with `routers` (the ones it names, resolved by the caller).
-    pub fn start(entry: &Publish, routers: &[RouterRef], max_skew: Duration, context: Context) -> Self {
+    /// `tls` has the TLS client of each router (`None` for plain TCP), in the order of `routers`.
+    pub fn start(
+        entry: &Publish,
+        routers: &[RouterRef],
+        tls: &[Option<tls::Client>],
+        max_skew: Duration,
+        context: Context,
+    ) -> Self {
         let settings = Arc::new(Settings {
             service: entry.name.clone(),
             local: entry.local.clone(),
@@ -86,11 +94,13 @@ impl Publication {
         let stop = CancellationToken::new();
         let links: Vec<Arc<Link>> = routers
             .iter()
-            .map(|router| {
+            .zip(tls)
+            .map(|(router, tls)| {
                 Arc::new(Link {
                     router: router.name.clone(),
                     address: router.address.clone(),
                     token: router.token.as_ref().map(|t| t.expose().to_string()).unwrap_or_default(),
+                    tls: tls.clone(),
                     registered: AtomicBool::new(false),
                     session: AtomicU64::new(0),
                     idle: AtomicUsize::new(0),
@@ -135,8 +145,8 @@ impl Drop for Publication {
 /// Why a session with a router ended.
 #[derive(Debug, thiserror::Error)]
 enum SessionError {
-    #[error("cannot connect: {0}")]
-    Connect(std::io::Error),
+    #[error("{0}")]
+    Connect(String),
     #[error("no answer in time")]
     Timeout,
     #[error("refused: {reason} ({detail})")]
@@ -174,17 +184,12 @@ async fn run_link(settings: Arc<Settings>, link: Arc<Link>, stop: CancellationTo
     }
 }
 
-/// Connects to the router and sends `hello`, returning the stream.
-async fn dial(address: &HostPort, hello: Frame) -> Result<TcpStream, SessionError> {
-    let mut stream = tokio::time::timeout(HELLO_TIMEOUT, connect_to(address))
-        .await
-        .map_err(|_| SessionError::Timeout)?
-        .map_err(SessionError::Connect)?;
-    write_frame(&mut stream, &hello).await.map_err(|_| SessionError::Lost)?;
-    Ok(stream)
+/// Connects to the link's router (TLS when configured) and sends `hello`.
+async fn dial(link: &Link, hello: Frame) -> Result<Conn, SessionError> {
+    super::dial(&link.address, link.tls.as_ref(), &hello).await.map_err(SessionError::Connect)
 }
 
-async fn expect_frame(stream: &mut TcpStream) -> Result<Frame, SessionError> {
+async fn expect_frame(stream: &mut Conn) -> Result<Frame, SessionError> {
     match tokio::time::timeout(HELLO_TIMEOUT, read_frame(stream)).await {
         Err(_) => Err(SessionError::Timeout),
         Ok(Err(_)) => Err(SessionError::Lost),
@@ -202,7 +207,7 @@ async fn session(
 ) -> Result<(), SessionError> {
     let node = &settings.context.node;
     let hello = proof::hello(&link.token, Kind::Control, node, "", 0);
-    let mut stream = dial(&link.address, Frame::Hello(hello)).await?;
+    let mut stream = dial(link, Frame::Hello(hello)).await?;
     let session = match expect_frame(&mut stream).await? {
         Frame::Welcome { session, .. } => session,
         other => return Err(SessionError::Protocol(format!("expected Welcome, got {other:?}"))),
@@ -269,7 +274,7 @@ async fn pooled(settings: Arc<Settings>, link: Arc<Link>, session: u64, stop: Ca
     // Most pooled connections replace one the router just used: let that connection be set up first.
     tokio::time::sleep(super::REFILL_DELAY).await;
     let hello = proof::hello(&link.token, Kind::PublisherPool, node, &settings.service, session);
-    let mut stream = match dial(&link.address, Frame::Hello(hello)).await {
+    let mut stream = match dial(&link, Frame::Hello(hello)).await {
         Ok(stream) => stream,
         Err(error) => {
             tracing::debug!(service = settings.service, router = link.router, %error, "tunnel publisher: no pooled connection");
@@ -296,11 +301,11 @@ async fn pooled(settings: Arc<Settings>, link: Arc<Link>, session: u64, stop: Ca
 }
 
 /// A visitor's connection, paired by the router: check its proof, dial the local service, relay.
-async fn serve_visitor(settings: &Settings, mut stream: TcpStream, open: Open) {
+async fn serve_visitor(settings: &Settings, mut stream: Conn, open: Open) {
     let checked = check_open(settings, &open).await;
     let mut local = match checked {
         Ok(()) => match tokio::time::timeout(settings.connect_timeout, connect_to(&settings.local)).await {
-            Ok(Ok(local)) => local,
+            Ok(Ok(local)) => Conn::Plain(local),
             Ok(Err(error)) => {
                 return reject(
                     settings,
@@ -334,7 +339,7 @@ async fn check_open(settings: &Settings, open: &Open) -> Result<(), Reason> {
     settings.guard.check(open.time, &open.nonce).await
 }
 
-async fn reject(settings: &Settings, stream: &mut TcpStream, reason: Reason, detail: String) {
+async fn reject(settings: &Settings, stream: &mut Conn, reason: Reason, detail: String) {
     tracing::info!(service = settings.service, %reason, detail, "tunnel publisher: visitor rejected");
     settings.metrics.handshake_failed(reason);
     let _ = write_frame(stream, &Frame::Rejected { reason, detail }).await;

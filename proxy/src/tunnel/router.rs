@@ -23,13 +23,12 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Mutex, Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
+use super::conn::Conn;
 use super::frame::{
     Frame, FrameError, Hello, Kind, Open, Reason, VERSION, read_frame, read_hello, write_frame,
 };
 use super::proof::{self, ReplayGuard};
-use super::{
-    Answered, Context, HELLO_TIMEOUT, ServiceMetrics, control_loop, forward_until_answer, is_closed,
-};
+use super::{Answered, Context, HELLO_TIMEOUT, ServiceMetrics, control_loop, forward_until_answer};
 
 /// A running router.
 #[derive(Debug)]
@@ -50,6 +49,7 @@ struct RouterInner {
     next_session: AtomicU64,
     context: Context,
     metrics: Mutex<HashMap<String, ServiceMetrics>>,
+    tls: Option<super::tls::Server>,
 }
 
 /// One service's publishers and watchers.
@@ -69,7 +69,7 @@ struct Publisher {
     peer: SocketAddr,
     share: bool,
     control: mpsc::UnboundedSender<Frame>,
-    idle: VecDeque<TcpStream>,
+    idle: VecDeque<Conn>,
     active: Arc<AtomicUsize>,
 }
 
@@ -129,7 +129,13 @@ pub struct RouterClient {
 
 impl Router {
     /// Starts serving on `listener` (bound by the caller, so that a bind failure rejects the config).
-    pub fn start(listener: TcpListener, config: &TunnelServer, max_skew: Duration, context: Context) -> Self {
+    pub fn start(
+        listener: TcpListener,
+        config: &TunnelServer,
+        tls: Option<super::tls::Server>,
+        max_skew: Duration,
+        context: Context,
+    ) -> Self {
         let local_addr = listener.local_addr().unwrap_or(config.listen.0);
         let inner = Arc::new(RouterInner {
             name: context.node.clone(),
@@ -141,6 +147,7 @@ impl Router {
             next_session: AtomicU64::new(1),
             context,
             metrics: Mutex::new(HashMap::new()),
+            tls,
         });
         let stop = CancellationToken::new();
         tokio::spawn(accept_loop(listener, Arc::clone(&inner), stop.clone()));
@@ -218,15 +225,27 @@ impl RouterInner {
             .clone()
     }
 
-    async fn refuse(&self, stream: &mut TcpStream, service: &str, reason: Reason, detail: String) {
+    async fn refuse(&self, stream: &mut Conn, service: &str, reason: Reason, detail: String) {
         tracing::debug!(service, %reason, detail, "tunnel router: refused");
         self.metrics(service).await.handshake_failed(reason);
         let _ = write_frame(stream, &Frame::Refused { reason, detail }).await;
     }
 }
 
-/// One accepted connection, from its `Hello` on.
-async fn serve(mut stream: TcpStream, peer: SocketAddr, inner: Arc<RouterInner>, stop: CancellationToken) {
+/// One accepted connection, from its TLS handshake (if any) and its `Hello` on.
+async fn serve(stream: TcpStream, peer: SocketAddr, inner: Arc<RouterInner>, stop: CancellationToken) {
+    let mut stream = match &inner.tls {
+        None => Conn::Plain(stream),
+        Some(tls) => match tokio::time::timeout(HELLO_TIMEOUT, tls.accept(stream)).await {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(error)) => {
+                tracing::debug!(%peer, %error, "tunnel router: TLS handshake failed");
+                inner.metrics("").await.handshake_failed(Reason::BadToken);
+                return;
+            }
+            Err(_) => return,
+        },
+    };
     let hello = match tokio::time::timeout(HELLO_TIMEOUT, read_hello(&mut stream)).await {
         Ok(Ok(hello)) => hello,
         Ok(Err(FrameError::Malformed(what))) => {
@@ -257,7 +276,7 @@ async fn serve(mut stream: TcpStream, peer: SocketAddr, inner: Arc<RouterInner>,
 
 /// A control connection: registrations, watches and keepalives until it closes.
 async fn serve_control(
-    mut stream: TcpStream,
+    mut stream: Conn,
     peer: SocketAddr,
     hello: Hello,
     inner: Arc<RouterInner>,
@@ -346,7 +365,7 @@ async fn register(
 }
 
 /// A publisher's pooled connection: into its publisher's pool, or refused when the session is unknown.
-async fn pool_arrived(mut stream: TcpStream, hello: Hello, inner: Arc<RouterInner>) {
+async fn pool_arrived(mut stream: Conn, hello: Hello, inner: Arc<RouterInner>) {
     let mut services = inner.services.lock().await;
     let service = services.get_mut(&hello.service);
     let arrived = service.as_ref().map(|service| Arc::clone(&service.arrived));
@@ -367,7 +386,7 @@ async fn pool_arrived(mut stream: TcpStream, hello: Hello, inner: Arc<RouterInne
 }
 
 /// A visitor's pooled connection: idle until `Open`, then paired with a publisher.
-async fn serve_visitor(mut visitor: TcpStream, inner: Arc<RouterInner>, stop: CancellationToken) {
+async fn serve_visitor(mut visitor: Conn, inner: Arc<RouterInner>, stop: CancellationToken) {
     let open = tokio::select! {
         frame = read_frame(&mut visitor) => match frame {
             Ok(Frame::Open(open)) => open,
@@ -390,12 +409,13 @@ async fn serve_visitor(mut visitor: TcpStream, inner: Arc<RouterInner>, stop: Ca
     // What the visitor sends while the publisher checks the proof and dials goes on ahead; the publisher
     // passes none of it to its service before the proof is checked.
     let mut sent_ahead = Vec::new();
-    let answered = forward_until_answer(&visitor, &publisher, &mut sent_ahead, inner.connect_timeout).await;
+    let answered =
+        forward_until_answer(&mut visitor, &mut publisher, &mut sent_ahead, inner.connect_timeout).await;
     match answered {
         Ok(Answered { frame: Frame::Accepted, after }) => {
             let mut opened = Frame::Opened.encode();
             opened.extend_from_slice(&after);
-            if super::write_all(&visitor, &opened).await.is_ok() {
+            if tokio::io::AsyncWriteExt::write_all(&mut visitor, &opened).await.is_ok() {
                 let relay =
                     super::relay_counted(&mut visitor, &mut publisher, &metrics, &inner.context.close);
                 inner.context.connections.track_future(relay).await;
@@ -413,7 +433,7 @@ async fn serve_visitor(mut visitor: TcpStream, inner: Arc<RouterInner>, stop: Ca
     active.fetch_sub(1, Ordering::Relaxed);
 }
 
-async fn refuse_open(inner: &RouterInner, visitor: &mut TcpStream, service: &str) {
+async fn refuse_open(inner: &RouterInner, visitor: &mut Conn, service: &str) {
     let known =
         inner.services.lock().await.get(service).is_some_and(|service| !service.publishers.is_empty());
     let (reason, detail) = if known {
@@ -429,7 +449,7 @@ const PAIR_ATTEMPTS: usize = 4;
 
 /// A publisher connection with `Connect` written on it: a pooled one is taken (another one tried when
 /// writing fails: it died while idle). `None` when none could be had in time.
-async fn pair(inner: &RouterInner, open: &Open) -> Option<(TcpStream, Arc<AtomicUsize>)> {
+async fn pair(inner: &RouterInner, open: &Open) -> Option<(Conn, Arc<AtomicUsize>)> {
     let deadline = tokio::time::Instant::now() + inner.connect_timeout;
     let connect = Frame::Connect(open.clone());
     for _ in 0..PAIR_ATTEMPTS {
@@ -448,7 +468,7 @@ async fn take_pooled(
     inner: &RouterInner,
     service: &str,
     deadline: tokio::time::Instant,
-) -> Option<(TcpStream, Arc<AtomicUsize>)> {
+) -> Option<(Conn, Arc<AtomicUsize>)> {
     loop {
         let arrived = Arc::clone(&inner.services.lock().await.get(service)?.arrived);
         // Listen for arrivals before looking, so that one in between is not missed.
@@ -477,7 +497,7 @@ async fn take_pooled(
                 let publisher = &mut entry.publishers[index];
                 while let Some(stream) = publisher.idle.pop_front() {
                     let _ = publisher.control.send(Frame::Need { service: service.to_string(), count: 1 });
-                    if is_closed(&stream) {
+                    if stream.is_closed() {
                         continue;
                     }
                     publisher.active.fetch_add(1, Ordering::Relaxed);

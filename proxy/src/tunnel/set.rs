@@ -10,22 +10,25 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use keel_schemas::config::{Publish, RouterRef, TunnelServer, Tunnels, Visit};
+use keel_schemas::config::{ClientTls, Publish, RouterRef, TunnelServer, Tunnels, Visit};
 use keel_schemas::dns::{HijackTable, visited_service_name};
 use keel_schemas::{Config, ConfigPath, Diagnostic};
 use serde::Serialize;
 use tokio::net::TcpListener;
 
-use super::Context;
 use super::publisher::{Publication, PublicationStatus};
 use super::router::{Router, RouterStatus};
 use super::visitor::{Visitation, VisitationStatus};
+use super::{Context, tls};
 
 /// Everything that identifies a running entry: when any of it changes, the entry restarts.
+/// `tls_files` fingerprints the contents of the TLS files an entry uses, so that a reload after
+/// certificates were replaced in place (as cert-manager does) picks the new ones up.
 #[derive(Clone, Debug, PartialEq)]
 struct RouterKey {
     server: TunnelServer,
     max_skew: Duration,
+    tls_files: u64,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -33,6 +36,7 @@ struct PublishKey {
     entry: Publish,
     routers: Vec<RouterRef>,
     max_skew: Duration,
+    tls_files: u64,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -40,7 +44,11 @@ struct VisitKey {
     entry: Visit,
     routers: Vec<RouterRef>,
     listen: SocketAddr,
+    tls_files: u64,
 }
+
+/// TLS clients for an entry's routers, in its order (`None` where a router is plain TCP).
+type Clients = Vec<Option<tls::Client>>;
 
 /// The tunnels running now.
 #[derive(Debug)]
@@ -55,15 +63,15 @@ pub struct TunnelSet {
 #[derive(Debug)]
 pub struct TunnelPlan {
     router: RouterPlan,
-    publications: Vec<PublishKey>,
-    visitations: Vec<(VisitKey, Option<TcpListener>)>,
+    publications: Vec<(PublishKey, Clients)>,
+    visitations: Vec<(VisitKey, Option<(TcpListener, Clients)>)>,
 }
 
 #[derive(Debug)]
 enum RouterPlan {
     Keep,
     Stop,
-    Start(RouterKey, TcpListener),
+    Start(Box<RouterKey>, TcpListener, Option<tls::Server>),
 }
 
 /// What `/tunnels` shows.
@@ -84,6 +92,26 @@ fn routers_of(names: &[String], tunnels: &Tunnels) -> Vec<RouterRef> {
         .iter()
         .filter_map(|name| tunnels.routers.iter().find(|router| &router.name == name).cloned())
         .collect()
+}
+
+/// FNV-1a over the contents of `paths` (a file that cannot be read counts as empty: building the TLS
+/// configuration reports it).
+fn fingerprint<'a>(paths: impl IntoIterator<Item = &'a str>) -> u64 {
+    let mut hash = 0xcbf2_9ce4_8422_2325u64;
+    for path in paths {
+        for byte in path.bytes().chain(std::fs::read(path).unwrap_or_default()) {
+            hash = (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    hash
+}
+
+fn client_files(tls: &ClientTls) -> impl Iterator<Item = &str> {
+    std::iter::once(tls.ca_file.as_str()).chain(tls.cert_file.as_deref()).chain(tls.key_file.as_deref())
+}
+
+fn routers_fingerprint(routers: &[RouterRef]) -> u64 {
+    fingerprint(routers.iter().filter_map(|router| router.tls.as_ref()).flat_map(client_files))
 }
 
 /// A listener for a tunnel entry. `SO_REUSEPORT` lets a changed entry bind its address again while the
@@ -129,11 +157,25 @@ impl TunnelSet {
             (None, None) => RouterPlan::Keep,
             (None, Some(_)) => RouterPlan::Stop,
             (Some(server), running) => {
-                let key = RouterKey { server: server.clone(), max_skew: tunnels.max_skew.get() };
+                let tls_files = server.tls.as_ref().map_or(0, |tls| {
+                    let files = [tls.cert_file.as_str(), tls.key_file.as_str()];
+                    fingerprint(files.into_iter().chain(tls.client_ca_file.as_deref()))
+                });
+                let key = RouterKey { server: server.clone(), max_skew: tunnels.max_skew.get(), tls_files };
+                let tls = match &server.tls {
+                    Some(tls) => match tls::Server::new(tls) {
+                        Ok(server) => Some(server),
+                        Err(error) => {
+                            problems.push(Diagnostic::new(root.key("server").key("tls"), error));
+                            None
+                        }
+                    },
+                    None => None,
+                };
                 match running {
                     Some((running_key, _)) if *running_key == key => RouterPlan::Keep,
                     _ => match bind(server.listen.0) {
-                        Ok(listener) => RouterPlan::Start(key, listener),
+                        Ok(listener) => RouterPlan::Start(Box::new(key), listener, tls),
                         Err(error) => {
                             let path = root.key("server").key("listen");
                             problems.push(Diagnostic::new(
@@ -147,13 +189,35 @@ impl TunnelSet {
             }
         };
 
+        // Every router's TLS client, built once: a bad file is reported where the router names it.
+        let mut clients: HashMap<&str, Option<tls::Client>> = HashMap::new();
+        for (index, router) in tunnels.routers.iter().enumerate() {
+            let client = match &router.tls {
+                Some(tls) => match tls::Client::new(tls, &router.address) {
+                    Ok(client) => Some(client),
+                    Err(error) => {
+                        problems.push(Diagnostic::new(root.key("routers").index(index).key("tls"), error));
+                        None
+                    }
+                },
+                None => None,
+            };
+            clients.insert(router.name.as_str(), client);
+        }
+        let clients_of = |routers: &[RouterRef]| -> Clients {
+            routers.iter().map(|router| clients.get(router.name.as_str()).cloned().flatten()).collect()
+        };
+
         let publications = tunnels
             .publish
             .iter()
-            .map(|entry| PublishKey {
-                entry: entry.clone(),
-                routers: routers_of(&entry.routers, tunnels),
-                max_skew: tunnels.max_skew.get(),
+            .map(|entry| {
+                let routers = routers_of(&entry.routers, tunnels);
+                let tls = clients_of(&routers);
+                let tls_files = routers_fingerprint(&routers);
+                let key =
+                    PublishKey { entry: entry.clone(), routers, max_skew: tunnels.max_skew.get(), tls_files };
+                (key, tls)
             })
             .collect();
 
@@ -178,14 +242,19 @@ impl TunnelSet {
                     continue;
                 }
             };
-            let key = VisitKey { entry: entry.clone(), routers: routers_of(&entry.routers, tunnels), listen };
+            let routers = routers_of(&entry.routers, tunnels);
+            let tls_files = routers_fingerprint(&routers);
+            let key = VisitKey { entry: entry.clone(), routers, listen, tls_files };
             let unchanged = self.visitations.get(&entry.name).is_some_and(|(running, _)| *running == key);
             if unchanged {
                 visitations.push((key, None));
                 continue;
             }
             match bind(listen) {
-                Ok(listener) => visitations.push((key, Some(listener))),
+                Ok(listener) => {
+                    let tls = clients_of(&key.routers);
+                    visitations.push((key, Some((listener, tls))));
+                }
                 Err(error) => {
                     let path = if entry.listen.is_some() { at.key("listen") } else { at.key("port") };
                     problems.push(Diagnostic::new(path, format!("cannot bind {listen}: {error}")));
@@ -204,16 +273,16 @@ impl TunnelSet {
                     router.stop();
                 }
             }
-            RouterPlan::Start(key, listener) => {
-                let router = Router::start(listener, &key.server, key.max_skew, self.context.clone());
-                if let Some((_, old)) = self.router.replace((key, router)) {
+            RouterPlan::Start(key, listener, tls) => {
+                let router = Router::start(listener, &key.server, tls, key.max_skew, self.context.clone());
+                if let Some((_, old)) = self.router.replace((*key, router)) {
                     old.stop();
                 }
             }
         }
 
         let mut publications = HashMap::new();
-        for key in plan.publications {
+        for (key, tls) in plan.publications {
             let name = key.entry.name.clone();
             let running = match self.publications.remove(&name) {
                 Some((running_key, publication)) if running_key == key => (running_key, publication),
@@ -221,8 +290,13 @@ impl TunnelSet {
                     if let Some((_, old)) = other {
                         old.stop();
                     }
-                    let publication =
-                        Publication::start(&key.entry, &key.routers, key.max_skew, self.context.clone());
+                    let publication = Publication::start(
+                        &key.entry,
+                        &key.routers,
+                        &tls,
+                        key.max_skew,
+                        self.context.clone(),
+                    );
                     (key, publication)
                 }
             };
@@ -238,12 +312,12 @@ impl TunnelSet {
             let name = key.entry.name.clone();
             let running = match (self.visitations.remove(&name), listener) {
                 (Some(running), None) => running,
-                (old, Some(listener)) => {
+                (old, Some((listener, tls))) => {
                     if let Some((_, old)) = old {
                         old.stop();
                     }
                     let visitation =
-                        Visitation::start(listener, &key.entry, &key.routers, self.context.clone());
+                        Visitation::start(listener, &key.entry, &key.routers, &tls, self.context.clone());
                     (key, visitation)
                 }
                 // Planned as unchanged but no longer running: cannot happen while applies are serialized.

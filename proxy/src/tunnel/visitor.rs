@@ -17,16 +17,17 @@ use std::time::Duration;
 use keel_schemas::config::{RouterRef, Visit};
 use keel_schemas::types::HostPort;
 use serde::Serialize;
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Mutex, Notify};
 use tokio_util::sync::CancellationToken;
 
+use super::conn::Conn;
 use super::frame::{Frame, Kind, read_frame, write_frame};
 use super::{
-    Answered, Backoff, Context, HELLO_TIMEOUT, ServiceMetrics, control_loop, forward_until_answer, is_closed,
-    proof, relay_counted, write_all,
+    Answered, Backoff, Context, HELLO_TIMEOUT, ServiceMetrics, control_loop, forward_until_answer, proof,
+    relay_counted, tls,
 };
-use crate::cluster::connect_to;
 
 /// How often a link checks that its pool is full (beyond being woken when a connection is taken).
 const POOL_CHECK: Duration = Duration::from_secs(2);
@@ -46,11 +47,12 @@ struct Link {
     router: String,
     address: HostPort,
     token: String,
+    tls: Option<tls::Client>,
     /// The control session is up.
     watching: AtomicBool,
     /// Live publishers of the service on this router, as its last `Status` said.
     publishers: AtomicU16,
-    idle: Mutex<VecDeque<TcpStream>>,
+    idle: Mutex<VecDeque<Conn>>,
     taken: Notify,
 }
 
@@ -83,7 +85,14 @@ pub struct VisitorLinkStatus {
 
 impl Visitation {
     /// Starts serving `listener` (bound by the caller) for `entry` through `routers`, in that order.
-    pub fn start(listener: TcpListener, entry: &Visit, routers: &[RouterRef], context: Context) -> Self {
+    /// `tls` has the TLS client of each router (`None` for plain TCP), in the order of `routers`.
+    pub fn start(
+        listener: TcpListener,
+        entry: &Visit,
+        routers: &[RouterRef],
+        tls: &[Option<tls::Client>],
+        context: Context,
+    ) -> Self {
         let local_addr = listener.local_addr().expect("a bound listener has an address");
         let settings = Arc::new(Settings {
             service: entry.name.clone(),
@@ -95,11 +104,13 @@ impl Visitation {
         let stop = CancellationToken::new();
         let links: Vec<Arc<Link>> = routers
             .iter()
-            .map(|router| {
+            .zip(tls)
+            .map(|(router, tls)| {
                 Arc::new(Link {
                     router: router.name.clone(),
                     address: router.address.clone(),
                     token: router.token.as_ref().map(|t| t.expose().to_string()).unwrap_or_default(),
+                    tls: tls.clone(),
                     watching: AtomicBool::new(false),
                     publishers: AtomicU16::new(0),
                     idle: Mutex::new(VecDeque::new()),
@@ -177,7 +188,7 @@ async fn watch_session(
     backoff: &mut Backoff,
 ) -> Result<(), String> {
     let hello = proof::hello(&link.token, Kind::Control, &settings.context.node, "", 0);
-    let mut stream = dial(&link.address, Frame::Hello(hello)).await?;
+    let mut stream = super::dial(&link.address, link.tls.as_ref(), &Frame::Hello(hello)).await?;
     match tokio::time::timeout(HELLO_TIMEOUT, read_frame(&mut stream)).await {
         Ok(Ok(Frame::Welcome { .. })) => {}
         Ok(Ok(Frame::Refused { reason, detail })) => {
@@ -213,19 +224,10 @@ async fn watch_session(
     if stop.is_cancelled() { Ok(()) } else { Err("connection lost".into()) }
 }
 
-async fn dial(address: &HostPort, hello: Frame) -> Result<TcpStream, String> {
-    let mut stream = tokio::time::timeout(HELLO_TIMEOUT, connect_to(address))
-        .await
-        .map_err(|_| format!("cannot connect to {address}: no answer in time"))?
-        .map_err(|error| format!("cannot connect to {address}: {error}"))?;
-    write_frame(&mut stream, &hello).await.map_err(|error| error.to_string())?;
-    Ok(stream)
-}
-
 /// A fresh pooled connection to the link's router.
-async fn pooled_connection(settings: &Settings, link: &Link) -> Result<TcpStream, String> {
+async fn pooled_connection(settings: &Settings, link: &Link) -> Result<Conn, String> {
     let hello = proof::hello(&link.token, Kind::VisitorPool, &settings.context.node, "", 0);
-    dial(&link.address, Frame::Hello(hello)).await
+    super::dial(&link.address, link.tls.as_ref(), &Frame::Hello(hello)).await
 }
 
 /// Keeps `pool` idle connections to the router while it has publishers of the service.
@@ -234,7 +236,7 @@ async fn fill_pool(settings: Arc<Settings>, link: Arc<Link>, stop: CancellationT
         let wanted = link.watching.load(Ordering::Relaxed) && link.publishers.load(Ordering::Relaxed) > 0;
         if wanted {
             let mut idle = link.idle.lock().await;
-            idle.retain(|stream| !is_closed(stream));
+            idle.retain(|stream| !stream.is_closed());
             let missing = usize::from(settings.pool).saturating_sub(idle.len());
             drop(idle);
             for _ in 0..missing {
@@ -295,7 +297,8 @@ async fn accept_loop(
 /// Carries one accepted connection to a publisher through the first router that takes it. What the
 /// application sends while a router answers goes on ahead, and is kept to be sent again through the
 /// next router if this one refuses.
-async fn carry(mut local: TcpStream, settings: &Settings, links: &[Arc<Link>]) {
+async fn carry(local: TcpStream, settings: &Settings, links: &[Arc<Link>]) {
+    let mut local = Conn::Plain(local);
     let mut sent_ahead = Vec::new();
     for link in links {
         if !link.watching.load(Ordering::Relaxed) || link.publishers.load(Ordering::Relaxed) == 0 {
@@ -305,12 +308,12 @@ async fn carry(mut local: TcpStream, settings: &Settings, links: &[Arc<Link>]) {
         let open = proof::open(&settings.secret, &settings.service, &settings.context.node);
         let mut first = Frame::Open(open).encode();
         first.extend_from_slice(&sent_ahead);
-        if write_frame_bytes(&mut remote, &first).await.is_err() {
+        if remote.write_all(&first).await.is_err() {
             continue;
         }
-        match forward_until_answer(&local, &remote, &mut sent_ahead, HELLO_TIMEOUT).await {
+        match forward_until_answer(&mut local, &mut remote, &mut sent_ahead, HELLO_TIMEOUT).await {
             Ok(Answered { frame: Frame::Opened, after }) => {
-                if !after.is_empty() && write_all(&local, &after).await.is_err() {
+                if !after.is_empty() && local.write_all(&after).await.is_err() {
                     return;
                 }
                 relay_counted(&mut local, &mut remote, &settings.metrics, &settings.context.close).await;
@@ -336,21 +339,16 @@ async fn carry(mut local: TcpStream, settings: &Settings, links: &[Arc<Link>]) {
     }
     // No router could take it: reset the connection at once rather than leave the application waiting.
     tracing::debug!(service = settings.service, "tunnel visitor: no live publisher; connection reset");
-    let _ = local.set_zero_linger();
-}
-
-async fn write_frame_bytes(stream: &mut TcpStream, bytes: &[u8]) -> std::io::Result<()> {
-    use tokio::io::AsyncWriteExt;
-    stream.write_all(bytes).await
+    let _ = local.tcp().set_zero_linger();
 }
 
 /// An idle pooled connection (a fresh one when the pool is empty); the pool refills behind it.
-async fn take(settings: &Settings, link: &Link) -> Option<TcpStream> {
+async fn take(settings: &Settings, link: &Link) -> Option<Conn> {
     let pooled = {
         let mut idle = link.idle.lock().await;
         let mut found = None;
         while let Some(stream) = idle.pop_front() {
-            if !is_closed(&stream) {
+            if !stream.is_closed() {
                 found = Some(stream);
                 break;
             }
