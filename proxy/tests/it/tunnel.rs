@@ -367,3 +367,86 @@ async fn a_refusing_router_passes_the_connection_and_its_early_bytes_to_the_next
         .await;
     assert_eq!(refused, 1.0);
 }
+
+/// A test CA, with a certificate for the router (`router.test`) and one for its clients, as PEM files.
+struct TestPki {
+    dir: tempfile::TempDir,
+}
+
+impl TestPki {
+    fn new() -> TestPki {
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+        let dir = tempfile::tempdir().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+        std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
+        for (name, san) in [("router", "router.test"), ("client", "pod-a.test")] {
+            let key = KeyPair::generate().unwrap();
+            let cert = CertificateParams::new(vec![san.to_string()]).unwrap().signed_by(&key, &ca).unwrap();
+            std::fs::write(dir.path().join(format!("{name}.pem")), cert.pem()).unwrap();
+            std::fs::write(dir.path().join(format!("{name}-key.pem")), key.serialize_pem()).unwrap();
+        }
+        TestPki { dir }
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.path().join(name).display().to_string()
+    }
+}
+
+#[tokio::test]
+async fn tunnels_run_over_tls_with_client_certificates() {
+    let pki = TestPki::new();
+    let local = Upstream::echo().await;
+    let router_config = format!(
+        "node: {{id: router-1}}\nadmin: {{address: \"127.0.0.1:0\"}}\ntunnels:\n  server:\n    listen: \"127.0.0.1:0\"\n    token: {TOKEN}\n    tls: {{cert_file: {}, key_file: {}, client_ca_file: {}}}\n",
+        pki.path("router.pem"),
+        pki.path("router-key.pem"),
+        pki.path("ca.pem")
+    );
+    let router = TestProxy::start(&router_config).await;
+    let router_at = router.proxy.tunnel_router_addr().await.unwrap();
+    let client_tls = format!(
+        "tls: {{ca_file: {}, server_name: router.test, cert_file: {}, key_file: {}}}",
+        pki.path("ca.pem"),
+        pki.path("client.pem"),
+        pki.path("client-key.pem")
+    );
+    let with_tls = |config: String| {
+        config.replace(&format!("token: {TOKEN}}}"), &format!("token: {TOKEN}, {client_tls}}}"))
+    };
+    let _publisher =
+        TestProxy::start(&with_tls(publisher_config("node-b", &[router_at], local.addr, false))).await;
+    let visitor = TestProxy::start(&with_tls(visitor_config(&[router_at], SECRET, "127.0.0.1:0"))).await;
+    let visit_at = visitor.proxy.tunnel_visitor_addr("mysql").await.unwrap();
+    publishers_seen(&visitor, 1).await;
+    let mut stream = TcpStream::connect(visit_at).await.unwrap();
+    echo_once(&mut stream, b"over TLS").await.unwrap();
+    let payload = vec![7u8; 1024 * 1024];
+    stream.write_all(&payload).await.unwrap();
+    let mut back = vec![0u8; payload.len()];
+    stream.read_exact(&mut back).await.unwrap();
+    assert!(back == payload);
+
+    // A visitor that does not present a client certificate never gets in.
+    let no_cert = visitor_config(&[router_at], SECRET, "127.0.0.1:0").replace(
+        &format!("token: {TOKEN}}}"),
+        &format!("token: {TOKEN}, tls: {{ca_file: {}, server_name: router.test}}}}", pki.path("ca.pem")),
+    );
+    let stranger = TestProxy::start(&no_cert).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!stranger.proxy.tunnels_status().await.visit[0].routers[0].connected);
+    let stranger_at = stranger.proxy.tunnel_visitor_addr("mysql").await.unwrap();
+    refused_fast(stranger_at).await;
+
+    // A CA file that is not PEM rejects the config, located at the router's tls.
+    let bad = std::env::temp_dir().join(format!("keel-bad-ca-{}.pem", std::process::id()));
+    std::fs::write(&bad, "not a certificate").unwrap();
+    let rejected = with_tls(visitor_config(&[router_at], SECRET, "127.0.0.1:0"))
+        .replace(&pki.path("ca.pem"), &bad.display().to_string());
+    visitor.replace_config(&rejected);
+    let (_, body) = visitor.post("/reload").await;
+    assert!(body.contains("tunnels.routers[0].tls"), "{body}");
+    std::fs::remove_file(bad).unwrap();
+}
