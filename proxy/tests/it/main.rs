@@ -4,6 +4,7 @@ mod admin;
 mod balancing;
 mod cli;
 mod dns;
+mod netns;
 mod relay;
 mod reload;
 mod support;
