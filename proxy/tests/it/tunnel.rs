@@ -450,3 +450,40 @@ async fn tunnels_run_over_tls_with_client_certificates() {
     assert!(body.contains("tunnels.routers[0].tls"), "{body}");
     std::fs::remove_file(bad).unwrap();
 }
+
+#[tokio::test]
+async fn a_reload_leaves_untouched_tunnels_and_their_connections_alone() {
+    let local = Upstream::echo().await;
+    let (_router, router_at) = router().await;
+    let _publisher = publisher("node-b", &[router_at], local.addr, false).await;
+    let (visitor, visit_at) = visitor(&[router_at], SECRET).await;
+    publishers_seen(&visitor, 1).await;
+    let mut held = TcpStream::connect(visit_at).await.unwrap();
+    echo_once(&mut held, b"before").await.unwrap();
+
+    // Another visit is added; the first entry is unchanged, so it keeps its listener (port 0 is not
+    // bound again: the address stays the one it got) and its sessions and connections.
+    let config = visitor_config(&[router_at], SECRET, "127.0.0.1:0")
+        + &format!("    - {{name: redis, secret: {SECRET}, listen: \"127.0.0.1:0\"}}\n");
+    visitor.replace_config(&config);
+    let (status, body) = visitor.post("/reload").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(visitor.proxy.tunnel_visitor_addr("redis").await.is_some());
+    assert_eq!(visitor.proxy.tunnel_visitor_addr("mysql").await, Some(visit_at), "mysql was restarted");
+    echo_once(&mut held, b"after the reload").await.unwrap();
+    let mut fresh = TcpStream::connect(visit_at).await.unwrap();
+    echo_once(&mut fresh, b"new connection").await.unwrap();
+
+    // Removing the second visit closes its listener; the first is still served.
+    let redis_at = visitor.proxy.tunnel_visitor_addr("redis").await.unwrap();
+    visitor.replace_config(&visitor_config(&[router_at], SECRET, "127.0.0.1:0"));
+    let (status, _) = visitor.post("/reload").await;
+    assert_eq!(status, 200);
+    assert!(visitor.proxy.tunnel_visitor_addr("redis").await.is_none());
+    eventually(Duration::from_secs(2), "the removed visitor's listener to close", || async {
+        TcpStream::connect(redis_at).await.is_err()
+    })
+    .await;
+    assert_eq!(visitor.proxy.tunnel_visitor_addr("mysql").await, Some(visit_at));
+    echo_once(&mut held, b"still here").await.unwrap();
+}
