@@ -20,5 +20,5 @@ if [ ${#need[@]} -gt 0 ]; then
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends haproxy nginx-light libnginx-mod-stream iperf3 wrk >/dev/null
 fi
-cargo build --release -q -p keel-proxy --bin proxy
-exec python3 benches/relay.py --keel target/release/proxy --rounds "${ROUNDS:-5}" --seconds "${SECONDS_EACH:-4}"
+cargo build-static -q   # the static binary, as shipped (.cargo/config.toml)
+exec python3 benches/relay.py --keel target/x86_64-unknown-linux-gnu/release/proxy --rounds "${ROUNDS:-5}" --seconds "${SECONDS_EACH:-4}"

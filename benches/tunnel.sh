@@ -25,6 +25,6 @@ rathole_root="${RATHOLE_ROOT:-/opt/rathole}"
 if [ ! -x "$rathole_root/bin/rathole" ]; then
     (cd /tmp && cargo install --quiet rathole --no-default-features --features server,client --root "$rathole_root")
 fi
-cargo build --release -q -p keel-proxy --bin proxy
-exec python3 benches/tunnel.py --keel target/release/proxy --rathole "$rathole_root/bin/rathole" \
+cargo build-static -q   # the static binary, as shipped (.cargo/config.toml)
+exec python3 benches/tunnel.py --keel target/x86_64-unknown-linux-gnu/release/proxy --rathole "$rathole_root/bin/rathole" \
     --rounds "${ROUNDS:-5}" --seconds "${SECONDS_EACH:-4}"

@@ -415,6 +415,25 @@ impl Cluster {
     }
 }
 
+/// The addresses of a host name, found the way the system finds them (`/etc/hosts`, then the
+/// nameservers and search domains of `/etc/resolv.conf`) but without glibc's NSS modules, so that a
+/// statically linked proxy resolves names on any system. The configuration is read on every call, as
+/// getaddrinfo does, so that changes to those files apply at once.
+async fn resolve(host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
+    use hickory_resolver::TokioResolver;
+    match TokioResolver::builder_tokio().and_then(|builder| builder.build()) {
+        Ok(resolver) => {
+            let found = resolver
+                .lookup_ip(host)
+                .await
+                .map_err(|error| io::Error::new(io::ErrorKind::NotFound, format!("{host}: {error}")))?;
+            Ok(found.iter().map(|ip| SocketAddr::new(ip, port)).collect())
+        }
+        // No usable resolv.conf: let the C library try.
+        Err(_) => Ok(tokio::net::lookup_host((host, port)).await?.collect()),
+    }
+}
+
 /// Opens a TCP connection to a host:port, resolving a name if it is one, with Nagle off: the relay
 /// forwards what it reads at once, and coalescing would only add latency.
 pub async fn connect_to(address: &HostPort) -> io::Result<TcpStream> {
@@ -422,7 +441,11 @@ pub async fn connect_to(address: &HostPort) -> io::Result<TcpStream> {
         Some(addr) => TcpStream::connect(addr).await?,
         None => {
             let host = address.to_string();
-            let addrs: Vec<SocketAddr> = tokio::net::lookup_host(&host).await?.collect();
+            let name = match &address.host {
+                keel_schemas::types::Host::Name(name) => name.clone(),
+                keel_schemas::types::Host::Ip(ip) => ip.to_string(),
+            };
+            let addrs = resolve(&name, address.port).await?;
             let mut last = io::Error::new(io::ErrorKind::NotFound, format!("{host} resolved to no address"));
             let mut connected = None;
             for addr in addrs {
@@ -446,6 +469,14 @@ mod tests {
     use super::*;
     use keel_schemas::config::OutlierDetection;
     use keel_schemas::types::Duration as ConfigDuration;
+
+    #[tokio::test]
+    async fn names_resolve_from_the_hosts_file_without_the_c_library() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let stream = connect_to(&format!("localhost:{port}").parse().unwrap()).await.unwrap();
+        assert_eq!(stream.peer_addr().unwrap().port(), port);
+    }
 
     fn cluster(endpoints: &[&str], outlier: Option<OutlierDetection>) -> Cluster {
         let config = ClusterConfig {
