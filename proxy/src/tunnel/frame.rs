@@ -56,10 +56,12 @@ pub enum Reason {
     Malformed,
     NameTaken,
     Busy,
+    /// A TLS handshake failed; only counted, never sent (there is no session to send it on).
+    TlsHandshake,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 10] = [
+    pub const ALL: [Reason; 11] = [
         Reason::UnsupportedVersion,
         Reason::BadToken,
         Reason::ClockSkew,
@@ -70,6 +72,7 @@ impl Reason {
         Reason::Malformed,
         Reason::NameTaken,
         Reason::Busy,
+        Reason::TlsHandshake,
     ];
 
     fn code(self) -> u8 {
@@ -84,6 +87,7 @@ impl Reason {
             Reason::Malformed => 8,
             Reason::NameTaken => 9,
             Reason::Busy => 10,
+            Reason::TlsHandshake => 11,
         }
     }
 
@@ -104,6 +108,7 @@ impl Reason {
             Reason::Malformed => "malformed",
             Reason::NameTaken => "name_taken",
             Reason::Busy => "busy",
+            Reason::TlsHandshake => "tls_handshake",
         }
     }
 }

@@ -240,7 +240,7 @@ async fn serve(stream: TcpStream, peer: SocketAddr, inner: Arc<RouterInner>, sto
             Ok(Ok(conn)) => conn,
             Ok(Err(error)) => {
                 tracing::debug!(%peer, %error, "tunnel router: TLS handshake failed");
-                inner.metrics("").await.handshake_failed(Reason::BadToken);
+                inner.metrics("").await.handshake_failed(Reason::TlsHandshake);
                 return;
             }
             Err(_) => return,
@@ -254,17 +254,18 @@ async fn serve(stream: TcpStream, peer: SocketAddr, inner: Arc<RouterInner>, sto
         }
         Ok(Err(_)) | Err(_) => return,
     };
+    // Until the Hello is proven, its fields are the client's word: none of them becomes a metric label.
     if hello.version != VERSION {
         let detail = format!("this router speaks version {VERSION}");
-        inner.refuse(&mut stream, &hello.service, Reason::UnsupportedVersion, detail).await;
+        inner.refuse(&mut stream, "", Reason::UnsupportedVersion, detail).await;
         return;
     }
     if !proof::hello_is_signed(&inner.token, &hello) {
-        inner.refuse(&mut stream, &hello.service, Reason::BadToken, format!("from {peer}")).await;
+        inner.refuse(&mut stream, "", Reason::BadToken, format!("from {peer}")).await;
         return;
     }
     if let Err(reason) = inner.guard.check(hello.time, &hello.nonce).await {
-        inner.refuse(&mut stream, &hello.service, reason, format!("from {peer}")).await;
+        inner.refuse(&mut stream, "", reason, format!("from {peer}")).await;
         return;
     }
     match hello.kind {
