@@ -378,19 +378,27 @@ impl<'a> Reader<'a> {
 /// Reads one frame, reading exactly its bytes and no more (the relayed bytes that may follow stay in the
 /// stream).
 pub async fn read_frame<S: AsyncRead + Unpin>(stream: &mut S) -> Result<Frame, FrameError> {
+    let (code, length) = read_header(stream).await?;
+    Frame::decode(code, &read_payload(stream, length).await?)
+}
+
+/// A frame's type and payload length.
+async fn read_header<S: AsyncRead + Unpin>(stream: &mut S) -> Result<(u8, usize), FrameError> {
     let mut header = [0u8; 3];
     match stream.read_exact(&mut header).await {
-        Ok(_) => {}
-        Err(error) if error.kind() == io::ErrorKind::UnexpectedEof => return Err(FrameError::Closed),
-        Err(error) => return Err(error.into()),
+        Ok(_) => Ok((header[0], usize::from(u16::from_be_bytes([header[1], header[2]])))),
+        Err(error) if error.kind() == io::ErrorKind::UnexpectedEof => Err(FrameError::Closed),
+        Err(error) => Err(error.into()),
     }
-    let length = usize::from(u16::from_be_bytes([header[1], header[2]]));
+}
+
+async fn read_payload<S: AsyncRead + Unpin>(stream: &mut S, length: usize) -> Result<Vec<u8>, FrameError> {
     let mut payload = vec![0u8; length];
     stream.read_exact(&mut payload).await.map_err(|error| match error.kind() {
         io::ErrorKind::UnexpectedEof => FrameError::Malformed("connection closed inside a frame"),
         _ => FrameError::Io(error),
     })?;
-    Frame::decode(header[0], &payload)
+    Ok(payload)
 }
 
 /// The first whole frame at the start of `bytes` and how many bytes it took, or `None` if more bytes
@@ -410,22 +418,11 @@ const MAX_HELLO: usize = 4 + 1 + 1 + 2 * 256 + 8 + 8 + 16 + 32;
 /// Reads the first frame of a connection, which must be a `Hello`: anything else (another protocol,
 /// say) is refused on its first byte instead of waiting for a length it made up.
 pub async fn read_hello<S: AsyncRead + Unpin>(stream: &mut S) -> Result<Hello, FrameError> {
-    let mut header = [0u8; 3];
-    match stream.read_exact(&mut header).await {
-        Ok(_) => {}
-        Err(error) if error.kind() == io::ErrorKind::UnexpectedEof => return Err(FrameError::Closed),
-        Err(error) => return Err(error.into()),
-    }
-    let length = usize::from(u16::from_be_bytes([header[1], header[2]]));
-    if header[0] != 1 || length > MAX_HELLO {
+    let (code, length) = read_header(stream).await?;
+    if code != 1 || length > MAX_HELLO {
         return Err(FrameError::Malformed("not a Keel tunnel connection"));
     }
-    let mut payload = vec![0u8; length];
-    stream.read_exact(&mut payload).await.map_err(|error| match error.kind() {
-        io::ErrorKind::UnexpectedEof => FrameError::Malformed("connection closed inside a frame"),
-        _ => FrameError::Io(error),
-    })?;
-    match Frame::decode(header[0], &payload)? {
+    match Frame::decode(code, &read_payload(stream, length).await?)? {
         Frame::Hello(hello) => Ok(hello),
         _ => Err(FrameError::Malformed("not a Keel tunnel connection")),
     }

@@ -172,8 +172,40 @@ pub async fn forward_until_answer(
     }
 }
 
+/// A router as publishers and visitors reach it.
+#[derive(Clone, Debug)]
+pub struct RouterEndpoint {
+    pub name: String,
+    pub address: keel_schemas::types::HostPort,
+    token: String,
+    tls: Option<tls::Client>,
+}
+
+impl RouterEndpoint {
+    pub fn new(router: &keel_schemas::config::RouterRef, tls: Option<tls::Client>) -> Self {
+        Self {
+            name: router.name.clone(),
+            address: router.address.clone(),
+            token: router.token.as_ref().map(|token| token.expose().to_string()).unwrap_or_default(),
+            tls,
+        }
+    }
+
+    /// A new connection to the router (TLS when configured), its `Hello` of `kind` sent.
+    pub async fn connect(
+        &self,
+        kind: frame::Kind,
+        node: &str,
+        service: &str,
+        session: u64,
+    ) -> Result<Conn, String> {
+        let hello = proof::hello(&self.token, kind, node, service, session);
+        dial(&self.address, self.tls.as_ref(), &Frame::Hello(hello)).await
+    }
+}
+
 /// Opens a connection to a router (TLS when `tls` says so) and sends `hello` on it.
-pub async fn dial(
+async fn dial(
     address: &keel_schemas::types::HostPort,
     tls: Option<&tls::Client>,
     hello: &Frame,

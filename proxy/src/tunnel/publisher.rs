@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use keel_schemas::config::{Publish, RouterRef};
+use keel_schemas::config::Publish;
 use keel_schemas::types::HostPort;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use super::conn::Conn;
 use super::frame::{Frame, Kind, Open, Reason, read_frame, write_frame};
 use super::proof::{self, ReplayGuard};
-use super::{Backoff, Context, HELLO_TIMEOUT, ServiceMetrics, control_loop, relay_counted, tls};
+use super::{Backoff, Context, HELLO_TIMEOUT, RouterEndpoint, ServiceMetrics, control_loop, relay_counted};
 use crate::cluster::connect_to;
 
 /// What a publication needs to serve, shared by its tasks.
@@ -37,10 +37,7 @@ struct Settings {
 /// One router's side of a publication, as `/tunnels` shows it.
 #[derive(Debug)]
 struct Link {
-    router: String,
-    address: HostPort,
-    token: String,
-    tls: Option<tls::Client>,
+    router: RouterEndpoint,
     registered: AtomicBool,
     session: AtomicU64,
     idle: AtomicUsize,
@@ -72,14 +69,7 @@ pub struct PublisherLinkStatus {
 
 impl Publication {
     /// Starts registering `entry` with `routers` (the ones it names, resolved by the caller).
-    /// `tls` has the TLS client of each router (`None` for plain TCP), in the order of `routers`.
-    pub fn start(
-        entry: &Publish,
-        routers: &[RouterRef],
-        tls: &[Option<tls::Client>],
-        max_skew: Duration,
-        context: Context,
-    ) -> Self {
+    pub fn start(entry: &Publish, routers: &[RouterEndpoint], max_skew: Duration, context: Context) -> Self {
         let settings = Arc::new(Settings {
             service: entry.name.clone(),
             local: entry.local.clone(),
@@ -94,13 +84,9 @@ impl Publication {
         let stop = CancellationToken::new();
         let links: Vec<Arc<Link>> = routers
             .iter()
-            .zip(tls)
-            .map(|(router, tls)| {
+            .map(|router| {
                 Arc::new(Link {
-                    router: router.name.clone(),
-                    address: router.address.clone(),
-                    token: router.token.as_ref().map(|t| t.expose().to_string()).unwrap_or_default(),
-                    tls: tls.clone(),
+                    router: router.clone(),
                     registered: AtomicBool::new(false),
                     session: AtomicU64::new(0),
                     idle: AtomicUsize::new(0),
@@ -126,8 +112,8 @@ impl Publication {
                 .links
                 .iter()
                 .map(|link| PublisherLinkStatus {
-                    router: link.router.clone(),
-                    address: link.address.to_string(),
+                    router: link.router.name.clone(),
+                    address: link.router.address.to_string(),
                     registered: link.registered.load(Ordering::Relaxed),
                     idle_connections: link.idle.load(Ordering::Relaxed),
                 })
@@ -163,7 +149,7 @@ async fn run_link(settings: Arc<Settings>, link: Arc<Link>, stop: CancellationTo
     let mut first = true;
     loop {
         if !first {
-            settings.metrics.reconnected(&link.router);
+            settings.metrics.reconnected(&link.router.name);
         }
         first = false;
         let result = session(&settings, &link, &stop, &mut backoff).await;
@@ -175,18 +161,13 @@ async fn run_link(settings: Arc<Settings>, link: Arc<Link>, stop: CancellationTo
             if let SessionError::Refused { reason, .. } = &error {
                 settings.metrics.handshake_failed(*reason);
             }
-            tracing::warn!(service = settings.service, router = link.router, %error, "tunnel publisher: session with the router ended");
+            tracing::warn!(service = settings.service, router = link.router.name, %error, "tunnel publisher: session with the router ended");
         }
         tokio::select! {
             () = tokio::time::sleep(backoff.next_delay()) => {}
             () = stop.cancelled() => return,
         }
     }
-}
-
-/// Connects to the link's router (TLS when configured) and sends `hello`.
-async fn dial(link: &Link, hello: Frame) -> Result<Conn, SessionError> {
-    super::dial(&link.address, link.tls.as_ref(), &hello).await.map_err(SessionError::Connect)
 }
 
 async fn expect_frame(stream: &mut Conn) -> Result<Frame, SessionError> {
@@ -206,8 +187,7 @@ async fn session(
     backoff: &mut Backoff,
 ) -> Result<(), SessionError> {
     let node = &settings.context.node;
-    let hello = proof::hello(&link.token, Kind::Control, node, "", 0);
-    let mut stream = dial(link, Frame::Hello(hello)).await?;
+    let mut stream = link.router.connect(Kind::Control, node, "", 0).await.map_err(SessionError::Connect)?;
     let session = match expect_frame(&mut stream).await? {
         Frame::Welcome { session, .. } => session,
         other => return Err(SessionError::Protocol(format!("expected Welcome, got {other:?}"))),
@@ -221,7 +201,12 @@ async fn session(
     link.session.store(session, Ordering::Relaxed);
     link.registered.store(true, Ordering::Relaxed);
     backoff.reset();
-    tracing::info!(service = settings.service, router = link.router, session, "tunnel publisher: registered");
+    tracing::info!(
+        service = settings.service,
+        router = link.router.name,
+        session,
+        "tunnel publisher: registered"
+    );
 
     let pool_stop = stop.child_token();
     for _ in 0..settings.pool {
@@ -273,11 +258,10 @@ async fn pooled(settings: Arc<Settings>, link: Arc<Link>, session: u64, stop: Ca
     let node = &settings.context.node;
     // Most pooled connections replace one the router just used: let that connection be set up first.
     tokio::time::sleep(super::REFILL_DELAY).await;
-    let hello = proof::hello(&link.token, Kind::PublisherPool, node, &settings.service, session);
-    let mut stream = match dial(&link, Frame::Hello(hello)).await {
+    let mut stream = match link.router.connect(Kind::PublisherPool, node, &settings.service, session).await {
         Ok(stream) => stream,
         Err(error) => {
-            tracing::debug!(service = settings.service, router = link.router, %error, "tunnel publisher: no pooled connection");
+            tracing::debug!(service = settings.service, router = link.router.name, %error, "tunnel publisher: no pooled connection");
             return;
         }
     };

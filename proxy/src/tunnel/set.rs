@@ -19,7 +19,7 @@ use tokio::net::TcpListener;
 use super::publisher::{Publication, PublicationStatus};
 use super::router::{Router, RouterStatus};
 use super::visitor::{Visitation, VisitationStatus};
-use super::{Context, tls};
+use super::{Context, RouterEndpoint, tls};
 
 /// Everything that identifies a running entry: when any of it changes, the entry restarts.
 /// `tls_files` fingerprints the contents of the TLS files an entry uses, so that a reload after
@@ -47,8 +47,8 @@ struct VisitKey {
     tls_files: u64,
 }
 
-/// TLS clients for an entry's routers, in its order (`None` where a router is plain TCP).
-type Clients = Vec<Option<tls::Client>>;
+/// An entry's routers as it reaches them, in its order.
+type Endpoints = Vec<RouterEndpoint>;
 
 /// The tunnels running now.
 #[derive(Debug)]
@@ -63,8 +63,8 @@ pub struct TunnelSet {
 #[derive(Debug)]
 pub struct TunnelPlan {
     router: RouterPlan,
-    publications: Vec<(PublishKey, Clients)>,
-    visitations: Vec<(VisitKey, Option<(TcpListener, Clients)>)>,
+    publications: Vec<(PublishKey, Endpoints)>,
+    visitations: Vec<(VisitKey, Option<(TcpListener, Endpoints)>)>,
 }
 
 #[derive(Debug)]
@@ -204,8 +204,13 @@ impl TunnelSet {
             };
             clients.insert(router.name.as_str(), client);
         }
-        let clients_of = |routers: &[RouterRef]| -> Clients {
-            routers.iter().map(|router| clients.get(router.name.as_str()).cloned().flatten()).collect()
+        let endpoints_of = |routers: &[RouterRef]| -> Endpoints {
+            routers
+                .iter()
+                .map(|router| {
+                    RouterEndpoint::new(router, clients.get(router.name.as_str()).cloned().flatten())
+                })
+                .collect()
         };
 
         let publications = tunnels
@@ -213,11 +218,11 @@ impl TunnelSet {
             .iter()
             .map(|entry| {
                 let routers = routers_of(&entry.routers, tunnels);
-                let tls = clients_of(&routers);
+                let endpoints = endpoints_of(&routers);
                 let tls_files = routers_fingerprint(&routers);
                 let key =
                     PublishKey { entry: entry.clone(), routers, max_skew: tunnels.max_skew.get(), tls_files };
-                (key, tls)
+                (key, endpoints)
             })
             .collect();
 
@@ -252,8 +257,8 @@ impl TunnelSet {
             }
             match bind(listen) {
                 Ok(listener) => {
-                    let tls = clients_of(&key.routers);
-                    visitations.push((key, Some((listener, tls))));
+                    let endpoints = endpoints_of(&key.routers);
+                    visitations.push((key, Some((listener, endpoints))));
                 }
                 Err(error) => {
                     let path = if entry.listen.is_some() { at.key("listen") } else { at.key("port") };
@@ -282,7 +287,7 @@ impl TunnelSet {
         }
 
         let mut publications = HashMap::new();
-        for (key, tls) in plan.publications {
+        for (key, endpoints) in plan.publications {
             let name = key.entry.name.clone();
             let running = match self.publications.remove(&name) {
                 Some((running_key, publication)) if running_key == key => (running_key, publication),
@@ -290,13 +295,8 @@ impl TunnelSet {
                     if let Some((_, old)) = other {
                         old.stop();
                     }
-                    let publication = Publication::start(
-                        &key.entry,
-                        &key.routers,
-                        &tls,
-                        key.max_skew,
-                        self.context.clone(),
-                    );
+                    let publication =
+                        Publication::start(&key.entry, &endpoints, key.max_skew, self.context.clone());
                     (key, publication)
                 }
             };
@@ -312,12 +312,12 @@ impl TunnelSet {
             let name = key.entry.name.clone();
             let running = match (self.visitations.remove(&name), listener) {
                 (Some(running), None) => running,
-                (old, Some((listener, tls))) => {
+                (old, Some((listener, endpoints))) => {
                     if let Some((_, old)) = old {
                         old.stop();
                     }
                     let visitation =
-                        Visitation::start(listener, &key.entry, &key.routers, &tls, self.context.clone());
+                        Visitation::start(listener, &key.entry, &endpoints, self.context.clone());
                     (key, visitation)
                 }
                 // Planned as unchanged but no longer running: cannot happen while applies are serialized.

@@ -14,8 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use std::time::Duration;
 
-use keel_schemas::config::{RouterRef, Visit};
-use keel_schemas::types::HostPort;
+use keel_schemas::config::Visit;
 use serde::Serialize;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -25,8 +24,8 @@ use tokio_util::sync::CancellationToken;
 use super::conn::Conn;
 use super::frame::{Frame, Kind, read_frame, write_frame};
 use super::{
-    Answered, Backoff, Context, HELLO_TIMEOUT, ServiceMetrics, control_loop, forward_until_answer, proof,
-    relay_counted, tls,
+    Answered, Backoff, Context, HELLO_TIMEOUT, RouterEndpoint, ServiceMetrics, control_loop,
+    forward_until_answer, proof, relay_counted,
 };
 
 /// How often a link checks that its pool is full (beyond being woken when a connection is taken).
@@ -44,10 +43,7 @@ struct Settings {
 /// One router's side of a visit.
 #[derive(Debug)]
 struct Link {
-    router: String,
-    address: HostPort,
-    token: String,
-    tls: Option<tls::Client>,
+    router: RouterEndpoint,
     /// The control session is up.
     watching: AtomicBool,
     /// Live publishers of the service on this router, as its last `Status` said.
@@ -85,14 +81,7 @@ pub struct VisitorLinkStatus {
 
 impl Visitation {
     /// Starts serving `listener` (bound by the caller) for `entry` through `routers`, in that order.
-    /// `tls` has the TLS client of each router (`None` for plain TCP), in the order of `routers`.
-    pub fn start(
-        listener: TcpListener,
-        entry: &Visit,
-        routers: &[RouterRef],
-        tls: &[Option<tls::Client>],
-        context: Context,
-    ) -> Self {
+    pub fn start(listener: TcpListener, entry: &Visit, routers: &[RouterEndpoint], context: Context) -> Self {
         let local_addr = listener.local_addr().expect("a bound listener has an address");
         let settings = Arc::new(Settings {
             service: entry.name.clone(),
@@ -104,13 +93,9 @@ impl Visitation {
         let stop = CancellationToken::new();
         let links: Vec<Arc<Link>> = routers
             .iter()
-            .zip(tls)
-            .map(|(router, tls)| {
+            .map(|router| {
                 Arc::new(Link {
-                    router: router.name.clone(),
-                    address: router.address.clone(),
-                    token: router.token.as_ref().map(|t| t.expose().to_string()).unwrap_or_default(),
-                    tls: tls.clone(),
+                    router: router.clone(),
                     watching: AtomicBool::new(false),
                     publishers: AtomicU16::new(0),
                     idle: Mutex::new(VecDeque::new()),
@@ -136,8 +121,8 @@ impl Visitation {
         let mut routers = Vec::new();
         for link in &self.links {
             routers.push(VisitorLinkStatus {
-                router: link.router.clone(),
-                address: link.address.to_string(),
+                router: link.router.name.clone(),
+                address: link.router.address.to_string(),
                 connected: link.watching.load(Ordering::Relaxed),
                 publishers: link.publishers.load(Ordering::Relaxed),
                 idle_connections: link.idle.lock().await.len(),
@@ -159,13 +144,13 @@ async fn watch(settings: Arc<Settings>, link: Arc<Link>, stop: CancellationToken
     let mut first = true;
     while !stop.is_cancelled() {
         if !first {
-            settings.metrics.reconnected(&link.router);
+            settings.metrics.reconnected(&link.router.name);
         }
         first = false;
         if let Err(error) = watch_session(&settings, &link, &stop, &mut backoff).await {
             tracing::warn!(
                 service = settings.service,
-                router = link.router,
+                router = link.router.name,
                 error,
                 "tunnel visitor: session with the router ended"
             );
@@ -187,8 +172,7 @@ async fn watch_session(
     stop: &CancellationToken,
     backoff: &mut Backoff,
 ) -> Result<(), String> {
-    let hello = proof::hello(&link.token, Kind::Control, &settings.context.node, "", 0);
-    let mut stream = super::dial(&link.address, link.tls.as_ref(), &Frame::Hello(hello)).await?;
+    let mut stream = link.router.connect(Kind::Control, &settings.context.node, "", 0).await?;
     match tokio::time::timeout(HELLO_TIMEOUT, read_frame(&mut stream)).await {
         Ok(Ok(Frame::Welcome { .. })) => {}
         Ok(Ok(Frame::Refused { reason, detail })) => {
@@ -226,8 +210,7 @@ async fn watch_session(
 
 /// A fresh pooled connection to the link's router.
 async fn pooled_connection(settings: &Settings, link: &Link) -> Result<Conn, String> {
-    let hello = proof::hello(&link.token, Kind::VisitorPool, &settings.context.node, "", 0);
-    super::dial(&link.address, link.tls.as_ref(), &Frame::Hello(hello)).await
+    link.router.connect(Kind::VisitorPool, &settings.context.node, "", 0).await
 }
 
 /// Keeps `pool` idle connections to the router while it has publishers of the service.
@@ -245,7 +228,7 @@ async fn fill_pool(settings: Arc<Settings>, link: Arc<Link>, stop: CancellationT
                     Err(error) => {
                         tracing::debug!(
                             service = settings.service,
-                            router = link.router,
+                            router = link.router.name,
                             error,
                             "tunnel visitor: no pooled connection"
                         );
@@ -321,12 +304,12 @@ async fn carry(local: TcpStream, settings: &Settings, links: &[Arc<Link>]) {
             }
             Ok(Answered { frame: Frame::Refused { reason, detail }, .. }) => {
                 settings.metrics.handshake_failed(reason);
-                tracing::info!(service = settings.service, router = link.router, %reason, detail, "tunnel visitor: refused");
+                tracing::info!(service = settings.service, router = link.router.name, %reason, detail, "tunnel visitor: refused");
             }
             Ok(_) | Err(_) => {
                 tracing::debug!(
                     service = settings.service,
-                    router = link.router,
+                    router = link.router.name,
                     "tunnel visitor: no answer to Open"
                 );
                 // The bytes sent ahead may have reached the service before the router went away: sending
