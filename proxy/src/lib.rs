@@ -2,8 +2,10 @@
 //!
 //! A config flows file → [`source`] (read, version, watch) → `keel_schemas::load` (parse, validate) →
 //! [`Proxy::apply`] (diff, bind, swap) → [`listener`]s that accept and hand each connection to a
-//! [`cluster`] for an upstream and to the [`relay`] for the bytes. [`admin`] serves readiness, dumps,
-//! metrics and the reload/drain controls; [`serve`] runs it all until a shutdown request, then drains.
+//! [`cluster`] for an upstream and to the [`relay`] for the bytes. [`dns`] answers the pod's queries;
+//! [`tunnel`] runs routers, publishers and visitors (relaying with [`splice`]). [`admin`] serves
+//! readiness, dumps, metrics and the reload/drain controls; [`serve`] runs it all until a shutdown
+//! request, then drains.
 //!
 //! The library binds only the addresses its config names and reads the environment only through the
 //! [`keel_schemas::Environment`] it is given.

@@ -303,7 +303,6 @@ impl Proxy {
             }
             None => None,
         };
-        tunnels.set_node(crate::tunnel::node_name(config.config()));
         let tunnel_plan = tunnels.plan(config.config(), hijack_table.as_ref()).map_err(|diagnostics| {
             ApplyError::Bind(ConfigErrors { origin: source.to_string(), diagnostics })
         })?;
@@ -409,6 +408,7 @@ impl Proxy {
             }
         }
         drop(dns_slot);
+        tunnels.set_node(crate::tunnel::node_name(config.config()));
         tunnels.commit(tunnel_plan);
         drop(tunnels);
 
