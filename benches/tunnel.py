@@ -185,6 +185,10 @@ def main():
               f"(bar >= 1.50), req/s {k['rps'] / r['rps']:.2f}x, idle RSS {idle['keel'] / idle['rathole']:.2f}x, "
               f"loaded RSS {k['loaded'] / r['loaded']:.2f}x (bar <= 1.00); "
               f"keel first byte {k['first']:.3f} ms median (bar < 1)")
+        d = med["direct"]
+        print(f"first byte added to a direct connection: keel {k['first'] - d['first']:.3f} ms, "
+              f"rathole {r['first'] - d['first']:.3f} ms (the direct figure, {d['first']:.3f} ms, is the "
+              "client's and nginx's own time)")
     finally:
         stop(procs)
 
