@@ -89,6 +89,11 @@ impl DnsState {
         if request.metadata.message_type != MessageType::Query || request.metadata.op_code != OpCode::Query {
             return Resolution::Now(Answer::error(request, ResponseCode::NotImp));
         }
+        // RFC 6891 section 6.1.3: an EDNS version this server does not speak gets BADVERS, with an OPT
+        // record of the version it does (0).
+        if request.edns.as_ref().is_some_and(|edns| edns.version() > 0) {
+            return Resolution::Now(Answer::error(request, ResponseCode::BADVERS));
+        }
         let [query] = request.queries.queries() else {
             return Resolution::Now(Answer::error(request, ResponseCode::FormErr));
         };

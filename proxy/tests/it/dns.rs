@@ -312,6 +312,21 @@ async fn malformed_packets_do_no_harm() {
 }
 
 #[tokio::test]
+async fn an_edns_version_it_does_not_speak_gets_badvers_with_version_0() {
+    let upstream = FakeUpstream::start().await;
+    let server = start(upstream.addr, HIJACK).await;
+    let mut question = query("mysql.", RecordType::A, true);
+    question.edns.as_mut().unwrap().set_version(1);
+    let answer = ask_udp(server.local_addrs[0], &question).await;
+    // RCODE 16 is BADVERS next to an OPT record (hickory decodes the number as BADSIG, its TSIG twin).
+    assert_eq!(u16::from(answer.metadata.response_code), u16::from(ResponseCode::BADVERS));
+    assert!(answer.answers.is_empty());
+    assert_eq!(answer.edns.as_ref().unwrap().version(), 0);
+    assert_eq!(upstream.queries.load(Ordering::SeqCst), 0);
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn the_proxy_serves_dns_from_keel_yaml_and_reloads_it() {
     use crate::support::TestProxy;
     let upstream = FakeUpstream::start().await;
