@@ -147,13 +147,14 @@ enum SessionError {
 async fn run_link(settings: Arc<Settings>, link: Arc<Link>, stop: CancellationToken) {
     let mut backoff = Backoff::default();
     let mut first = true;
+    let mut first_failure = true;
     loop {
         if !first {
             settings.metrics.reconnected(&link.router.name);
         }
         first = false;
         let result = session(&settings, &link, &stop, &mut backoff).await;
-        link.registered.store(false, Ordering::Relaxed);
+        let was_registered = link.registered.swap(false, Ordering::Relaxed);
         if stop.is_cancelled() {
             return;
         }
@@ -161,7 +162,13 @@ async fn run_link(settings: Arc<Settings>, link: Arc<Link>, stop: CancellationTo
             if let SessionError::Refused { reason, .. } = &error {
                 settings.metrics.handshake_failed(*reason);
             }
-            tracing::warn!(service = settings.service, router = link.router.name, %error, "tunnel publisher: session with the router ended");
+            // Loud once when a working session ends; quiet while retrying a router that stays down.
+            if was_registered || first_failure {
+                tracing::warn!(service = settings.service, router = link.router.name, %error, "tunnel publisher: session with the router ended");
+            } else {
+                tracing::debug!(service = settings.service, router = link.router.name, %error, "tunnel publisher: router still unreachable");
+            }
+            first_failure = false;
         }
         tokio::select! {
             () = tokio::time::sleep(backoff.next_delay()) => {}

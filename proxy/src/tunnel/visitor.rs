@@ -142,20 +142,33 @@ impl Drop for Visitation {
 async fn watch(settings: Arc<Settings>, link: Arc<Link>, stop: CancellationToken) {
     let mut backoff = Backoff::default();
     let mut first = true;
+    let mut first_failure = true;
     while !stop.is_cancelled() {
         if !first {
             settings.metrics.reconnected(&link.router.name);
         }
         first = false;
-        if let Err(error) = watch_session(&settings, &link, &stop, &mut backoff).await {
-            tracing::warn!(
-                service = settings.service,
-                router = link.router.name,
-                error,
-                "tunnel visitor: session with the router ended"
-            );
+        let result = watch_session(&settings, &link, &stop, &mut backoff).await;
+        let was_watching = link.watching.swap(false, Ordering::Relaxed);
+        if let Err(error) = result {
+            // Loud once when a working session ends; quiet while retrying a router that stays down.
+            if was_watching || first_failure {
+                tracing::warn!(
+                    service = settings.service,
+                    router = link.router.name,
+                    error,
+                    "tunnel visitor: session with the router ended"
+                );
+            } else {
+                tracing::debug!(
+                    service = settings.service,
+                    router = link.router.name,
+                    error,
+                    "tunnel visitor: router still unreachable"
+                );
+            }
+            first_failure = false;
         }
-        link.watching.store(false, Ordering::Relaxed);
         link.publishers.store(0, Ordering::Relaxed);
         // Pooled connections to a router that went away are of no use.
         link.idle.lock().await.clear();
