@@ -15,7 +15,7 @@ const SECRET: &str = "mysql-secret";
 
 async fn router() -> (TestProxy, SocketAddr) {
     let config = format!(
-        "node: {{id: router-1}}\nadmin: {{address: \"127.0.0.1:0\"}}\ntunnels:\n  server: {{listen: \"127.0.0.1:0\", token: {TOKEN}, connect_timeout: 2s}}\n"
+        "node: {{id: router-1}}\nadmin: {{address: \"127.0.0.1:0\"}}\ndrain_timeout: 1s\ntunnels:\n  server: {{listen: \"127.0.0.1:0\", token: {TOKEN}, connect_timeout: 2s}}\n"
     );
     let proxy = TestProxy::start(&config).await;
     let addr = proxy.proxy.tunnel_router_addr().await.unwrap();
@@ -486,4 +486,32 @@ async fn a_reload_leaves_untouched_tunnels_and_their_connections_alone() {
     .await;
     assert_eq!(visitor.proxy.tunnel_visitor_addr("mysql").await, Some(visit_at));
     echo_once(&mut held, b"still here").await.unwrap();
+}
+
+#[tokio::test]
+async fn a_publisher_registers_with_every_router_and_a_visitor_fails_over_when_one_dies() {
+    let local = Upstream::echo().await;
+    let (first, first_at) = router().await;
+    let (_second, second_at) = router().await;
+    let publisher = publisher("node-b", &[first_at, second_at], local.addr, false).await;
+    let (visitor, visit_at) = visitor(&[first_at, second_at], SECRET).await;
+    eventually(Duration::from_secs(5), "the publisher on both routers", || async {
+        visitor.proxy.tunnels_status().await.visit[0].routers.iter().all(|router| router.publishers == 1)
+    })
+    .await;
+    let registered =
+        publisher.proxy.tunnels_status().await.publish[0].routers.iter().filter(|r| r.registered).count();
+    assert_eq!(registered, 2);
+    let mut stream = TcpStream::connect(visit_at).await.unwrap();
+    echo_once(&mut stream, b"through the first").await.unwrap();
+
+    first.stop().await;
+    eventually(Duration::from_secs(5), "the visitor to see the first router gone", || async {
+        !visitor.proxy.tunnels_status().await.visit[0].routers[0].connected
+    })
+    .await;
+    for _ in 0..5 {
+        let mut stream = TcpStream::connect(visit_at).await.unwrap();
+        echo_once(&mut stream, b"through the second").await.unwrap();
+    }
 }
