@@ -174,9 +174,18 @@ mod tests {
     where
         F: Fn(&Message) -> Vec<Vec<u8>> + Send + Sync + 'static,
     {
-        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let addr = socket.local_addr().unwrap();
-        let tcp = tokio::net::TcpListener::bind(addr).await.unwrap();
+        // TCP on the UDP socket's port: another test may hold that TCP port (an outgoing connection's
+        // ephemeral port, say), so take another pair when it does.
+        let mut tries = 0;
+        let (socket, addr, tcp) = loop {
+            let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            let addr = socket.local_addr().unwrap();
+            match tokio::net::TcpListener::bind(addr).await {
+                Ok(tcp) => break (socket, addr, tcp),
+                Err(error) if tries < 16 && error.kind() == std::io::ErrorKind::AddrInUse => tries += 1,
+                Err(error) => panic!("cannot bind a fake resolver's TCP port: {error}"),
+            }
+        };
         tokio::spawn(async move {
             let mut buffer = vec![0u8; MAX_MESSAGE];
             while let Ok((length, peer)) = socket.recv_from(&mut buffer).await {
