@@ -296,17 +296,19 @@ impl Proxy {
         // behind. Visitors listen on the VIPs the new hijack table gives (the DNS plan builds the same
         // table: allocation is deterministic given the running one).
         let mut tunnels = inner.tunnels.lock().await;
+        let running_dns = dns_slot.as_ref().map(DnsServer::state);
         let hijack_table = match &config.dns {
             Some(dns) => {
-                let running = dns_slot.as_ref().map(DnsServer::state);
-                HijackTable::build(dns, running.as_ref().map(|state| &state.table)).ok()
+                Some(HijackTable::build(dns, running_dns.as_ref().map(|state| &state.table)).map_err(
+                    |diagnostics| ApplyError::Dns(ConfigErrors { origin: source.to_string(), diagnostics }),
+                )?)
             }
             None => None,
         };
         let tunnel_plan = tunnels.plan(config.config(), hijack_table.as_ref()).map_err(|diagnostics| {
             ApplyError::Bind(ConfigErrors { origin: source.to_string(), diagnostics })
         })?;
-        let dns_plan = self.plan_dns(config.config(), old, dns_slot.as_ref(), source).await?;
+        let dns_plan = self.plan_dns(config.config(), old, dns_slot.as_ref(), hijack_table, source).await?;
 
         // Clusters before listeners, so a listener never points at a cluster that is not there yet.
         let mut clusters: ClusterMap = (**inner.clusters.load()).clone();
@@ -422,16 +424,18 @@ impl Proxy {
         Ok(ApplyReport { version: version.to_string(), summary: changes.summary(), changed })
     }
 
-    /// Decides what the DNS server does for `new`, doing everything that can fail (building the state,
-    /// binding new sockets) before the apply commits anything.
+    /// Decides what the DNS server does for `new` (with `table`, its hijack table, built by the caller
+    /// from the running one), doing everything that can fail (binding new sockets) before the apply
+    /// commits anything.
     async fn plan_dns(
         &self,
         new: &keel_schemas::Config,
         old: &keel_schemas::Config,
         running: Option<&DnsServer>,
+        table: Option<HijackTable>,
         source: &str,
     ) -> Result<DnsPlan, ApplyError> {
-        let Some(dns) = &new.dns else {
+        let (Some(dns), Some(table)) = (&new.dns, table) else {
             return Ok(if running.is_some() { DnsPlan::Stop } else { DnsPlan::Keep });
         };
         let previous = running.map(DnsServer::state);
@@ -439,9 +443,7 @@ impl Proxy {
         let metrics = previous
             .as_ref()
             .map_or_else(|| DnsMetrics::new(&self.inner.metrics), |state| state.metrics().clone());
-        let state = DnsState::new(dns, previous.as_deref(), metrics).map_err(|diagnostics| {
-            ApplyError::Dns(ConfigErrors { origin: source.to_string(), diagnostics })
-        })?;
+        let state = DnsState::with_table(dns, table, previous.as_deref(), metrics);
         let same_sockets =
             old.dns.as_ref().is_some_and(|old| old.listen == dns.listen && old.workers == dns.workers);
         if running.is_some() && same_sockets {

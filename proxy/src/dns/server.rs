@@ -65,6 +65,17 @@ impl DnsState {
     /// The state for `dns`, keeping the VIPs and the cache of `previous` where they still apply.
     pub fn new(dns: &Dns, previous: Option<&DnsState>, metrics: DnsMetrics) -> Result<Self, Vec<Diagnostic>> {
         let table = HijackTable::build(dns, previous.map(|state| &state.table))?;
+        Ok(Self::with_table(dns, table, previous, metrics))
+    }
+
+    /// The state for `dns` with its hijack table already built (from `previous`'s table, as
+    /// [`DnsState::new`] builds it).
+    pub fn with_table(
+        dns: &Dns,
+        table: HijackTable,
+        previous: Option<&DnsState>,
+        metrics: DnsMetrics,
+    ) -> Self {
         let cache = match previous {
             Some(state) if state.cache_settings == dns.cache => Arc::clone(&state.cache),
             _ => Arc::new(AnswerCache::new(&dns.cache)),
@@ -74,14 +85,14 @@ impl DnsState {
             dns.upstream_timeout.get(),
             dns.max_in_flight as usize,
         );
-        Ok(Self {
+        Self {
             table,
             ttl: u32::try_from(dns.ttl.get().as_secs()).unwrap_or(u32::MAX).max(1),
             upstreams,
             cache,
             cache_settings: dns.cache.clone(),
             metrics,
-        })
+        }
     }
 
     /// The answer to `request` if it needs no upstream: an error, a hijacked name, a cache hit.

@@ -147,7 +147,7 @@ impl TunnelSet {
             routers: Vec::new(),
             publish: Vec::new(),
             visit: Vec::new(),
-            max_skew: keel_schemas::types::Duration::from_secs(30),
+            max_skew: keel_schemas::config::defaults::max_skew(),
         };
         let tunnels = config.tunnels.as_ref().unwrap_or(&empty);
         let root = ConfigPath::root().key("tunnels");
@@ -162,26 +162,23 @@ impl TunnelSet {
                     fingerprint(files.into_iter().chain(tls.client_ca_file.as_deref()))
                 });
                 let key = RouterKey { server: server.clone(), max_skew: tunnels.max_skew.get(), tls_files };
-                let tls = match &server.tls {
-                    Some(tls) => match tls::Server::new(tls) {
-                        Ok(server) => Some(server),
-                        Err(error) => {
-                            problems.push(Diagnostic::new(root.key("server").key("tls"), error));
-                            None
-                        }
-                    },
-                    None => None,
-                };
                 match running {
                     Some((running_key, _)) if *running_key == key => RouterPlan::Keep,
-                    _ => match bind(server.listen.0) {
-                        Ok(listener) => RouterPlan::Start(Box::new(key), listener, tls),
-                        Err(error) => {
-                            let path = root.key("server").key("listen");
-                            problems.push(Diagnostic::new(
-                                path,
-                                format!("cannot bind {}: {error}", server.listen),
-                            ));
+                    // The acceptor is built (its files read) only for a router that (re)starts.
+                    _ => match (bind(server.listen.0), server.tls.as_ref().map(tls::Server::new).transpose())
+                    {
+                        (Ok(listener), Ok(tls)) => RouterPlan::Start(Box::new(key), listener, tls),
+                        (bound, tls) => {
+                            if let Err(error) = bound {
+                                let path = root.key("server").key("listen");
+                                problems.push(Diagnostic::new(
+                                    path,
+                                    format!("cannot bind {}: {error}", server.listen),
+                                ));
+                            }
+                            if let Err(error) = tls {
+                                problems.push(Diagnostic::new(root.key("server").key("tls"), error));
+                            }
                             RouterPlan::Keep
                         }
                     },
