@@ -41,6 +41,41 @@ pub struct Config {
     /// services published elsewhere.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tunnels: Option<Tunnels>,
+    /// Follow a Keel control plane: it sends `listeners`, `clusters`, `dns` and `tunnels` (which the file
+    /// then leaves out), chosen for this node by `node.id` and `node.labels`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control_plane: Option<ControlPlane>,
+}
+
+/// How to reach the control plane, and where to keep its last snapshot.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ControlPlane {
+    /// `http://host:port` (HTTP/2 in clear) or `https://host:port` (HTTP/2 over TLS).
+    pub address: String,
+    /// Proxy token the control plane expects (sent as a bearer token).
+    #[serde(
+        default,
+        deserialize_with = "crate::types::present_secret",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub token: Option<Secret>,
+    /// File holding the proxy token; surrounding whitespace is trimmed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<String>,
+    /// PEM CA certificates the control plane's certificate must chain to (for `https://`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
+    /// The name the control plane's certificate must be valid for; the host of `address` by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
+    /// Where the last accepted snapshot is kept, so that a restart while the control plane is away comes
+    /// up with it. No cache when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_file: Option<String>,
+    /// How long connecting (and the TLS handshake) may take.
+    #[serde(default = "defaults::connect_timeout")]
+    pub connect_timeout: Duration,
 }
 
 /// The `tunnels` section. The wire protocol is described in docs/tunnel-protocol.md.

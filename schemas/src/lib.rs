@@ -8,6 +8,8 @@
 //! - [`types`]: durations, addresses, CIDRs and secrets as keel.yaml spells them.
 //! - [`load`]: text → validated config; [`validate`](validate::validate): the semantic checks.
 //! - [`dns`]: DNS names and the hijack table (which name answers with which VIP).
+//! - [`resource`]: the control plane's resources (Kubernetes shape) and how their specs are checked.
+//! - [`stream`]: the messages between a proxy and the control plane.
 //! - [`json_schema`]: the schema committed as `schemas/keel.schema.json` for editors.
 
 pub mod config;
@@ -15,6 +17,8 @@ pub mod diagnostic;
 pub mod dns;
 pub mod interpolate;
 pub mod load;
+pub mod resource;
+pub mod stream;
 pub mod types;
 pub mod validate;
 mod yaml;

@@ -9,7 +9,7 @@ use std::ops::Deref;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use crate::config::{Admin, Cluster, Config, Dns, Listener, Node, Tunnels};
+use crate::config::{Admin, Cluster, Config, ControlPlane, Dns, Listener, Node, Tunnels};
 use crate::diagnostic::{ConfigErrors, ConfigPath, Diagnostic, SourceMap};
 use crate::interpolate::Environment;
 use crate::types::{Duration, Secret};
@@ -123,6 +123,7 @@ fn structural_errors(value: &Value, source_map: &SourceMap) -> Vec<Diagnostic> {
             "drain_timeout" => check::<Duration>(value, &path, source_map, &mut out),
             "dns" => check::<Dns>(value, &path, source_map, &mut out),
             "tunnels" => check::<Tunnels>(value, &path, source_map, &mut out),
+            "control_plane" => check::<ControlPlane>(value, &path, source_map, &mut out),
             _ => out.push(
                 Diagnostic::new(
                     path.clone(),
@@ -137,8 +138,8 @@ fn structural_errors(value: &Value, source_map: &SourceMap) -> Vec<Diagnostic> {
 
 /// The top-level keys of keel.yaml, as [`structural_errors`] knows them. A test checks this list against
 /// the fields of [`Config`].
-pub(crate) const SECTIONS: [&str; 7] =
-    ["node", "admin", "listeners", "clusters", "drain_timeout", "dns", "tunnels"];
+pub(crate) const SECTIONS: [&str; 8] =
+    ["node", "admin", "listeners", "clusters", "drain_timeout", "dns", "tunnels", "control_plane"];
 
 fn check<T: DeserializeOwned>(
     value: &Value,
@@ -207,6 +208,10 @@ fn resolve_secrets(config: &mut Config, env: &dyn Environment) -> Vec<Diagnostic
         &mut admin.token,
         &mut out,
     );
+    if let Some(control_plane) = &mut config.control_plane {
+        let at = root.key("control_plane").key("token_file");
+        read_secret(env, &at, control_plane.token_file.as_deref(), &mut control_plane.token, &mut out);
+    }
     if let Some(tunnels) = &mut config.tunnels {
         let path = root.key("tunnels");
         if let Some(server) = &mut tunnels.server {

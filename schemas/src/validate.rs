@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 
-use crate::config::{Cluster, Config, Dns, HealthCheck, Listener, OutlierDetection, Tunnels};
+use crate::config::{Cluster, Config, ControlPlane, Dns, HealthCheck, Listener, OutlierDetection, Tunnels};
 use crate::diagnostic::{ConfigPath, Diagnostic};
 use crate::dns::{HijackTable, is_valid_name};
 use crate::types::{Duration, Secret, SocketAddress};
@@ -88,7 +88,45 @@ pub fn validate(config: &Config) -> Vec<Diagnostic> {
     if let Some(tunnels) = &config.tunnels {
         check_tunnels(&mut problems, &root.key("tunnels"), tunnels, config);
     }
+    if let Some(control_plane) = &config.control_plane {
+        check_control_plane(&mut problems, &root, control_plane, config);
+    }
     problems.0
+}
+
+/// The control plane's address, token, and the sections it owns: a file that follows a control plane
+/// gives only `node`, `admin`, `drain_timeout` and `control_plane`.
+fn check_control_plane(
+    problems: &mut Problems,
+    root: &ConfigPath,
+    control_plane: &ControlPlane,
+    config: &Config,
+) {
+    let path = root.key("control_plane");
+    if let Err(problem) = crate::stream::Endpoint::parse(&control_plane.address) {
+        problems.push(&path.key("address"), problem);
+    }
+    if control_plane.token.is_some() && control_plane.token_file.is_some() {
+        problems.push(&path.key("token_file"), "set either token or token_file, not both");
+    }
+    if matches!(&control_plane.token, Some(token) if token.is_empty()) {
+        problems.push(&path.key("token"), "the token is empty");
+    }
+    problems.check_positive(&path.key("connect_timeout"), control_plane.connect_timeout);
+    let owned = [
+        ("listeners", !config.listeners.is_empty()),
+        ("clusters", !config.clusters.is_empty()),
+        ("dns", config.dns.is_some()),
+        ("tunnels", config.tunnels.is_some()),
+    ];
+    for (section, present) in owned {
+        if present {
+            problems.push(
+                &root.key(section),
+                format!("{section} come from the control plane when control_plane is set; remove them from the file"),
+            );
+        }
+    }
 }
 
 /// A Kubernetes service or namespace name: one DNS label.
