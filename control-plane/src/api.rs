@@ -1,0 +1,614 @@
+//! The REST API, in Kubernetes shape, and the debug endpoints.
+//!
+//! `/apis/edge.example.com/v1/{plural}[/{name}[/status]]` for cluster-scoped kinds and
+//! `/apis/edge.example.com/v1/namespaces/{ns}/{plural}[/{name}[/status]]` for namespaced ones (listing a
+//! namespaced kind without a namespace lists all namespaces). GET lists (with `labelSelector`) or watches
+//! (`?watch=true&resourceVersion=N`, newline-delimited events); POST creates; PUT replaces; PATCH takes a
+//! JSON merge patch (RFC 7386); DELETE deletes. A `metadata.resourceVersion` in a write makes it
+//! conditional: a stale one gets 409. Failures are Kubernetes `Status` objects, with the failing field
+//! paths in `details.causes`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State as Shared};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use keel_schemas::resource::{API_VERSION, FieldError, Kind, Resource, check_envelope, check_spec};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::State;
+use crate::auth::{Denied, Role};
+use crate::store::{Event, EventType, Key, StoreError};
+
+const BASE: &str = "/apis/edge.example.com/v1";
+
+pub fn router(state: Arc<State>) -> Router {
+    Router::new()
+        .route(BASE, get(discovery))
+        .route(&format!("{BASE}/{{plural}}"), get(list).post(create))
+        .route(&format!("{BASE}/namespaces/{{namespace}}/{{plural}}"), get(list).post(create))
+        .route(
+            &format!("{BASE}/{{plural}}/{{name}}"),
+            get(read::<false>).put(replace::<false>).patch(patch::<false>).delete(delete),
+        )
+        .route(
+            &format!("{BASE}/namespaces/{{namespace}}/{{plural}}/{{name}}"),
+            get(read::<false>).put(replace::<false>).patch(patch::<false>).delete(delete),
+        )
+        .route(
+            &format!("{BASE}/{{plural}}/{{name}}/status"),
+            get(read::<true>).put(replace::<true>).patch(patch::<true>),
+        )
+        .route(
+            &format!("{BASE}/namespaces/{{namespace}}/{{plural}}/{{name}}/status"),
+            get(read::<true>).put(replace::<true>).patch(patch::<true>),
+        )
+        .route(keel_schemas::stream::STREAM_PATH, post(crate::stream::open))
+        .route("/debug/proxies", get(debug_proxies))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .fallback(|| async {
+            Failure::new(StatusCode::NOT_FOUND, "NotFound", "no such path").into_response()
+        })
+        .with_state(state)
+}
+
+/// A failed request, as a Kubernetes `Status`.
+#[derive(Debug)]
+pub struct Failure {
+    code: StatusCode,
+    reason: &'static str,
+    message: String,
+    causes: Vec<FieldError>,
+}
+
+impl Failure {
+    pub fn new(code: StatusCode, reason: &'static str, message: impl Into<String>) -> Self {
+        Self { code, reason, message: message.into(), causes: Vec::new() }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "BadRequest", message)
+    }
+
+    fn invalid(kind: Kind, name: &str, causes: Vec<FieldError>) -> Self {
+        let list: Vec<String> = causes.iter().map(|c| format!("{}: {}", c.field, c.message)).collect();
+        Self {
+            code: StatusCode::UNPROCESSABLE_ENTITY,
+            reason: "Invalid",
+            message: format!("{} {name:?} is invalid: {}", kind.name(), list.join("; ")),
+            causes,
+        }
+    }
+}
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        let causes: Vec<Value> =
+            self.causes.iter().map(|c| json!({"field": c.field, "message": c.message})).collect();
+        let body = json!({
+            "kind": "Status",
+            "apiVersion": "v1",
+            "status": "Failure",
+            "message": self.message,
+            "reason": self.reason,
+            "code": self.code.as_u16(),
+            "details": {"causes": causes},
+        });
+        (self.code, axum::Json(body)).into_response()
+    }
+}
+
+impl From<StoreError> for Failure {
+    fn from(error: StoreError) -> Self {
+        let (code, reason) = match &error {
+            StoreError::AlreadyExists { .. } => (StatusCode::CONFLICT, "AlreadyExists"),
+            StoreError::Conflict { .. } => (StatusCode::CONFLICT, "Conflict"),
+            StoreError::NotFound { .. } => (StatusCode::NOT_FOUND, "NotFound"),
+            StoreError::Gone(_) => (StatusCode::GONE, "Expired"),
+            StoreError::TooNew { .. } | StoreError::Corrupt { .. } | StoreError::Database(_) => {
+                tracing::error!(%error, "store failure");
+                (StatusCode::INTERNAL_SERVER_ERROR, "InternalError")
+            }
+        };
+        Failure::new(code, reason, error.to_string())
+    }
+}
+
+pub fn denied(why: Denied) -> Response {
+    match why {
+        Denied::Unauthenticated => {
+            Failure::new(StatusCode::UNAUTHORIZED, "Unauthorized", "a valid bearer token is required")
+                .into_response()
+        }
+        Denied::Forbidden => {
+            Failure::new(StatusCode::FORBIDDEN, "Forbidden", "this token's role may not use this endpoint")
+                .into_response()
+        }
+    }
+}
+
+/// The kind, namespace and name a path names.
+struct Target {
+    kind: Kind,
+    namespace: Option<String>,
+    name: String,
+}
+
+impl Target {
+    fn parse(params: &HashMap<String, String>) -> Result<Self, Failure> {
+        let plural = params.get("plural").map(String::as_str).unwrap_or_default();
+        let kind = Kind::from_plural(plural).ok_or_else(|| {
+            let known: Vec<&str> = Kind::ALL.iter().map(|kind| kind.plural()).collect();
+            Failure::new(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                format!("no resource type {plural:?} (known: {})", known.join(", ")),
+            )
+        })?;
+        let namespace = params.get("namespace").cloned();
+        if namespace.is_some() && !kind.namespaced() {
+            return Err(Failure::new(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                format!("{} is cluster-scoped: use {BASE}/{plural}", kind.name()),
+            ));
+        }
+        Ok(Self { kind, namespace, name: params.get("name").cloned().unwrap_or_default() })
+    }
+
+    fn key(&self) -> Key {
+        Key::new(self.kind, self.namespace.as_deref(), &self.name)
+    }
+}
+
+fn operator(state: &State, headers: &HeaderMap) -> Result<(), Response> {
+    state.tokens.check(headers, Role::Operator).map_err(denied)
+}
+
+async fn discovery(Shared(state): Shared<Arc<State>>, headers: HeaderMap) -> Response {
+    if let Err(response) = operator(&state, &headers) {
+        return response;
+    }
+    let resources: Vec<Value> = Kind::ALL
+        .iter()
+        .flat_map(|kind| {
+            let verbs = json!(["create", "delete", "get", "list", "patch", "update", "watch"]);
+            [
+                json!({"name": kind.plural(), "kind": kind.name(), "namespaced": kind.namespaced(), "verbs": verbs}),
+                json!({"name": format!("{}/status", kind.plural()), "kind": kind.name(), "namespaced": kind.namespaced(), "verbs": ["get", "patch", "update"]}),
+            ]
+        })
+        .collect();
+    axum::Json(json!({"kind": "APIResourceList", "groupVersion": API_VERSION, "resources": resources}))
+        .into_response()
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ListQuery {
+    label_selector: Option<String>,
+    #[serde(default)]
+    watch: Option<String>,
+    resource_version: Option<String>,
+}
+
+async fn list(
+    Shared(state): Shared<Arc<State>>,
+    Path(params): Path<HashMap<String, String>>,
+    Query(query): Query<ListQuery>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(response) = operator(&state, &headers) {
+        return response;
+    }
+    let result = async {
+        let target = Target::parse(&params)?;
+        let selector = Selector::parse(query.label_selector.as_deref().unwrap_or_default())?;
+        if matches!(query.watch.as_deref(), Some("true" | "1")) {
+            return watch(&state, target, selector, query.resource_version.as_deref()).await;
+        }
+        let store = state.store.lock().await;
+        let items: Vec<&Resource> = store
+            .list(target.kind, target.namespace.as_deref())
+            .map(|stored| &stored.resource)
+            .filter(|resource| selector.matches(&resource.metadata.labels))
+            .collect();
+        let body = json!({
+            "apiVersion": API_VERSION,
+            "kind": format!("{}List", target.kind.name()),
+            "metadata": {"resourceVersion": store.revision().to_string()},
+            "items": items,
+        });
+        Ok(axum::Json(body).into_response())
+    }
+    .await;
+    result.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// Streams events: those after `resource_version`, or the current objects as ADDED without one, then
+/// every change as it commits.
+async fn watch(
+    state: &Arc<State>,
+    target: Target,
+    selector: Selector,
+    resource_version: Option<&str>,
+) -> Result<Response, Failure> {
+    let (kind, namespace) = (target.kind, target.namespace.clone());
+    let wanted = move |event: &Event| {
+        let meta = &event.object.metadata;
+        event.object.kind == kind.name()
+            && namespace.as_deref().is_none_or(|ns| meta.namespace.as_deref() == Some(ns))
+            && selector.matches(&meta.labels)
+    };
+    let (backlog, mut changes) = {
+        let store = state.store.lock().await;
+        let backlog: Vec<Event> = match resource_version.filter(|rv| !rv.is_empty() && *rv != "0") {
+            Some(rv) => {
+                let rv: i64 = rv
+                    .parse()
+                    .map_err(|_| Failure::bad_request(format!("invalid resourceVersion {rv:?}")))?;
+                store.events_since(rv)?
+            }
+            None => store
+                .list(target.kind, target.namespace.as_deref())
+                .map(|stored| Event { kind: EventType::Added, object: stored.resource.clone() })
+                .collect(),
+        };
+        (backlog, store.subscribe())
+    };
+    let (lines, receive) = tokio::sync::mpsc::channel::<Bytes>(64);
+    let stop = state.stop.clone();
+    tokio::spawn(async move {
+        let line = |event: &Event| {
+            let mut line = serde_json::to_vec(event).unwrap_or_default();
+            line.push(b'\n');
+            Bytes::from(line)
+        };
+        for event in backlog.iter().filter(|event| wanted(event)) {
+            if lines.send(line(event)).await.is_err() {
+                return;
+            }
+        }
+        loop {
+            let event = tokio::select! {
+                event = changes.recv() => event,
+                () = lines.closed() => return,
+                () = stop.cancelled() => return,
+            };
+            match event {
+                Ok(event) if wanted(&event) => {
+                    if lines.send(line(&event)).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    let expired = json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Expired", "code": 410, "message": "the watch fell behind; list and watch again"}});
+                    let _ = lines.send(Bytes::from(format!("{expired}\n"))).await;
+                    return;
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    });
+    Ok(Response::builder()
+        .header(header::CONTENT_TYPE, "application/json;stream=watch")
+        .body(axum::body::Body::new(crate::stream::ChannelBody::new(receive)))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response()))
+}
+
+async fn read<const STATUS: bool>(
+    Shared(state): Shared<Arc<State>>,
+    Path(params): Path<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(response) = operator(&state, &headers) {
+        return response;
+    }
+    let result = async {
+        let target = Target::parse(&params)?;
+        let store = state.store.lock().await;
+        let stored = store.get(&target.key()).ok_or_else(|| not_found(&target))?;
+        Ok::<_, Failure>(axum::Json(&stored.resource).into_response())
+    }
+    .await;
+    result.unwrap_or_else(IntoResponse::into_response)
+}
+
+fn not_found(target: &Target) -> Failure {
+    Failure::from(StoreError::NotFound { kind: target.kind.name(), name: target.name.clone() })
+}
+
+fn parse_body(body: &[u8]) -> Result<Resource, Failure> {
+    serde_json::from_slice(body).map_err(|error| {
+        let mut failure = Failure::bad_request(format!("the body is not a valid object: {error}"));
+        failure.causes.push(FieldError { field: String::new(), message: error.to_string() });
+        failure
+    })
+}
+
+/// Checks a written object and returns it with its checked spec.
+fn check(target: &Target, resource: &mut Resource) -> Result<keel_schemas::resource::Spec, Failure> {
+    if resource.metadata.namespace.is_none() && target.kind.namespaced() {
+        resource.metadata.namespace = target.namespace.clone();
+    }
+    let mut causes = check_envelope(resource, target.kind, target.namespace.as_deref());
+    if !causes.is_empty() {
+        return Err(Failure::invalid(target.kind, &resource.metadata.name, causes));
+    }
+    match check_spec(
+        target.kind,
+        &resource.metadata.name,
+        resource.metadata.namespace.as_deref(),
+        &resource.spec,
+    ) {
+        Ok(spec) => Ok(spec),
+        Err(errors) => {
+            causes.extend(errors);
+            Err(Failure::invalid(target.kind, &resource.metadata.name, causes))
+        }
+    }
+}
+
+async fn create(
+    Shared(state): Shared<Arc<State>>,
+    Path(params): Path<HashMap<String, String>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Err(response) = operator(&state, &headers) {
+        return response;
+    }
+    let result = async {
+        let mut target = Target::parse(&params)?;
+        if target.kind.namespaced() && target.namespace.is_none() {
+            return Err(Failure::bad_request(format!(
+                "{} is namespaced: create it under {BASE}/namespaces/{{namespace}}/{}",
+                target.kind.name(),
+                target.kind.plural()
+            )));
+        }
+        let mut resource = parse_body(&body)?;
+        let spec = check(&target, &mut resource)?;
+        target.name = resource.metadata.name.clone();
+        let event = state.store.lock().await.create(target.key(), resource, spec)?;
+        if target.kind != Kind::Node {
+            state.written();
+        }
+        Ok((StatusCode::CREATED, axum::Json(event.object)).into_response())
+    }
+    .await;
+    result.unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn replace<const STATUS: bool>(
+    Shared(state): Shared<Arc<State>>,
+    Path(params): Path<HashMap<String, String>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Err(response) = operator(&state, &headers) {
+        return response;
+    }
+    let result = async {
+        let target = Target::parse(&params)?;
+        let resource = parse_body(&body)?;
+        write(&state, &target, resource, STATUS).await
+    }
+    .await;
+    result.unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn write(
+    state: &State,
+    target: &Target,
+    mut resource: Resource,
+    status_only: bool,
+) -> Result<Response, Failure> {
+    if !resource.metadata.name.is_empty() && resource.metadata.name != target.name {
+        return Err(Failure::bad_request(format!(
+            "metadata.name {:?} does not match the name in the URL ({:?})",
+            resource.metadata.name, target.name
+        )));
+    }
+    resource.metadata.name = target.name.clone();
+    let mut store = state.store.lock().await;
+    let spec = if status_only {
+        let current = store.get(&target.key()).ok_or_else(|| not_found(target))?;
+        current.spec.clone()
+    } else {
+        check(target, &mut resource)?
+    };
+    let event = store.replace(target.key(), resource, spec, status_only)?;
+    drop(store);
+    if !status_only && target.kind != Kind::Node {
+        state.written();
+    }
+    Ok(axum::Json(event.object).into_response())
+}
+
+async fn patch<const STATUS: bool>(
+    Shared(state): Shared<Arc<State>>,
+    Path(params): Path<HashMap<String, String>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Err(response) = operator(&state, &headers) {
+        return response;
+    }
+    let result = async {
+        let content_type =
+            headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default();
+        if !content_type.starts_with("application/merge-patch+json")
+            && !content_type.starts_with("application/json")
+        {
+            return Err(Failure::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "UnsupportedMediaType",
+                format!("PATCH takes application/merge-patch+json (RFC 7386), not {content_type:?}"),
+            ));
+        }
+        let target = Target::parse(&params)?;
+        let patch: Value = serde_json::from_slice(&body)
+            .map_err(|error| Failure::bad_request(format!("the patch is not JSON: {error}")))?;
+        let current = {
+            let store = state.store.lock().await;
+            store.get(&target.key()).ok_or_else(|| not_found(&target))?.resource.clone()
+        };
+        let mut merged = serde_json::to_value(&current).unwrap_or_default();
+        merge_patch(&mut merged, &patch);
+        let resource: Resource = serde_json::from_value(merged)
+            .map_err(|error| Failure::bad_request(format!("the patched object is invalid: {error}")))?;
+        write(&state, &target, resource, STATUS).await
+    }
+    .await;
+    result.unwrap_or_else(IntoResponse::into_response)
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct DeleteQuery {
+    resource_version: Option<String>,
+}
+
+async fn delete(
+    Shared(state): Shared<Arc<State>>,
+    Path(params): Path<HashMap<String, String>>,
+    Query(query): Query<DeleteQuery>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(response) = operator(&state, &headers) {
+        return response;
+    }
+    let result = async {
+        let target = Target::parse(&params)?;
+        let event = state
+            .store
+            .lock()
+            .await
+            .delete(&target.key(), query.resource_version.as_deref().unwrap_or_default())?;
+        if target.kind != Kind::Node {
+            state.written();
+        }
+        Ok::<_, Failure>(axum::Json(event.object).into_response())
+    }
+    .await;
+    result.unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn debug_proxies(Shared(state): Shared<Arc<State>>, headers: HeaderMap) -> Response {
+    if let Err(response) = operator(&state, &headers) {
+        return response;
+    }
+    let proxies = state.fleet.connected().await;
+    axum::Json(json!({"proxies": proxies})).into_response()
+}
+
+/// RFC 7386: objects merge key by key, `null` deletes, anything else replaces.
+pub fn merge_patch(target: &mut Value, patch: &Value) {
+    let Value::Object(patch) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = Value::Object(serde_json::Map::new());
+    }
+    let Value::Object(fields) = target else { return };
+    for (key, value) in patch {
+        if value.is_null() {
+            fields.remove(key);
+        } else {
+            merge_patch(fields.entry(key.clone()).or_insert(Value::Null), value);
+        }
+    }
+}
+
+/// A label selector: `key=value`, `key==value`, `key!=value`, `key` (present), `!key` (absent), joined
+/// by commas; all must hold.
+#[derive(Debug, Default)]
+pub struct Selector(Vec<Requirement>);
+
+#[derive(Debug)]
+enum Requirement {
+    Equals(String, String),
+    NotEquals(String, String),
+    Exists(String),
+    Absent(String),
+}
+
+impl Selector {
+    pub fn parse(text: &str) -> Result<Self, Failure> {
+        let mut requirements = Vec::new();
+        for term in text.split(',').map(str::trim).filter(|term| !term.is_empty()) {
+            let bad = || Failure::bad_request(format!("invalid labelSelector term {term:?}"));
+            let requirement = if let Some((key, value)) = term.split_once("!=") {
+                Requirement::NotEquals(key.trim().to_string(), value.trim().to_string())
+            } else if let Some((key, value)) = term.split_once("==").or_else(|| term.split_once('=')) {
+                Requirement::Equals(key.trim().to_string(), value.trim().to_string())
+            } else if let Some(key) = term.strip_prefix('!') {
+                Requirement::Absent(key.trim().to_string())
+            } else {
+                Requirement::Exists(term.to_string())
+            };
+            let key = match &requirement {
+                Requirement::Equals(key, _)
+                | Requirement::NotEquals(key, _)
+                | Requirement::Exists(key)
+                | Requirement::Absent(key) => key,
+            };
+            if key.is_empty() || key.contains(char::is_whitespace) || key.contains(['(', ')', '!', '=']) {
+                return Err(bad());
+            }
+            requirements.push(requirement);
+        }
+        Ok(Self(requirements))
+    }
+
+    pub fn matches(&self, labels: &std::collections::BTreeMap<String, String>) -> bool {
+        self.0.iter().all(|requirement| match requirement {
+            Requirement::Equals(key, value) => labels.get(key) == Some(value),
+            Requirement::NotEquals(key, value) => labels.get(key) != Some(value),
+            Requirement::Exists(key) => labels.contains_key(key),
+            Requirement::Absent(key) => !labels.contains_key(key),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    #[test]
+    fn selectors() {
+        let labels =
+            BTreeMap::from([("app".to_string(), "web".to_string()), ("zone".to_string(), "a".to_string())]);
+        for (text, expected) in [
+            ("", true),
+            ("app=web", true),
+            ("app==web,zone=a", true),
+            ("app!=web", false),
+            ("zone", true),
+            ("!zone", false),
+            ("!tier", true),
+            ("app=db", false),
+        ] {
+            assert_eq!(Selector::parse(text).unwrap().matches(&labels), expected, "{text}");
+        }
+        assert!(Selector::parse("a b=c").is_err());
+        assert!(Selector::parse("=x").is_err());
+    }
+
+    #[test]
+    fn merge_patches() {
+        let mut target = json!({"a": {"b": 1, "c": 2}, "d": [1]});
+        merge_patch(&mut target, &json!({"a": {"b": null, "e": 3}, "d": [2, 3]}));
+        assert_eq!(target, json!({"a": {"c": 2, "e": 3}, "d": [2, 3]}));
+    }
+}

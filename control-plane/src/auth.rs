@@ -1,0 +1,115 @@
+//! Bearer tokens: operator tokens for the REST API and `/debug`, proxy tokens for the snapshot stream.
+//!
+//! Tokens come from files or the environment at start, never from the database. With no token of a
+//! role configured, that role's endpoints are open; the binary allows that only on a loopback address.
+
+use std::fmt;
+
+use axum::http::HeaderMap;
+
+/// Who a request may be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Operator,
+    Proxy,
+}
+
+/// Why a request was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Denied {
+    /// 401: no token, or one that is nobody's.
+    Unauthenticated,
+    /// 403: a valid token of the other role.
+    Forbidden,
+}
+
+/// The configured tokens. Debug output never shows them.
+#[derive(Clone, Default)]
+pub struct Tokens {
+    operator: Vec<String>,
+    proxy: Vec<String>,
+}
+
+impl fmt::Debug for Tokens {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Tokens")
+            .field("operator", &format_args!("{} token(s)", self.operator.len()))
+            .field("proxy", &format_args!("{} token(s)", self.proxy.len()))
+            .finish()
+    }
+}
+
+impl Tokens {
+    /// Empty strings are dropped (an empty token would let anyone in).
+    pub fn new(operator: Vec<String>, proxy: Vec<String>) -> Self {
+        let clean = |tokens: Vec<String>| -> Vec<String> {
+            tokens.into_iter().map(|t| t.trim().to_string()).filter(|t| !t.is_empty()).collect()
+        };
+        Self { operator: clean(operator), proxy: clean(proxy) }
+    }
+
+    pub fn requires(&self, role: Role) -> bool {
+        !self.of(role).is_empty()
+    }
+
+    fn of(&self, role: Role) -> &[String] {
+        match role {
+            Role::Operator => &self.operator,
+            Role::Proxy => &self.proxy,
+        }
+    }
+
+    /// Checks the request's bearer token for `role`.
+    pub fn check(&self, headers: &HeaderMap, role: Role) -> Result<(), Denied> {
+        if !self.requires(role) {
+            return Ok(());
+        }
+        let presented = headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.strip_prefix("Bearer "))
+            .map(str::trim)
+            .ok_or(Denied::Unauthenticated)?;
+        let matches = |tokens: &[String]| {
+            tokens.iter().any(|token| same_secret(token.as_bytes(), presented.as_bytes()))
+        };
+        if matches(self.of(role)) {
+            return Ok(());
+        }
+        let other = match role {
+            Role::Operator => Role::Proxy,
+            Role::Proxy => Role::Operator,
+        };
+        if matches(self.of(other)) { Err(Denied::Forbidden) } else { Err(Denied::Unauthenticated) }
+    }
+}
+
+/// Compares in constant time, so response timing says nothing about how much of a guess was right.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::http::HeaderValue;
+
+    use super::*;
+
+    fn bearer(token: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert("authorization", HeaderValue::from_str(&format!("Bearer {token}")).unwrap());
+        headers
+    }
+
+    #[test]
+    fn roles() {
+        let tokens = Tokens::new(vec!["op".into(), " ".into()], vec!["px".into()]);
+        assert_eq!(tokens.check(&bearer("op"), Role::Operator), Ok(()));
+        assert_eq!(tokens.check(&bearer("px"), Role::Operator), Err(Denied::Forbidden));
+        assert_eq!(tokens.check(&bearer("nope"), Role::Operator), Err(Denied::Unauthenticated));
+        assert_eq!(tokens.check(&HeaderMap::new(), Role::Proxy), Err(Denied::Unauthenticated));
+        assert_eq!(tokens.check(&bearer(""), Role::Operator), Err(Denied::Unauthenticated));
+        assert_eq!(Tokens::default().check(&HeaderMap::new(), Role::Operator), Ok(()));
+        assert!(!format!("{tokens:?}").contains("op\""));
+    }
+}

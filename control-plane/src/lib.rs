@@ -1,0 +1,135 @@
+//! Keel's control plane: the library behind the `control-plane` binary.
+//!
+//! Writes come in through the REST API ([`api`]), are checked with the proxy's own validation
+//! (`keel_schemas::resource`), and land in the [`store`] (SQLite + memory). After writes settle (the
+//! debounce), a new [`snapshot::World`] is published; each proxy's stream session ([`stream`]) builds its
+//! node's snapshot from it and sends it if its version changed. Proxies answer with ACK or NACK and report
+//! their status on the same stream; [`fleet`] keeps what they said, for `/debug/proxies` and the `Node`
+//! and `Router` resources. [`serve`] accepts HTTP/1.1 and HTTP/2, in clear or over TLS.
+
+pub mod api;
+pub mod auth;
+pub mod fleet;
+pub mod serve;
+pub mod snapshot;
+pub mod store;
+pub mod stream;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{Mutex, Notify, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::Tokens;
+use crate::fleet::Fleet;
+use crate::snapshot::World;
+use crate::store::Store;
+
+/// How long the control plane waits after a write for more writes before it rebuilds snapshots.
+pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(20);
+
+/// How the control plane runs.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub database: PathBuf,
+    pub tokens: Tokens,
+    /// PEM certificate chain and key; plain HTTP without them.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    pub debounce: Duration,
+    /// How often connected proxies' records are written to their `Node` resources.
+    pub node_flush_interval: Duration,
+}
+
+/// What every request handler shares.
+#[derive(Debug)]
+pub struct State {
+    pub store: Mutex<Store>,
+    pub tokens: Tokens,
+    pub fleet: Fleet,
+    worlds: watch::Sender<Arc<World>>,
+    writes: Notify,
+    pub stop: CancellationToken,
+}
+
+impl State {
+    /// Tells the debouncer that the store changed.
+    pub fn written(&self) {
+        self.writes.notify_one();
+    }
+
+    pub fn worlds(&self) -> watch::Receiver<Arc<World>> {
+        self.worlds.subscribe()
+    }
+}
+
+/// A running control plane.
+#[derive(Debug)]
+pub struct ControlPlane {
+    pub local_addr: SocketAddr,
+    pub state: Arc<State>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ControlPlane {
+    /// Opens the store, binds `settings.listen` and starts serving.
+    pub async fn start(settings: Settings) -> anyhow::Result<Self> {
+        let store = Store::open(&settings.database)
+            .map_err(|error| anyhow::anyhow!("cannot open {}: {error}", settings.database.display()))?;
+        let world = World::new(store.revision(), store.all());
+        let state = Arc::new(State {
+            store: Mutex::new(store),
+            tokens: settings.tokens.clone(),
+            fleet: Fleet::default(),
+            worlds: watch::channel(Arc::new(world)).0,
+            writes: Notify::new(),
+            stop: CancellationToken::new(),
+        });
+        let acceptor = match &settings.tls {
+            Some((cert, key)) => Some(serve::tls_acceptor(cert, key)?),
+            None => None,
+        };
+        let listener = tokio::net::TcpListener::bind(settings.listen)
+            .await
+            .map_err(|error| anyhow::anyhow!("cannot listen on {}: {error}", settings.listen))?;
+        let local_addr = listener.local_addr()?;
+        tokio::spawn(debounce(Arc::clone(&state), settings.debounce));
+        tokio::spawn(fleet::flush_nodes(Arc::clone(&state), settings.node_flush_interval));
+        let app = api::router(Arc::clone(&state));
+        let stop = state.stop.clone();
+        let task = tokio::spawn(serve::serve(listener, acceptor, app, stop));
+        tracing::info!(address = %local_addr, tls = settings.tls.is_some(), "control plane listening");
+        Ok(Self { local_addr, state, task })
+    }
+
+    /// Stops accepting, ends every stream and waits for the server to finish.
+    pub async fn stop(self) {
+        self.state.stop.cancel();
+        let _ = self.task.await;
+    }
+
+    /// Serves until the stop token is cancelled.
+    pub async fn wait(self) {
+        let _ = self.task.await;
+    }
+}
+
+/// Publishes a new [`World`] once writes have settled for `debounce`.
+async fn debounce(state: Arc<State>, debounce: Duration) {
+    loop {
+        tokio::select! {
+            () = state.writes.notified() => {}
+            () = state.stop.cancelled() => return,
+        }
+        tokio::time::sleep(debounce).await;
+        let world = {
+            let store = state.store.lock().await;
+            World::new(store.revision(), store.all())
+        };
+        tracing::debug!(revision = world.revision, "snapshots rebuilt");
+        state.worlds.send_replace(Arc::new(world));
+    }
+}
