@@ -75,7 +75,7 @@ fn same_secret(a: &[u8], b: &[u8]) -> bool {
 }
 
 async fn require_token(State(proxy): State<Proxy>, request: Request, next: Next) -> Response {
-    let expected = proxy.applied().and_then(|applied| applied.config.admin.token.clone());
+    let expected = proxy.admin_token();
     if let Some(expected) = expected {
         let presented = request
             .headers()

@@ -1,7 +1,7 @@
 //! Keel's data plane: the library behind the `proxy` binary.
 //!
 //! A config flows file → [`source`] (read, version, watch) → `keel_schemas::load` (parse, validate) →
-//! [`Proxy::apply`] (diff, bind, swap) → [`listener`]s that accept and hand each connection to a
+//! [`Proxy::apply`] (diff, bind, swap; [`control_plane`] snapshots take the same road) → [`listener`]s that accept and hand each connection to a
 //! [`cluster`] for an upstream and to the [`relay`] for the bytes. [`dns`] answers the pod's queries;
 //! [`tunnel`] runs routers, publishers and visitors (relaying with [`splice`]). [`admin`] serves
 //! readiness, dumps, metrics and the reload/drain controls; [`serve`] runs it all until a shutdown
@@ -12,6 +12,7 @@
 
 pub mod admin;
 pub mod cluster;
+pub mod control_plane;
 pub mod diff;
 pub mod dns;
 mod env;
@@ -52,6 +53,10 @@ pub async fn serve(proxy: Proxy, admin: TcpListener) -> std::io::Result<()> {
     let admin_task = tokio::spawn(admin::serve(admin, proxy.clone(), stop_admin.clone()));
     let watched = proxy.clone();
     let watcher = tokio::spawn(async move {
+        // Following a control plane, the file is only the bootstrap: SIGHUP re-reads it.
+        if watched.follows_control_plane() {
+            return;
+        }
         if let Err(error) = source::watch_file(watched).await {
             tracing::warn!(%error, "cannot watch the config file; SIGHUP and POST /reload still reload it");
         }

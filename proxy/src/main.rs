@@ -127,7 +127,15 @@ fn run(config: Option<PathBuf>, concurrency: Option<u16>) -> anyhow::Result<()> 
         };
         let proxy = Proxy::new(Arc::new(ProcessEnvironment), config.clone());
         let admin = keel_proxy::bind_admin(&loaded.config).context("cannot bind the admin API")?;
-        proxy.apply(loaded.config, &source, &loaded.version).await?;
+        if loaded.config.control_plane.is_some() {
+            // The file is a bootstrap; the control plane (or, until it answers, the cache) gives the rest.
+            let bootstrap = loaded.config.config().clone();
+            proxy.set_bootstrap(bootstrap.clone());
+            keel_proxy::control_plane::apply_cache(&proxy, &bootstrap).await;
+            tokio::spawn(keel_proxy::control_plane::follow(proxy.clone(), bootstrap));
+        } else {
+            proxy.apply(loaded.config, &source, &loaded.version).await?;
+        }
         tokio::spawn(handle_signals(proxy.clone()));
         keel_proxy::serve(proxy, admin).await?;
         Ok(())

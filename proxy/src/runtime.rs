@@ -83,6 +83,10 @@ pub enum ApplyError {
 pub enum ReloadError {
     #[error("no config file to reload: the proxy runs its embedded default config")]
     NoSource,
+    #[error("the file no longer has control_plane: switching between a control plane and a static file takes a restart")]
+    LeftControlPlane,
+    #[error("the bootstrap file was re-read; no snapshot has come from the control plane yet")]
+    AwaitingControlPlane,
     #[error(transparent)]
     Load(#[from] source::LoadError),
     #[error(transparent)]
@@ -117,6 +121,11 @@ struct Inner {
     /// Routers, publishers and visitors. Locked after `dns`.
     tunnels: Mutex<TunnelSet>,
     draining: AtomicBool,
+    /// With `control_plane:` set: the bootstrap file's config, the snapshot running, and when the
+    /// control plane was last heard from.
+    bootstrap: ArcSwapOption<keel_schemas::Config>,
+    snapshot: ArcSwapOption<crate::control_plane::Snapshot>,
+    control_plane_contact: ArcSwapOption<tokio::time::Instant>,
     close_all: CancellationToken,
     all_connections: TaskTracker,
     shutdown: watch::Sender<Option<Shutdown>>,
@@ -156,6 +165,9 @@ impl Proxy {
                 dns: Mutex::new(None),
                 tunnels: Mutex::new(TunnelSet::new(tunnel_context)),
                 draining: AtomicBool::new(false),
+                bootstrap: ArcSwapOption::empty(),
+                snapshot: ArcSwapOption::empty(),
+                control_plane_contact: ArcSwapOption::empty(),
                 close_all,
                 all_connections,
                 shutdown: watch::channel(None).0,
@@ -173,6 +185,76 @@ impl Proxy {
 
     pub fn config_file(&self) -> Option<&PathBuf> {
         self.inner.config_file.as_ref()
+    }
+
+    /// Makes this proxy follow a control plane, with `bootstrap` (the file's config) giving its node,
+    /// admin API and drain timeout. The file watcher stays off; SIGHUP and `POST /reload` re-read the
+    /// file and re-apply the running snapshot with it.
+    pub fn set_bootstrap(&self, bootstrap: keel_schemas::Config) {
+        self.inner.bootstrap.store(Some(Arc::new(bootstrap)));
+    }
+
+    pub fn follows_control_plane(&self) -> bool {
+        self.inner.bootstrap.load().is_some()
+    }
+
+    /// The admin token in force: the running config's, or before any, the bootstrap file's.
+    pub fn admin_token(&self) -> Option<keel_schemas::types::Secret> {
+        match self.applied() {
+            Some(applied) => applied.config.admin.token.clone(),
+            None => self.inner.bootstrap.load().as_ref().and_then(|bootstrap| bootstrap.admin.token.clone()),
+        }
+    }
+
+    /// The control-plane snapshot running now.
+    pub fn snapshot(&self) -> Option<crate::control_plane::Snapshot> {
+        self.inner.snapshot.load_full().map(|snapshot| (*snapshot).clone())
+    }
+
+    pub(crate) fn set_snapshot(&self, snapshot: crate::control_plane::Snapshot) {
+        self.inner.snapshot.store(Some(Arc::new(snapshot)));
+    }
+
+    pub(crate) fn touch_control_plane(&self) {
+        self.inner.control_plane_contact.store(Some(Arc::new(tokio::time::Instant::now())));
+    }
+
+    /// When the control plane last accepted a stream or sent a snapshot.
+    pub fn last_control_plane_contact(&self) -> Option<tokio::time::Instant> {
+        self.inner.control_plane_contact.load_full().map(|at| *at)
+    }
+
+    /// What the proxy reports of itself to the control plane.
+    pub async fn status_report(&self) -> keel_schemas::stream::ProxyStatus {
+        let listeners = self.listeners().await;
+        let router = self.tunnels_status().await.router.map(|router| keel_schemas::stream::RouterReport {
+            listen: router.listen.to_string(),
+            active_services: router
+                .active_services
+                .into_iter()
+                .map(|service| keel_schemas::stream::ActiveService {
+                    name: service.name,
+                    clients: service
+                        .clients
+                        .into_iter()
+                        .map(|client| keel_schemas::stream::RouterClient {
+                            id: client.id,
+                            kind: client.kind.to_string(),
+                            remote_addr: client.remote_addr.to_string(),
+                            service_name: client.service_name,
+                            idle_connections: client.idle_connections,
+                            active_connections: client.active_connections,
+                        })
+                        .collect(),
+                })
+                .collect(),
+        });
+        keel_schemas::stream::ProxyStatus {
+            ready: self.is_ready(),
+            listeners: listeners.len(),
+            active_connections: listeners.iter().map(|listener| listener.active_connections).sum(),
+            router,
+        }
     }
 
     /// The running config, once one has been applied.
@@ -534,7 +616,41 @@ impl Proxy {
     pub async fn reload(&self) -> Result<ApplyReport, ReloadError> {
         let path = self.inner.config_file.clone().ok_or(ReloadError::NoSource)?;
         let loaded = source::load_file(&path, self.env());
+        if self.follows_control_plane() {
+            return self.reload_bootstrap(&path, loaded).await;
+        }
         self.apply_loaded(&path, loaded).await
+    }
+
+    /// Control-plane mode: the file is the bootstrap; re-apply the running snapshot with it.
+    async fn reload_bootstrap(
+        &self,
+        path: &std::path::Path,
+        loaded: Result<source::Loaded, source::LoadError>,
+    ) -> Result<ApplyReport, ReloadError> {
+        let loaded = match loaded {
+            Ok(loaded) if loaded.config.control_plane.is_some() => loaded,
+            Ok(_) => return Err(ReloadError::LeftControlPlane),
+            Err(error) => {
+                let source_name = source::file_source_name(path);
+                let invalid_text = matches!(error, source::LoadError::Invalid { .. });
+                self.record_rejected(&source_name, error.version(), &error.as_config_errors(), invalid_text);
+                return Err(error.into());
+            }
+        };
+        let bootstrap = loaded.config.config().clone();
+        if self.inner.bootstrap.load().as_ref().map(|old| &old.control_plane) != Some(&bootstrap.control_plane) {
+            tracing::warn!("control_plane settings change on restart; the running stream stays as it is");
+        }
+        self.set_bootstrap(bootstrap.clone());
+        let snapshot = self.snapshot().ok_or(ReloadError::AwaitingControlPlane)?;
+        let source_name = source::file_source_name(path);
+        let config = crate::control_plane::load_snapshot(&snapshot.text, &snapshot.version, &bootstrap, self.env())
+            .map_err(|errors| {
+                self.record_rejected(&source_name, Some(&snapshot.version), &errors, true);
+                ReloadError::Load(source::LoadError::Invalid { version: snapshot.version.clone(), errors })
+            })?;
+        Ok(self.apply(config, &source_name, &snapshot.version).await?)
     }
 
     /// Applies what loading the config file at `path` gave, or records its errors as rejected (and

@@ -103,8 +103,13 @@ fn check_control_plane(
     config: &Config,
 ) {
     let path = root.key("control_plane");
-    if let Err(problem) = crate::stream::Endpoint::parse(&control_plane.address) {
-        problems.push(&path.key("address"), problem);
+    match crate::stream::Endpoint::parse(&control_plane.address) {
+        Err(problem) => problems.push(&path.key("address"), problem),
+        Ok(endpoint) if endpoint.tls && control_plane.ca_file.is_none() => problems.push(
+            &path.key("ca_file"),
+            "https needs ca_file: the CA certificates the control plane's certificate must chain to",
+        ),
+        Ok(_) => {}
     }
     if control_plane.token.is_some() && control_plane.token_file.is_some() {
         problems.push(&path.key("token_file"), "set either token or token_file, not both");
