@@ -45,7 +45,8 @@ async fn crud_with_optimistic_concurrency() {
     assert!(stale["message"].as_str().unwrap().contains("stale"), "{stale}");
 
     // Merge patch: labels and one spec field.
-    let patch = json!({"metadata": {"labels": {"zone": null, "tier": "edge"}}, "spec": {"listen": "0.0.0.0:7002"}});
+    let patch =
+        json!({"metadata": {"labels": {"zone": null, "tier": "edge"}}, "spec": {"listen": "0.0.0.0:7002"}});
     let (status, patched) = operator(addr, "PATCH", &format!("{ROUTERS}/node-1"), Some(&patch)).await;
     assert_eq!(status, 200, "{patched}");
     assert_eq!(patched["metadata"]["labels"], json!({"tier": "edge"}));
@@ -54,7 +55,8 @@ async fn crud_with_optimistic_concurrency() {
 
     // The status subresource changes only the status; the main resource ignores status.
     let status_patch = json!({"status": {"activeServices": []}, "spec": {"listen": "0.0.0.0:1"}});
-    let (status, with_status) = operator(addr, "PATCH", &format!("{ROUTERS}/node-1/status"), Some(&status_patch)).await;
+    let (status, with_status) =
+        operator(addr, "PATCH", &format!("{ROUTERS}/node-1/status"), Some(&status_patch)).await;
     assert_eq!(status, 200, "{with_status}");
     assert_eq!(with_status["status"], json!({"activeServices": []}));
     assert_eq!(with_status["spec"]["listen"], "0.0.0.0:7002");
@@ -66,7 +68,12 @@ async fn crud_with_optimistic_concurrency() {
     assert_eq!(list["kind"], "RouterList");
     assert_eq!(list["items"].as_array().unwrap().len(), 2);
     let (_, selected) = operator(addr, "GET", &format!("{ROUTERS}?labelSelector=zone%3Da"), None).await;
-    let names: Vec<&str> = selected["items"].as_array().unwrap().iter().map(|i| i["metadata"]["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> = selected["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["metadata"]["name"].as_str().unwrap())
+        .collect();
     assert_eq!(names, ["node-2"]);
 
     // Delete; then it is gone.
@@ -107,7 +114,8 @@ async fn bad_input_names_the_failing_fields() {
     });
     let (status, body) = operator(addr, "POST", listeners, Some(&unknown)).await;
     assert_eq!(status, 422, "{body}");
-    let fields: Vec<&str> = body["details"]["causes"].as_array().unwrap().iter().map(|c| c["field"].as_str().unwrap()).collect();
+    let fields: Vec<&str> =
+        body["details"]["causes"].as_array().unwrap().iter().map(|c| c["field"].as_str().unwrap()).collect();
     assert_eq!(fields, ["metadata.name"]);
 
     let (status, body) = operator(addr, "POST", listeners, Some(&json!({"kind": "Listener"}))).await;
@@ -118,16 +126,19 @@ async fn bad_input_names_the_failing_fields() {
         "spec": {"local": "127.0.0.1:3306", "secret": "hunter2"}
     });
     let (status, body) =
-        operator(addr, "POST", "/apis/edge.example.com/v1/namespaces/db/publishedservices", Some(&secret)).await;
+        operator(addr, "POST", "/apis/edge.example.com/v1/namespaces/db/publishedservices", Some(&secret))
+            .await;
     assert_eq!(status, 422, "{body}");
     assert_eq!(body["details"]["causes"][0]["field"], "spec.secret");
     assert!(!body.to_string().contains("hunter2"));
 
-    let (status, _) = operator(addr, "POST", "/apis/edge.example.com/v1/publishedservices", Some(&secret)).await;
+    let (status, _) =
+        operator(addr, "POST", "/apis/edge.example.com/v1/publishedservices", Some(&secret)).await;
     assert_eq!(status, 400, "namespaced kinds are created under a namespace");
     let (status, _) = operator(addr, "GET", "/apis/edge.example.com/v1/widgets", None).await;
     assert_eq!(status, 404);
-    let (status, _) = call(addr, "PATCH", &format!("{ROUTERS}/x"), Some(OPERATOR), Some(("text/plain", &json!({})))).await;
+    let (status, _) =
+        call(addr, "PATCH", &format!("{ROUTERS}/x"), Some(OPERATOR), Some(("text/plain", &json!({})))).await;
     assert_eq!(status, 415);
     cp.stop().await;
 }
@@ -175,11 +186,18 @@ async fn watch_streams_changes_from_a_resource_version() {
     };
     // The backlog: only what came after `after_first`.
     events.push(read_event(&mut reader).await);
-    assert_eq!((events[0]["type"].as_str(), events[0]["object"]["metadata"]["name"].as_str()), (Some("ADDED"), Some("node-2")));
+    assert_eq!(
+        (events[0]["type"].as_str(), events[0]["object"]["metadata"]["name"].as_str()),
+        (Some("ADDED"), Some("node-2"))
+    );
     // Live changes follow.
     operator(addr, "DELETE", &format!("{ROUTERS}/node-1"), None).await;
-    let deleted = tokio::time::timeout(std::time::Duration::from_secs(5), read_event(&mut reader)).await.unwrap();
-    assert_eq!((deleted["type"].as_str(), deleted["object"]["metadata"]["name"].as_str()), (Some("DELETED"), Some("node-1")));
+    let deleted =
+        tokio::time::timeout(std::time::Duration::from_secs(5), read_event(&mut reader)).await.unwrap();
+    assert_eq!(
+        (deleted["type"].as_str(), deleted["object"]["metadata"]["name"].as_str()),
+        (Some("DELETED"), Some("node-1"))
+    );
     cp.stop().await;
 }
 
@@ -191,7 +209,9 @@ async fn an_old_database_is_migrated_on_start() {
         // A database as the first release left it: schema version 1, one Router.
         let connection = rusqlite::Connection::open(&path).unwrap();
         connection
-            .execute_batch("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL);")
+            .execute_batch(
+                "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL);",
+            )
             .unwrap();
         for (version, sql) in keel_control_plane::store::migrations_up_to(1) {
             connection.execute_batch(sql).unwrap();
@@ -222,6 +242,8 @@ async fn an_old_database_is_migrated_on_start() {
     // A database from a newer control plane is refused, not damaged.
     connection.execute("INSERT INTO schema_migrations VALUES (99, 'future')", []).unwrap();
     drop(connection);
-    let error = keel_control_plane::ControlPlane::start(settings(&path, "127.0.0.1:0".parse().unwrap())).await.unwrap_err();
+    let error = keel_control_plane::ControlPlane::start(settings(&path, "127.0.0.1:0".parse().unwrap()))
+        .await
+        .unwrap_err();
     assert!(error.to_string().contains("newer control plane"), "{error}");
 }

@@ -78,7 +78,12 @@ pub fn load_snapshot(
 }
 
 /// Applies a snapshot; `Err` carries the NACK's error text.
-async fn apply_snapshot(proxy: &Proxy, bootstrap: &Config, snapshot: Snapshot, source: &str) -> Result<(), String> {
+async fn apply_snapshot(
+    proxy: &Proxy,
+    bootstrap: &Config,
+    snapshot: Snapshot,
+    source: &str,
+) -> Result<(), String> {
     let config = match load_snapshot(&snapshot.text, &snapshot.version, bootstrap, proxy.env()) {
         Ok(config) => config,
         Err(errors) => {
@@ -118,8 +123,16 @@ pub async fn apply_cache(proxy: &Proxy, bootstrap: &Config) {
     let snapshot = Snapshot { version: cached.version, text: cached.config };
     let version = snapshot.version.clone();
     match apply_snapshot(proxy, bootstrap, snapshot, &format!("cache:{path}")).await {
-        Ok(()) => tracing::info!(file = path, version, "running the cached snapshot until the control plane answers"),
-        Err(error) => tracing::warn!(file = path, error, "the cached snapshot does not apply; waiting for the control plane"),
+        Ok(()) => tracing::info!(
+            file = path,
+            version,
+            "running the cached snapshot until the control plane answers"
+        ),
+        Err(error) => tracing::warn!(
+            file = path,
+            error,
+            "the cached snapshot does not apply; waiting for the control plane"
+        ),
     }
 }
 
@@ -236,7 +249,10 @@ async fn session(
         node: node.clone(),
         labels: bootstrap.node.labels.clone(),
         version: proxy.snapshot().map(|snapshot| snapshot.version),
-        rejected_version: proxy.last_rejected().filter(|r| r.source.starts_with("control-plane:")).and_then(|r| r.version.clone()),
+        rejected_version: proxy
+            .last_rejected()
+            .filter(|r| r.source.starts_with("control-plane:"))
+            .and_then(|r| r.version.clone()),
         software: env!("CARGO_PKG_VERSION").to_string(),
     };
     send(&lines, &hello).await?;
@@ -311,7 +327,10 @@ async fn session(
 async fn send(lines: &mpsc::Sender<Bytes>, message: &ProxyMessage) -> Result<(), SessionError> {
     let mut line = serde_json::to_vec(message).map_err(|error| SessionError::Stream(error.to_string()))?;
     line.push(b'\n');
-    lines.send(Bytes::from(line)).await.map_err(|_| SessionError::Stream("the request body closed".to_string()))
+    lines
+        .send(Bytes::from(line))
+        .await
+        .map_err(|_| SessionError::Stream("the request body closed".to_string()))
 }
 
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}

@@ -83,7 +83,9 @@ pub enum ApplyError {
 pub enum ReloadError {
     #[error("no config file to reload: the proxy runs its embedded default config")]
     NoSource,
-    #[error("the file no longer has control_plane: switching between a control plane and a static file takes a restart")]
+    #[error(
+        "the file no longer has control_plane: switching between a control plane and a static file takes a restart"
+    )]
     LeftControlPlane,
     #[error("the bootstrap file was re-read; no snapshot has come from the control plane yet")]
     AwaitingControlPlane,
@@ -639,17 +641,23 @@ impl Proxy {
             }
         };
         let bootstrap = loaded.config.config().clone();
-        if self.inner.bootstrap.load().as_ref().map(|old| &old.control_plane) != Some(&bootstrap.control_plane) {
+        if self.inner.bootstrap.load().as_ref().map(|old| &old.control_plane)
+            != Some(&bootstrap.control_plane)
+        {
             tracing::warn!("control_plane settings change on restart; the running stream stays as it is");
         }
         self.set_bootstrap(bootstrap.clone());
         let snapshot = self.snapshot().ok_or(ReloadError::AwaitingControlPlane)?;
         let source_name = source::file_source_name(path);
-        let config = crate::control_plane::load_snapshot(&snapshot.text, &snapshot.version, &bootstrap, self.env())
-            .map_err(|errors| {
-                self.record_rejected(&source_name, Some(&snapshot.version), &errors, true);
-                ReloadError::Load(source::LoadError::Invalid { version: snapshot.version.clone(), errors })
-            })?;
+        let config =
+            crate::control_plane::load_snapshot(&snapshot.text, &snapshot.version, &bootstrap, self.env())
+                .map_err(|errors| {
+                    self.record_rejected(&source_name, Some(&snapshot.version), &errors, true);
+                    ReloadError::Load(source::LoadError::Invalid {
+                        version: snapshot.version.clone(),
+                        errors,
+                    })
+                })?;
         Ok(self.apply(config, &source_name, &snapshot.version).await?)
     }
 

@@ -36,7 +36,13 @@ pub fn database(dir: &tempfile::TempDir) -> PathBuf {
 }
 
 /// One request: (status, body as JSON, or as a string value when it is not JSON).
-pub async fn call(addr: SocketAddr, method: &str, path: &str, token: Option<&str>, body: Option<(&str, &Value)>) -> (u16, Value) {
+pub async fn call(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<(&str, &Value)>,
+) -> (u16, Value) {
     let mut stream = TcpStream::connect(addr).await.expect("connect");
     let auth = token.map(|token| format!("Authorization: Bearer {token}\r\n")).unwrap_or_default();
     let (content_type, body) = match body {
