@@ -166,13 +166,9 @@ impl Target {
     }
 }
 
-fn operator(state: &State, headers: &HeaderMap) -> Result<(), Response> {
-    state.tokens.check(headers, Role::Operator).map_err(denied)
-}
-
 async fn discovery(Shared(state): Shared<Arc<State>>, headers: HeaderMap) -> Response {
-    if let Err(response) = operator(&state, &headers) {
-        return response;
+    if let Err(why) = state.tokens.check(&headers, Role::Operator) {
+        return denied(why);
     }
     let resources: Vec<Value> = Kind::ALL
         .iter()
@@ -203,8 +199,8 @@ async fn list(
     Query(query): Query<ListQuery>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(response) = operator(&state, &headers) {
-        return response;
+    if let Err(why) = state.tokens.check(&headers, Role::Operator) {
+        return denied(why);
     }
     let result = async {
         let target = Target::parse(&params)?;
@@ -307,8 +303,8 @@ async fn read<const STATUS: bool>(
     Path(params): Path<HashMap<String, String>>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(response) = operator(&state, &headers) {
-        return response;
+    if let Err(why) = state.tokens.check(&headers, Role::Operator) {
+        return denied(why);
     }
     let result = async {
         let target = Target::parse(&params)?;
@@ -361,8 +357,8 @@ async fn create(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Err(response) = operator(&state, &headers) {
-        return response;
+    if let Err(why) = state.tokens.check(&headers, Role::Operator) {
+        return denied(why);
     }
     let result = async {
         let mut target = Target::parse(&params)?;
@@ -392,8 +388,8 @@ async fn replace<const STATUS: bool>(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Err(response) = operator(&state, &headers) {
-        return response;
+    if let Err(why) = state.tokens.check(&headers, Role::Operator) {
+        return denied(why);
     }
     let result = async {
         let target = Target::parse(&params)?;
@@ -438,8 +434,8 @@ async fn patch<const STATUS: bool>(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Err(response) = operator(&state, &headers) {
-        return response;
+    if let Err(why) = state.tokens.check(&headers, Role::Operator) {
+        return denied(why);
     }
     let result = async {
         let content_type =
@@ -482,8 +478,8 @@ async fn delete(
     Query(query): Query<DeleteQuery>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(response) = operator(&state, &headers) {
-        return response;
+    if let Err(why) = state.tokens.check(&headers, Role::Operator) {
+        return denied(why);
     }
     let result = async {
         let target = Target::parse(&params)?;
@@ -502,8 +498,8 @@ async fn delete(
 }
 
 async fn debug_proxies(Shared(state): Shared<Arc<State>>, headers: HeaderMap) -> Response {
-    if let Err(response) = operator(&state, &headers) {
-        return response;
+    if let Err(why) = state.tokens.check(&headers, Role::Operator) {
+        return denied(why);
     }
     let proxies = state.fleet.connected().await;
     axum::Json(json!({"proxies": proxies})).into_response()

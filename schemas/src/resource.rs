@@ -291,8 +291,9 @@ pub fn check_spec(
         Kind::Node => Ok(Spec::Node),
         Kind::Router => {
             let router: RouterSpec = deserialize(spec.clone(), "spec")?;
-            let mut config = Config::default();
-            config.tunnels = Some(tunnels_with(|tunnels| tunnels.server = Some(router.server())));
+            let config = fragment(|config| {
+                config.tunnels = Some(tunnels_with(|tunnels| tunnels.server = Some(router.server())));
+            });
             semantic(&config, "tunnels.server", &[])?;
             if let Some(node) = &router.node
                 && !is_object_name(node)
@@ -303,50 +304,63 @@ pub fn check_spec(
         }
         Kind::Listener => {
             let (node_selector, item) = piece::<Listener>(spec, name, None)?;
-            let mut config = Config::default();
-            config.clusters = vec![stub_cluster(&item.cluster)];
-            config.listeners = vec![item.clone()];
+            let config = fragment(|config| {
+                config.clusters = vec![stub_cluster(&item.cluster)];
+                config.listeners = vec![item.clone()];
+            });
             semantic(&config, "listeners[0]", &["admin.address"])?;
             Ok(Spec::Listener(Selected { node_selector, item }))
         }
         Kind::Cluster => {
             let (node_selector, item) = piece::<Cluster>(spec, name, None)?;
-            let mut config = Config::default();
-            config.clusters = vec![item.clone()];
+            let config = fragment(|config| config.clusters = vec![item.clone()]);
             semantic(&config, "clusters[0]", &[])?;
             Ok(Spec::Cluster(Selected { node_selector, item }))
         }
         Kind::DnsZone => {
             let (node_selector, item) = piece::<Dns>(spec, "", None)?;
-            let mut config = Config::default();
-            config.dns = Some(item.clone());
+            let config = fragment(|config| config.dns = Some(item.clone()));
             semantic(&config, "dns", &["admin.address"])?;
             Ok(Spec::DnsZone(Selected { node_selector, item }))
         }
         Kind::PublishedService => {
             let (node_selector, item) = piece::<Publish>(spec, name, None)?;
             refuse_inline_secret(item.secret.is_some())?;
-            let mut config = Config::default();
-            config.tunnels = Some(tunnels_with(|tunnels| {
-                tunnels.routers = stub_routers(&item.routers);
-                tunnels.publish = vec![item.clone()];
-            }));
+            let config = fragment(|config| {
+                config.tunnels = Some(tunnels_with(|tunnels| {
+                    tunnels.routers = stub_routers(&item.routers);
+                    tunnels.publish = vec![item.clone()];
+                }));
+            });
             semantic(&config, "tunnels.publish[0]", &[])?;
             Ok(Spec::PublishedService(Selected { node_selector, item }))
         }
         Kind::VisitedService => {
             let (node_selector, item) = piece::<Visit>(spec, name, namespace)?;
             refuse_inline_secret(item.secret.is_some())?;
-            let mut config = Config::default();
-            config.dns = Some(deserialize(Value::Object(Map::new()), "spec")?);
-            config.tunnels = Some(tunnels_with(|tunnels| {
-                tunnels.routers = stub_routers(&item.routers);
-                tunnels.visit = vec![item.clone()];
-            }));
+            let config = fragment(|config| {
+                config.dns = Some(from_empty());
+                config.tunnels = Some(tunnels_with(|tunnels| {
+                    tunnels.routers = stub_routers(&item.routers);
+                    tunnels.visit = vec![item.clone()];
+                }));
+            });
             semantic(&config, "tunnels.visit[0]", &["admin.address", "dns.listen"])?;
             Ok(Spec::VisitedService(Selected { node_selector, item }))
         }
     }
+}
+
+/// A section as an empty mapping gives it: every field at its default.
+fn from_empty<T: serde::de::DeserializeOwned>() -> T {
+    serde_json::from_value(Value::Object(Map::new())).expect("every field of the section has a default")
+}
+
+/// An otherwise empty keel.yaml (serde's defaults, as a file gets them) holding one piece.
+fn fragment(fill: impl FnOnce(&mut Config)) -> Config {
+    let mut config: Config = from_empty();
+    fill(&mut config);
+    config
 }
 
 fn refuse_inline_secret(inline: bool) -> Result<(), Vec<FieldError>> {
@@ -360,8 +374,7 @@ fn refuse_inline_secret(inline: bool) -> Result<(), Vec<FieldError>> {
 }
 
 fn tunnels_with(fill: impl FnOnce(&mut Tunnels)) -> Tunnels {
-    let mut tunnels: Tunnels =
-        serde_json::from_value(Value::Object(Map::new())).expect("every tunnels field has a default");
+    let mut tunnels: Tunnels = from_empty();
     fill(&mut tunnels);
     tunnels
 }
