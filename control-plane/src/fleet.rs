@@ -131,6 +131,10 @@ pub async fn flush_nodes(state: Arc<State>, interval: Duration) {
             }
         }
         let mut store = state.store.lock().await;
+        if let Err(error) = store.begin_batch() {
+            tracing::warn!(%error, "cannot record node statuses");
+            continue;
+        }
         for (node, record) in by_node {
             if !is_object_name(&node) {
                 if skipped_names.insert(node.clone()) {
@@ -170,6 +174,9 @@ pub async fn flush_nodes(state: Arc<State>, interval: Duration) {
             if let Err(error) = result {
                 tracing::warn!(node, %error, "cannot record the node's status");
             }
+        }
+        if let Err(error) = store.end_batch() {
+            tracing::warn!(%error, "cannot record node statuses");
         }
     }
 }
