@@ -7,4 +7,4 @@ cd "$(dirname "$0")/.."
 cargo build --release -p keel-control-plane --bin control-plane
 # 10,000 streams need 10,000 descriptors on each side.
 ulimit -n "$(ulimit -Hn)"
-cargo bench -p keel-control-plane --bench fleet -- --control-plane target/release/control-plane "$@"
+cargo bench -p keel-control-plane --bench fleet -- --control-plane "$PWD/target/release/control-plane" "$@"

@@ -49,15 +49,46 @@ impl hyper::body::Body for ChannelBody {
 
 /// One simulated proxy: ACKs every snapshot; counts itself in `ready` at its first, and in `acked` at
 /// its first snapshot after each write (`writes` counts them: nothing else changes snapshots here).
-async fn simulated(index: usize, cp: SocketAddr, writes: watch::Receiver<u64>, acked: Arc<AtomicUsize>, ready: Arc<AtomicUsize>) {
-    let Ok(tcp) = TcpStream::connect(cp).await else {
-        eprintln!("sim {index}: connect failed");
-        return;
+async fn simulated(
+    index: usize,
+    cp: SocketAddr,
+    writes: watch::Receiver<u64>,
+    acked: Arc<AtomicUsize>,
+    ready: Arc<AtomicUsize>,
+) {
+    // Like a proxy, retry a stream that failed before its first snapshot.
+    for _ in 0..10 {
+        if stream(index, cp, writes.clone(), &acked, &ready).await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100 + fastrand::u64(..200))).await;
+    }
+}
+
+/// One stream; false if it failed before the first snapshot.
+async fn stream(
+    index: usize,
+    cp: SocketAddr,
+    writes: watch::Receiver<u64>,
+    acked: &AtomicUsize,
+    ready: &AtomicUsize,
+) -> bool {
+    let tcp = match TcpStream::connect(cp).await {
+        Ok(tcp) => tcp,
+        Err(error) => {
+            eprintln!("sim {index}: connect failed: {error}");
+            return false;
+        }
     };
-    let Ok((mut sender, connection)) =
-        hyper::client::conn::http2::Builder::new(TokioExecutor::new()).handshake(TokioIo::new(tcp)).await
-    else {
-        return;
+    let (mut sender, connection) = match hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .handshake(TokioIo::new(tcp))
+        .await
+    {
+        Ok(handshake) => handshake,
+        Err(error) => {
+            eprintln!("sim {index}: HTTP/2 handshake failed: {error}");
+            return false;
+        }
     };
     tokio::spawn(connection);
     let (lines, receive) = mpsc::channel::<Bytes>(4);
@@ -67,18 +98,27 @@ async fn simulated(index: usize, cp: SocketAddr, writes: watch::Receiver<u64>, a
         .header("authorization", format!("Bearer {PROXY}"))
         .body(ChannelBody(receive))
         .unwrap();
-    let Ok(response) = sender.send_request(request).await else { return };
+    let response = match sender.send_request(request).await {
+        Ok(response) => response,
+        Err(error) => {
+            eprintln!("sim {index}: request failed: {error}");
+            return false;
+        }
+    };
     let mut body = response.into_body();
     let mut buffer = BytesMut::new();
     let mut counted_ready = false;
-    let mut counted_write = 0;
+    let mut counted_write = *writes.borrow();
     while let Some(Ok(frame)) = body.frame().await {
         let Ok(data) = frame.into_data() else { continue };
         buffer.extend_from_slice(&data);
         while let Some(end) = buffer.iter().position(|&b| b == b'\n') {
             let line = buffer.split_to(end + 1);
             let Ok(message) = serde_json::from_slice::<Value>(&line[..end]) else { continue };
-            let (version, nonce) = (message["version"].as_str().unwrap_or_default(), message["nonce"].as_str().unwrap_or_default());
+            let (version, nonce) = (
+                message["version"].as_str().unwrap_or_default(),
+                message["nonce"].as_str().unwrap_or_default(),
+            );
             let ack = json!({"type": "ack", "version": version, "nonce": nonce});
             let _ = lines.send(Bytes::from(format!("{ack}\n"))).await;
             if !counted_ready {
@@ -92,6 +132,7 @@ async fn simulated(index: usize, cp: SocketAddr, writes: watch::Receiver<u64>, a
             }
         }
     }
+    counted_ready
 }
 
 /// One HTTP/1.1 request to the REST API.
@@ -110,8 +151,18 @@ async fn call(cp: SocketAddr, method: &str, path: &str, body: &Value) -> Value {
     serde_json::from_str(body).unwrap_or(Value::Null)
 }
 
-fn rss_kb(child: &Child) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap_or_default();
+/// The control plane's process, killed when the benchmark ends (or panics).
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn rss_kb(child: &KillOnDrop) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.0.id())).unwrap_or_default();
     status
         .lines()
         .find_map(|line| line.strip_prefix("VmRSS:"))
@@ -139,13 +190,21 @@ async fn main() {
     let dir = tempfile::tempdir().unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let cp: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let mut child = Command::new(&binary)
-        .args(["--listen", &cp.to_string(), "--database", &dir.path().join("bench.db").display().to_string(), "--log-level", "warn"])
+    let child = Command::new(&binary)
+        .args([
+            "--listen",
+            &cp.to_string(),
+            "--database",
+            &dir.path().join("bench.db").display().to_string(),
+            "--log-level",
+            "warn",
+        ])
         .env("KEEL_CP_OPERATOR_TOKENS", OPERATOR)
         .env("KEEL_CP_PROXY_TOKENS", PROXY)
         .stdout(Stdio::null())
         .spawn()
         .expect("start the control plane");
+    let child = KillOnDrop(child);
     for _ in 0..100 {
         if TcpStream::connect(cp).await.is_ok() {
             break;
@@ -167,16 +226,23 @@ async fn main() {
         let ready = Arc::new(AtomicUsize::new(0));
         let mut tasks = Vec::new();
         for index in 0..size {
-            tasks.push(tokio::spawn(simulated(index, cp, writes_rx.clone(), Arc::clone(&acked), Arc::clone(&ready))));
+            tasks.push(tokio::spawn(simulated(
+                index,
+                cp,
+                writes_rx.clone(),
+                Arc::clone(&acked),
+                Arc::clone(&ready),
+            )));
             if index % 500 == 499 {
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
         let deadline = Instant::now() + Duration::from_secs(120);
         while ready.load(Ordering::SeqCst) < size && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        assert_eq!(ready.load(Ordering::SeqCst), size, "not every simulated proxy got its first snapshot");
+        let got = ready.load(Ordering::SeqCst);
+        assert_eq!(got, size, "only {got} of {size} simulated proxies got their first snapshot");
         // Let the node records settle (they are flushed every second) before measuring memory.
         tokio::time::sleep(Duration::from_millis(2500)).await;
         let after = rss_kb(&child);
@@ -209,6 +275,5 @@ async fn main() {
             task.abort();
         }
     }
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
 }

@@ -92,8 +92,7 @@ impl ControlPlane {
             Some((cert, key)) => Some(serve::tls_acceptor(cert, key)?),
             None => None,
         };
-        let listener = tokio::net::TcpListener::bind(settings.listen)
-            .await
+        let listener = bind(settings.listen)
             .map_err(|error| anyhow::anyhow!("cannot listen on {}: {error}", settings.listen))?;
         let local_addr = listener.local_addr()?;
         tokio::spawn(debounce(Arc::clone(&state), settings.debounce));
@@ -116,6 +115,19 @@ impl ControlPlane {
         let _ = self.task.await;
     }
 }
+
+/// Binds the API's socket with a deep accept queue: after a control-plane restart every proxy of the
+/// fleet reconnects within a second or so.
+fn bind(address: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket =
+        if address.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(address)?;
+    socket.listen(ACCEPT_BACKLOG)
+}
+
+/// Connections the kernel may queue before the control plane accepts them (capped by somaxconn).
+const ACCEPT_BACKLOG: u32 = 8192;
 
 /// Publishes a new [`World`] once writes have settled for `debounce`.
 async fn debounce(state: Arc<State>, debounce: Duration) {

@@ -151,7 +151,8 @@ async fn run(state: Arc<State>, mut session: Session, mut reader: LineReader, li
                 Ok(Some(line)) => handle(&state, &mut session, &line).await,
                 Ok(None) => break,
                 Err(problem) => {
-                    tracing::warn!(node = %session.node, problem, "closing a proxy stream");
+                    // Mostly a proxy that went away without closing its stream: normal in a fleet.
+                    tracing::info!(node = %session.node, problem, "proxy stream broken");
                     break;
                 }
             },
