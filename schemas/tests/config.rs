@@ -260,8 +260,16 @@ fn schema_lists_every_section_the_loader_knows() {
 fn every_example_validates() {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples");
     let mut seen = 0;
+    let mut paths: Vec<std::path::PathBuf> = Vec::new();
     for entry in std::fs::read_dir(dir).unwrap() {
         let path = entry.unwrap().path();
+        if path.is_dir() {
+            paths.extend(std::fs::read_dir(&path).unwrap().map(|entry| entry.unwrap().path()));
+        } else {
+            paths.push(path);
+        }
+    }
+    for path in paths {
         if path.extension().and_then(|e| e.to_str()) != Some("yaml") {
             continue;
         }
@@ -275,7 +283,7 @@ fn every_example_validates() {
         }
         seen += 1;
     }
-    assert!(seen >= 6, "expected examples in {dir}");
+    assert!(seen >= 7, "expected examples in {dir}");
 }
 
 #[test]
