@@ -286,3 +286,59 @@ async fn a_router_reports_its_services_into_its_router_resource() {
     stop_proxy(&router).await;
     cp.stop().await;
 }
+
+#[tokio::test]
+async fn the_stream_runs_over_tls() {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let dir = tempfile::tempdir().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["cp.test".to_string()]).unwrap().signed_by(&key, &ca).unwrap();
+    let path = |name: &str| dir.path().join(name);
+    std::fs::write(path("ca.pem"), ca.pem()).unwrap();
+    std::fs::write(path("cp.pem"), cert.pem()).unwrap();
+    std::fs::write(path("cp-key.pem"), key.serialize_pem()).unwrap();
+
+    let mut tls_settings = settings(&database(&dir), "127.0.0.1:0".parse().unwrap());
+    tls_settings.tls = Some((path("cp.pem"), path("cp-key.pem")));
+    let cp = keel_control_plane::ControlPlane::start(tls_settings).await.unwrap();
+    let addr = cp.local_addr;
+    let state = std::sync::Arc::clone(&cp.state);
+
+    let bootstrap = format!(
+        "node: {{id: node-tls, labels: {{app: web}}}}\nadmin: {{address: \"127.0.0.1:0\"}}\ncontrol_plane:\n  address: https://127.0.0.1:{}\n  server_name: cp.test\n  ca_file: {}\n  token: {PROXY}\n",
+        addr.port(),
+        path("ca.pem").display()
+    );
+    let loaded = keel_proxy::source::load_text(&bootstrap, "bootstrap.yaml", &ProcessEnvironment).unwrap();
+    let proxy = Proxy::new(Arc::new(ProcessEnvironment), None);
+    proxy.set_bootstrap(loaded.config.config().clone());
+    tokio::spawn(keel_proxy::control_plane::follow(proxy.clone(), loaded.config.config().clone()));
+
+    // The REST API is behind TLS too; write through the store's API-facing state instead of a TLS client.
+    eventually("the proxy connected over TLS", || async { state.fleet.connected().await.len() == 1 }).await;
+    let upstream = echo().await;
+    {
+        use keel_control_plane::store::Key;
+        use keel_schemas::resource::{Kind, Resource, check_spec};
+        let mut store = state.store.lock().await;
+        for (kind, name, spec) in [
+            (Kind::Cluster, "echo", json!({"endpoints": [upstream.to_string()]})),
+            (Kind::Listener, "web", json!({"address": "127.0.0.1:0", "cluster": "echo"})),
+        ] {
+            let checked = check_spec(kind, name, None, &spec).unwrap();
+            let resource: Resource = serde_json::from_value(object(kind.name(), name, spec)).unwrap();
+            store.create(Key::new(kind, None, name), resource, checked).unwrap();
+        }
+    }
+    state.written();
+    eventually("the listener from a snapshot sent over TLS", || async {
+        proxy.listener_addr("web").await.is_some()
+    })
+    .await;
+    assert!(round_trip(proxy.listener_addr("web").await.unwrap()).await);
+    stop_proxy(&proxy).await;
+    cp.stop().await;
+}
