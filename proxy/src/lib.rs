@@ -3,7 +3,8 @@
 //! A config flows file → [`source`] (read, version, watch) → `keel_schemas::load` (parse, validate) →
 //! [`Proxy::apply`] (diff, bind, swap; [`control_plane`] snapshots take the same road) → [`listener`]s that accept and hand each connection to a
 //! [`cluster`] for an upstream and to the [`relay`] for the bytes. [`dns`] answers the pod's queries;
-//! [`tunnel`] runs routers, publishers and visitors (relaying with [`splice`]). [`admin`] serves
+//! [`tunnel`] runs routers, publishers and visitors (relaying with [`splice`]); [`reporter`]s watch an
+//! address and report its changes. [`admin`] serves
 //! readiness, dumps, metrics and the reload/drain controls; [`serve`] runs it all until a shutdown
 //! request, then drains.
 //!
@@ -19,6 +20,7 @@ mod env;
 pub mod listener;
 pub mod metrics;
 pub mod relay;
+pub mod reporter;
 pub mod runtime;
 pub mod shorthand;
 pub mod source;

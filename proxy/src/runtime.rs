@@ -122,6 +122,8 @@ struct Inner {
     dns: Mutex<Option<DnsServer>>,
     /// Routers, publishers and visitors. Locked after `dns`.
     tunnels: Mutex<TunnelSet>,
+    /// Running address reporters by name, with the config each runs and its stop token.
+    reporters: Mutex<HashMap<String, (keel_schemas::config::Reporter, CancellationToken)>>,
     draining: AtomicBool,
     /// With `control_plane:` set: the bootstrap file's config, the snapshot running, and when the
     /// control plane was last heard from.
@@ -166,6 +168,7 @@ impl Proxy {
                 listeners: Mutex::new(HashMap::new()),
                 dns: Mutex::new(None),
                 tunnels: Mutex::new(TunnelSet::new(tunnel_context)),
+                reporters: Mutex::new(HashMap::new()),
                 draining: AtomicBool::new(false),
                 bootstrap: ArcSwapOption::empty(),
                 snapshot: ArcSwapOption::empty(),
@@ -497,6 +500,7 @@ impl Proxy {
         tunnels.set_node(crate::tunnel::node_name(config.config()));
         tunnels.commit(tunnel_plan);
         drop(tunnels);
+        self.update_reporters(config.config()).await;
 
         let changed = !changes.is_empty();
         inner.applied.store(Some(Arc::new(Applied {
@@ -565,6 +569,35 @@ impl Proxy {
             hijack: state.table.entries().to_vec(),
             cache_entries: state.cache_len(),
         })
+    }
+
+    /// Starts, restarts (when their config changed) and stops reporters to match `config`. A reporter's
+    /// state file carries its pending address across a restart, so nothing is lost.
+    async fn update_reporters(&self, config: &keel_schemas::Config) {
+        let mut running = self.inner.reporters.lock().await;
+        running.retain(|name, (current, stop)| {
+            let keep = config.reporters.iter().any(|wanted| wanted == current);
+            if !keep {
+                tracing::info!(reporter = %name, "reporter stopped");
+                stop.cancel();
+            }
+            keep
+        });
+        let node = crate::tunnel::node_name(config);
+        for reporter in &config.reporters {
+            if running.contains_key(&reporter.name) {
+                continue;
+            }
+            let stop = self.inner.close_all.child_token();
+            tracing::info!(reporter = %reporter.name, "reporter started");
+            tokio::spawn(crate::reporter::run(
+                reporter.clone(),
+                node.clone(),
+                Arc::clone(&self.inner.metrics),
+                stop.clone(),
+            ));
+            running.insert(reporter.name.clone(), (reporter.clone(), stop));
+        }
     }
 
     /// Routers, publishers and visitors, for `/tunnels`.

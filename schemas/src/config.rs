@@ -41,10 +41,108 @@ pub struct Config {
     /// services published elsewhere.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tunnels: Option<Tunnels>,
+    /// Address reporters (the DDNS agent): watch an address and report each change to a sink.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reporters: Vec<Reporter>,
     /// Follow a Keel control plane: it sends `listeners`, `clusters`, `dns` and `tunnels` (which the file
     /// then leaves out), chosen for this node by `node.id` and `node.labels`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub control_plane: Option<ControlPlane>,
+}
+
+/// One address reporter: where the address comes from and where it goes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Reporter {
+    /// Unique name, used in logs, metrics and the state file.
+    pub name: String,
+    /// Where the address is read.
+    pub source: AddressSource,
+    /// Where a changed address is reported.
+    pub sink: AddressSink,
+    /// Look again this often even without an address event (seed 000's CHECK_INTERVAL).
+    #[serde(default = "defaults::report_interval")]
+    pub interval: Duration,
+    /// After an address event, wait this long for the burst to settle (the kernel re-announces addresses
+    /// on every router advertisement).
+    #[serde(default = "defaults::report_debounce")]
+    pub debounce: Duration,
+    /// File that keeps the delivered and the pending address across restarts, so that nothing is lost
+    /// and nothing is sent twice. Without it, a restart reports the current address once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_file: Option<String>,
+    /// Detect and log, but send nothing.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// Where a reporter reads its address.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum AddressSource {
+    /// An address of a network interface, read from the kernel (netlink) with its flags.
+    Interface(InterfaceSource),
+    /// A fixed address, for tests and dry runs.
+    Static(std::net::IpAddr),
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InterfaceSource {
+    /// Interface name (`eth0`).
+    pub name: String,
+    #[serde(default)]
+    pub family: AddressFamily,
+    /// Which global address to pick. Link-local, loopback, tentative, DAD-failed and deprecated
+    /// addresses are never picked.
+    #[serde(default)]
+    pub policy: AddressPolicy,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AddressFamily {
+    #[default]
+    Ipv6,
+    Ipv4,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AddressPolicy {
+    /// A temporary (privacy) address if there is one, else a stable one: seed 000's behaviour.
+    #[default]
+    Temporary,
+    /// Only stable (non-temporary) addresses.
+    Stable,
+    /// Any usable address.
+    Any,
+}
+
+/// Where a reporter sends its address.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum AddressSink {
+    /// A server speaking seed 000's API (Keel's control plane does): `POST {url}/api/v1/public-ip` with
+    /// `X-API-Token` and `{"ipAddress": "..."}`.
+    ControlPlane(ReportEndpoint),
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReportEndpoint {
+    /// `http://host:port` (seed 000's SERVER_URL).
+    pub url: String,
+    /// The API token (seed 000's API_TOKEN).
+    #[serde(
+        default,
+        deserialize_with = "crate::types::present_secret",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub token: Option<Secret>,
+    /// File holding the API token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<String>,
 }
 
 /// How to reach the control plane, and where to keep its last snapshot.
@@ -533,6 +631,14 @@ pub mod defaults {
     pub fn idle_timeout() -> Duration {
         Duration::from_secs(3600)
     }
+    pub fn report_interval() -> Duration {
+        Duration::from_secs(60)
+    }
+
+    pub fn report_debounce() -> Duration {
+        Duration::from_millis(200)
+    }
+
     pub fn connect_timeout() -> Duration {
         Duration::from_secs(5)
     }

@@ -9,7 +9,9 @@ use std::ops::Deref;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use crate::config::{Admin, Cluster, Config, ControlPlane, Dns, Listener, Node, Tunnels};
+use crate::config::{
+    AddressSink, Admin, Cluster, Config, ControlPlane, Dns, Listener, Node, Reporter, Tunnels,
+};
 use crate::diagnostic::{ConfigErrors, ConfigPath, Diagnostic, SourceMap};
 use crate::interpolate::Environment;
 use crate::types::{Duration, Secret};
@@ -124,6 +126,7 @@ fn structural_errors(value: &Value, source_map: &SourceMap) -> Vec<Diagnostic> {
             "dns" => check::<Dns>(value, &path, source_map, &mut out),
             "tunnels" => check::<Tunnels>(value, &path, source_map, &mut out),
             "control_plane" => check::<ControlPlane>(value, &path, source_map, &mut out),
+            "reporters" => check_each::<Reporter>(value, &path, source_map, &mut out),
             _ => out.push(
                 Diagnostic::new(
                     path.clone(),
@@ -138,8 +141,17 @@ fn structural_errors(value: &Value, source_map: &SourceMap) -> Vec<Diagnostic> {
 
 /// The top-level keys of keel.yaml, as [`structural_errors`] knows them. A test checks this list against
 /// the fields of [`Config`].
-pub(crate) const SECTIONS: [&str; 8] =
-    ["node", "admin", "listeners", "clusters", "drain_timeout", "dns", "tunnels", "control_plane"];
+pub(crate) const SECTIONS: [&str; 9] = [
+    "node",
+    "admin",
+    "listeners",
+    "clusters",
+    "drain_timeout",
+    "dns",
+    "tunnels",
+    "reporters",
+    "control_plane",
+];
 
 fn check<T: DeserializeOwned>(
     value: &Value,
@@ -208,6 +220,11 @@ fn resolve_secrets(config: &mut Config, env: &dyn Environment) -> Vec<Diagnostic
         &mut admin.token,
         &mut out,
     );
+    for (i, reporter) in config.reporters.iter_mut().enumerate() {
+        let AddressSink::ControlPlane(endpoint) = &mut reporter.sink;
+        let at = root.key("reporters").index(i).key("sink").key("control_plane").key("token_file");
+        read_secret(env, &at, endpoint.token_file.as_deref(), &mut endpoint.token, &mut out);
+    }
     if let Some(control_plane) = &mut config.control_plane {
         let at = root.key("control_plane").key("token_file");
         read_secret(env, &at, control_plane.token_file.as_deref(), &mut control_plane.token, &mut out);

@@ -88,10 +88,45 @@ pub fn validate(config: &Config) -> Vec<Diagnostic> {
     if let Some(tunnels) = &config.tunnels {
         check_tunnels(&mut problems, &root.key("tunnels"), tunnels, config);
     }
+    let mut reporter_names: HashMap<&str, usize> = HashMap::new();
+    for (i, reporter) in config.reporters.iter().enumerate() {
+        let path = root.key("reporters").index(i);
+        problems.check_name(&path.key("name"), &reporter.name);
+        if let Some(first) = reporter_names.insert(&reporter.name, i) {
+            problems.push(
+                &path.key("name"),
+                format!("duplicate reporter name {:?} (also reporters[{first}])", reporter.name),
+            );
+        }
+        check_reporter(&mut problems, &path, reporter);
+    }
     if let Some(control_plane) = &config.control_plane {
         check_control_plane(&mut problems, &root, control_plane, config);
     }
     problems.0
+}
+
+fn check_reporter(problems: &mut Problems, path: &ConfigPath, reporter: &crate::config::Reporter) {
+    use crate::config::{AddressSink, AddressSource};
+    problems.check_positive(&path.key("interval"), reporter.interval);
+    if let AddressSource::Interface(interface) = &reporter.source
+        && (interface.name.is_empty() || interface.name.len() > 15 || interface.name.contains(['/', ' ']))
+    {
+        problems.push(
+            &path.key("source").key("interface").key("name"),
+            format!("invalid interface name {:?}", interface.name),
+        );
+    }
+    let AddressSink::ControlPlane(endpoint) = &reporter.sink;
+    let at = path.key("sink").key("control_plane");
+    match crate::stream::Endpoint::parse(&endpoint.url) {
+        Ok(parsed) if parsed.tls => {
+            problems.push(&at.key("url"), "https is not supported for reports yet: give http://host:port")
+        }
+        Ok(_) => {}
+        Err(problem) => problems.push(&at.key("url"), problem),
+    }
+    check_secret(problems, &at, "token", endpoint.token.as_ref(), endpoint.token_file.is_some());
 }
 
 /// The control plane's address, token, and the sections it owns: a file that follows a control plane

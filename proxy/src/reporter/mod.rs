@@ -1,0 +1,405 @@
+//! Address reporters (the DDNS agent's job): watch an address, and report each change to a sink until
+//! the sink confirms it.
+//!
+//! A reporter reads its address ([`detect`]): for an interface, a netlink dump filtered by the kernel's
+//! flags and the configured policy ([`select`]). It looks again on every netlink address event (after a
+//! debounce, since the kernel re-announces addresses on each router advertisement), every `interval`,
+//! and when a retry is due. A new address becomes *pending* and is written to the state file before it
+//! is sent; it becomes *delivered* only when the sink answered 2xx. A newer address replaces a pending
+//! one (only the latest matters). Failures retry with jittered backoff (1 s doubling to 60 s), forever;
+//! nothing here ever exits on a network error. After a restart the pending address is sent again and a
+//! delivered one is not.
+
+pub mod netlink;
+
+use std::io;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use keel_schemas::config::{
+    AddressFamily, AddressPolicy, AddressSink, AddressSource, ReportEndpoint, Reporter,
+};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+use netlink::{
+    IFA_F_DADFAILED, IFA_F_DEPRECATED, IFA_F_TEMPORARY, IFA_F_TENTATIVE, InterfaceAddress, SCOPE_UNIVERSE,
+};
+
+/// Delivery retries start here and double up to [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(60);
+/// How long one report may take.
+const REPORT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Picks the address `policy` wants among `addresses` of interface `index` in `family`.
+///
+/// Never: another interface or family, a non-global scope, loopback, link-local, tentative, DAD-failed
+/// or deprecated. Among the rest, `temporary` prefers temporary addresses, `stable` takes only
+/// non-temporary ones, `any` takes all; ties go to the longest preferred lifetime (the newest temporary
+/// address), then to the lowest address, so the choice is stable.
+pub fn select(
+    addresses: &[InterfaceAddress],
+    index: u32,
+    family: AddressFamily,
+    policy: AddressPolicy,
+) -> Option<IpAddr> {
+    let usable = addresses.iter().filter(|a| {
+        let family_matches = match family {
+            AddressFamily::Ipv6 => a.address.is_ipv6(),
+            AddressFamily::Ipv4 => a.address.is_ipv4(),
+        };
+        let link_local = match a.address {
+            IpAddr::V6(v6) => v6.is_unicast_link_local(),
+            IpAddr::V4(v4) => v4.is_link_local(),
+        };
+        a.index == index
+            && family_matches
+            && a.scope == SCOPE_UNIVERSE
+            && !a.address.is_loopback()
+            && !link_local
+            && !a.has(IFA_F_TENTATIVE | IFA_F_DADFAILED | IFA_F_DEPRECATED)
+            && a.preferred > 0
+    });
+    let wanted: Vec<&InterfaceAddress> = match policy {
+        AddressPolicy::Any => usable.collect(),
+        AddressPolicy::Stable => usable.filter(|a| !a.has(IFA_F_TEMPORARY)).collect(),
+        AddressPolicy::Temporary => {
+            let all: Vec<&InterfaceAddress> = usable.collect();
+            let temporary: Vec<&InterfaceAddress> =
+                all.iter().copied().filter(|a| a.has(IFA_F_TEMPORARY)).collect();
+            if temporary.is_empty() { all } else { temporary }
+        }
+    };
+    wanted
+        .into_iter()
+        .max_by(|a, b| a.preferred.cmp(&b.preferred).then(b.address.cmp(&a.address)))
+        .map(|a| a.address)
+}
+
+/// Why no address could be read.
+#[derive(Debug, thiserror::Error)]
+pub enum DetectError {
+    #[error("no interface named {0:?}")]
+    NoInterface(String),
+    #[error("reading addresses: {0}")]
+    Netlink(#[from] io::Error),
+}
+
+/// The address the source gives now, if it has one.
+pub async fn detect(source: &AddressSource) -> Result<Option<IpAddr>, DetectError> {
+    match source {
+        AddressSource::Static(address) => Ok(Some(*address)),
+        AddressSource::Interface(interface) => {
+            let index = netlink::interface_index(&interface.name)
+                .ok_or_else(|| DetectError::NoInterface(interface.name.clone()))?;
+            let addresses = netlink::dump().await?;
+            Ok(select(&addresses, index, interface.family, interface.policy))
+        }
+    }
+}
+
+/// Why a report was not confirmed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReportError {
+    #[error("cannot reach {url}: {error}")]
+    Connect { url: String, error: String },
+    #[error("{url} answered {status}: {body}")]
+    Refused { url: String, status: u16, body: String },
+    #[error("{url} did not answer within {REPORT_TIMEOUT:?}")]
+    Timeout { url: String },
+}
+
+/// Sends `address` to `sink`; `Ok` only when the sink confirmed it.
+pub async fn report(sink: &AddressSink, node: &str, address: IpAddr) -> Result<(), ReportError> {
+    let AddressSink::ControlPlane(endpoint) = sink;
+    let url = endpoint.url.trim_end_matches('/').to_string();
+    match tokio::time::timeout(REPORT_TIMEOUT, post_public_ip(endpoint, &url, node, address)).await {
+        Ok(result) => result,
+        Err(_) => Err(ReportError::Timeout { url }),
+    }
+}
+
+/// Seed 000's request: `POST /api/v1/public-ip`, `X-API-Token`, `{"ipAddress": "..."}`. Keel adds
+/// `X-Keel-Node` so the control plane can keep addresses per node.
+async fn post_public_ip(
+    endpoint: &ReportEndpoint,
+    url: &str,
+    node: &str,
+    address: IpAddr,
+) -> Result<(), ReportError> {
+    let connect = |error: String| ReportError::Connect { url: url.to_string(), error };
+    let parsed = keel_schemas::stream::Endpoint::parse(url).map_err(connect)?;
+    let target: keel_schemas::types::HostPort = parsed.authority().parse().map_err(connect)?;
+    let stream = crate::cluster::connect_to(&target).await.map_err(|e| connect(e.to_string()))?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| connect(e.to_string()))?;
+    tokio::spawn(connection);
+    let body = serde_json::json!({ "ipAddress": address.to_string() }).to_string();
+    let mut request = hyper::Request::post("/api/v1/public-ip")
+        .header(hyper::header::HOST, parsed.authority())
+        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .header("X-Keel-Node", node);
+    if let Some(token) = &endpoint.token {
+        request = request.header("X-API-Token", token.expose());
+    }
+    let request = request
+        .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+        .map_err(|e| connect(e.to_string()))?;
+    let response = sender.send_request(request).await.map_err(|e| connect(e.to_string()))?;
+    let status = response.status();
+    use http_body_util::BodyExt;
+    let body = response.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    if status.is_success() {
+        return Ok(());
+    }
+    let body = String::from_utf8_lossy(&body[..body.len().min(256)]).trim().to_string();
+    Err(ReportError::Refused { url: url.to_string(), status: status.as_u16(), body })
+}
+
+/// What a reporter keeps across restarts.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ReportState {
+    /// The last address the sink confirmed.
+    pub delivered: Option<IpAddr>,
+    /// An address waiting to be confirmed.
+    pub pending: Option<IpAddr>,
+}
+
+impl ReportState {
+    pub fn load(path: Option<&str>) -> Self {
+        let Some(path) = path else { return Self::default() };
+        match std::fs::read_to_string(path) {
+            Ok(text) => serde_json::from_str(&text).unwrap_or_else(|error| {
+                tracing::warn!(file = path, %error, "unreadable reporter state; starting afresh");
+                Self::default()
+            }),
+            Err(error) if error.kind() == io::ErrorKind::NotFound => Self::default(),
+            Err(error) => {
+                tracing::warn!(file = path, %error, "cannot read the reporter state; starting afresh");
+                Self::default()
+            }
+        }
+    }
+
+    /// Writes the state next to its final name and renames it over (atomic).
+    pub fn save(&self, path: Option<&str>) {
+        let Some(path) = path else { return };
+        let temporary = format!("{path}.tmp");
+        let written = std::fs::write(&temporary, serde_json::to_vec(self).unwrap_or_default())
+            .and_then(|()| std::fs::rename(&temporary, path));
+        if let Err(error) = written {
+            tracing::warn!(file = path, %error, "cannot write the reporter state");
+        }
+    }
+
+    /// Takes a newly detected address: it becomes pending unless it is already delivered or pending.
+    /// Returns whether it is new.
+    pub fn observe(&mut self, address: IpAddr) -> bool {
+        if self.pending == Some(address) || (self.pending.is_none() && self.delivered == Some(address)) {
+            return false;
+        }
+        // Back to the delivered address while another was pending: the pending one is dropped.
+        if self.delivered == Some(address) {
+            self.pending = None;
+            return false;
+        }
+        self.pending = Some(address);
+        true
+    }
+}
+
+/// Runs one reporter until `stop`.
+pub async fn run(
+    reporter: Reporter,
+    node: String,
+    metrics: std::sync::Arc<Metrics>,
+    stop: CancellationToken,
+) {
+    let name = reporter.name.as_str();
+    let state_file = reporter.state_file.as_deref();
+    let mut state = ReportState::load(state_file);
+    let changes = metrics.counter("keel_reporter_address_changes_total", &[("reporter", name)]);
+    let delivered =
+        metrics.counter("keel_reporter_reports_total", &[("reporter", name), ("result", "delivered")]);
+    let failed = metrics.counter("keel_reporter_reports_total", &[("reporter", name), ("result", "failed")]);
+    let pending_gauge = metrics.gauge("keel_reporter_pending", &[("reporter", name)]);
+    let mut events = match &reporter.source {
+        AddressSource::Interface(_) => match netlink::AddressEvents::subscribe() {
+            Ok(events) => Some(events),
+            Err(error) => {
+                tracing::warn!(reporter = name, %error, "no netlink address events; polling only");
+                None
+            }
+        },
+        AddressSource::Static(_) => None,
+    };
+    let mut retry_delay = RETRY_FIRST;
+    let mut retry_at: Option<tokio::time::Instant> = None;
+    let mut last_detect_error = String::new();
+    loop {
+        match detect(&reporter.source).await {
+            Ok(Some(address)) => {
+                last_detect_error.clear();
+                let previous = state.pending.or(state.delivered);
+                if state.observe(address) {
+                    changes.increment(1);
+                    tracing::info!(reporter = name, from = ?previous, to = %address, "address changed");
+                    state.save(state_file);
+                    retry_at = None;
+                    retry_delay = RETRY_FIRST;
+                }
+            }
+            Ok(None) => {
+                if last_detect_error != "none" {
+                    tracing::warn!(reporter = name, "no usable address right now");
+                    last_detect_error = "none".to_string();
+                }
+            }
+            Err(error) => {
+                let text = error.to_string();
+                if last_detect_error != text {
+                    tracing::warn!(reporter = name, error = text, "cannot read the address");
+                    last_detect_error = text;
+                }
+            }
+        }
+        let due = retry_at.is_none_or(|at| tokio::time::Instant::now() >= at);
+        if let Some(address) = state.pending.filter(|_| due) {
+            if reporter.dry_run {
+                tracing::info!(reporter = name, %address, "dry run: would report");
+                state.delivered = Some(address);
+                state.pending = None;
+            } else {
+                match report(&reporter.sink, &node, address).await {
+                    Ok(()) => {
+                        delivered.increment(1);
+                        tracing::info!(reporter = name, %address, "address reported");
+                        state.delivered = Some(address);
+                        state.pending = None;
+                        state.save(state_file);
+                        retry_at = None;
+                        retry_delay = RETRY_FIRST;
+                    }
+                    Err(error) => {
+                        failed.increment(1);
+                        let delay = retry_delay.mul_f64(0.8 + fastrand::f64() * 0.4);
+                        tracing::warn!(reporter = name, %address, %error, retry_in = ?delay, "report failed; will retry");
+                        retry_at = Some(tokio::time::Instant::now() + delay);
+                        retry_delay = (retry_delay * 2).min(RETRY_MAX);
+                    }
+                }
+            }
+        }
+        pending_gauge.set(if state.pending.is_some() { 1.0 } else { 0.0 });
+
+        let next_poll = tokio::time::sleep(reporter.interval.get());
+        let retry = async {
+            match retry_at {
+                Some(at) if state.pending.is_some() => tokio::time::sleep_until(at).await,
+                _ => std::future::pending().await,
+            }
+        };
+        let event = async {
+            match events.as_mut() {
+                Some(events) => {
+                    if let Err(error) = events.changed().await {
+                        tracing::warn!(reporter = name, %error, "netlink events failed; polling only");
+                        return false;
+                    }
+                    true
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = next_poll => {}
+            () = retry => {}
+            ok = event => {
+                if ok {
+                    // Let the burst settle, then read whatever else queued up meanwhile.
+                    tokio::time::sleep(reporter.debounce.get()).await;
+                } else {
+                    events = None;
+                }
+            }
+            () = stop.cancelled() => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use netlink::IFA_F_PERMANENT;
+
+    fn address(text: &str, flags: u32, preferred: u32) -> InterfaceAddress {
+        InterfaceAddress {
+            index: 2,
+            address: text.parse().unwrap(),
+            prefix_len: 64,
+            scope: 0,
+            flags,
+            preferred,
+        }
+    }
+
+    #[test]
+    fn policies_pick_by_the_kernel_flags() {
+        let addresses = vec![
+            address("fe80::1", IFA_F_PERMANENT, u32::MAX),
+            address("2001:db8::1", IFA_F_PERMANENT, u32::MAX),
+            address("2001:db8::aaaa", IFA_F_TEMPORARY, 3600),
+            address("2001:db8::bbbb", IFA_F_TEMPORARY, 7200),
+            address("2001:db8::dead", IFA_F_TEMPORARY | IFA_F_DEPRECATED, 0),
+            address("2001:db8::7e47", IFA_F_TENTATIVE, u32::MAX),
+            address("2001:db8::bad", IFA_F_DADFAILED, u32::MAX),
+            address("192.0.2.7", IFA_F_PERMANENT, u32::MAX),
+            InterfaceAddress { index: 3, ..address("2001:db8::3", IFA_F_TEMPORARY, u32::MAX) },
+        ];
+        let pick = |family, policy| select(&addresses, 2, family, policy).map(|ip| ip.to_string());
+        assert_eq!(pick(AddressFamily::Ipv6, AddressPolicy::Temporary).as_deref(), Some("2001:db8::bbbb"));
+        assert_eq!(pick(AddressFamily::Ipv6, AddressPolicy::Stable).as_deref(), Some("2001:db8::1"));
+        assert_eq!(pick(AddressFamily::Ipv6, AddressPolicy::Any).as_deref(), Some("2001:db8::1"));
+        assert_eq!(pick(AddressFamily::Ipv4, AddressPolicy::Any).as_deref(), Some("192.0.2.7"));
+        // Without a temporary address, `temporary` falls back to a stable one, as seed 000 did.
+        let stable_only: Vec<InterfaceAddress> =
+            addresses.iter().filter(|a| !a.has(IFA_F_TEMPORARY)).cloned().collect();
+        assert_eq!(
+            select(&stable_only, 2, AddressFamily::Ipv6, AddressPolicy::Temporary)
+                .map(|ip| ip.to_string())
+                .as_deref(),
+            Some("2001:db8::1")
+        );
+        // Only unusable ones: nothing.
+        let unusable: Vec<InterfaceAddress> = addresses[4..7].to_vec();
+        assert_eq!(select(&unusable, 2, AddressFamily::Ipv6, AddressPolicy::Any), None);
+    }
+
+    #[test]
+    fn state_keeps_only_the_latest_pending_address() {
+        let (a, b): (IpAddr, IpAddr) = ("2001:db8::a".parse().unwrap(), "2001:db8::b".parse().unwrap());
+        let mut state = ReportState::default();
+        assert!(state.observe(a));
+        assert!(!state.observe(a));
+        assert!(state.observe(b), "a newer address supersedes the pending one");
+        assert_eq!(state.pending, Some(b));
+        state.delivered = state.pending.take();
+        assert!(!state.observe(b));
+        assert!(state.observe(a));
+        assert!(!state.observe(b), "back to the delivered address: nothing to send");
+        assert_eq!(state.pending, None);
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let path = path.to_str();
+        let saved = ReportState { delivered: Some(a), pending: Some(b) };
+        saved.save(path);
+        assert_eq!(ReportState::load(path), saved);
+        std::fs::write(path.unwrap(), "garbage").unwrap();
+        assert_eq!(ReportState::load(path), ReportState::default());
+    }
+}
