@@ -50,6 +50,7 @@ pub fn router(state: Arc<State>) -> Router {
         )
         .route(keel_schemas::stream::STREAM_PATH, post(crate::stream::open))
         .route("/debug/proxies", get(debug_proxies))
+        .route("/api/v1/public-ip", post(report_public_ip).get(public_ips))
         .route("/healthz", get(|| async { "ok\n" }))
         .fallback(|| async {
             Failure::new(StatusCode::NOT_FOUND, "NotFound", "no such path").into_response()
@@ -503,6 +504,82 @@ async fn debug_proxies(Shared(state): Shared<Arc<State>>, headers: HeaderMap) ->
     }
     let proxies = state.fleet.connected().await;
     axum::Json(json!({"proxies": proxies})).into_response()
+}
+
+/// Seed 000's report: `X-API-Token` (a proxy token, or any token when none are configured), body
+/// `{"ipAddress": "..."}`; plain-text answers exactly as the seed's server gave them. Keel's reporters add
+/// `X-Keel-Node`; the seed's agents do not, and are recorded under their source address.
+async fn report_public_ip(
+    Shared(state): Shared<Arc<State>>,
+    axum::extract::Extension(crate::stream::PeerAddr(peer)): axum::extract::Extension<crate::stream::PeerAddr>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let text = |code: StatusCode, message: &'static str| (code, [(header::CONTENT_TYPE, "text/plain")], message).into_response();
+    if state.tokens.requires(Role::Proxy) {
+        let mut bearer = HeaderMap::new();
+        if let Some(token) = headers.get("x-api-token").and_then(|v| v.to_str().ok())
+            && let Ok(value) = format!("Bearer {token}").parse()
+        {
+            bearer.insert(header::AUTHORIZATION, value);
+        }
+        if state.tokens.check(&bearer, Role::Proxy).is_err() {
+            return text(StatusCode::UNAUTHORIZED, "Invalid API token");
+        }
+    }
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Report {
+        ip_address: String,
+    }
+    let Ok(report) = serde_json::from_slice::<Report>(&body) else {
+        return text(StatusCode::BAD_REQUEST, "Invalid request body: expected {\"ipAddress\": \"...\"}");
+    };
+    let Ok(address) = report.ip_address.trim().parse::<std::net::IpAddr>() else {
+        return text(StatusCode::BAD_REQUEST, "Invalid IP address");
+    };
+    let node = headers
+        .get("x-keel-node")
+        .and_then(|v| v.to_str().ok())
+        .filter(|node| !node.is_empty() && node.len() <= 253 && !node.contains(char::is_control))
+        .map_or_else(|| peer.ip().to_string(), str::to_string);
+    let result = state.store.lock().await.record_address(&node, address);
+    match result {
+        Ok(previous) => {
+            if previous.as_deref() != Some(address.to_string().as_str()) {
+                tracing::info!(node, from = ?previous, to = %address, "public address changed");
+            }
+            text(StatusCode::OK, "Public IP updated successfully")
+        }
+        Err(error) => {
+            tracing::error!(%error, "cannot record a public address");
+            text(StatusCode::INTERNAL_SERVER_ERROR, "Cannot record the address")
+        }
+    }
+}
+
+/// Every node's current address and its recent history.
+async fn public_ips(Shared(state): Shared<Arc<State>>, headers: HeaderMap) -> Response {
+    if let Err(why) = state.tokens.check(&headers, Role::Operator) {
+        return denied(why);
+    }
+    let history = match state.store.lock().await.address_history() {
+        Ok(history) => history,
+        Err(error) => return Failure::from(error).into_response(),
+    };
+    let mut nodes: Vec<Value> = Vec::new();
+    for (node, address, at) in history {
+        let entry = json!({"address": address, "reportedAt": at});
+        match nodes.last_mut() {
+            Some(last) if last["node"] == node => {
+                if let Some(list) = last["history"].as_array_mut() {
+                    list.push(entry);
+                }
+            }
+            _ => nodes.push(json!({"node": node, "address": address, "reportedAt": at, "history": [entry]})),
+        }
+    }
+    axum::Json(json!({"nodes": nodes})).into_response()
 }
 
 /// RFC 7386: objects merge key by key, `null` deletes, anything else replaces.

@@ -46,7 +46,20 @@ const MIGRATIONS: &[(i64, &str)] = &[
         );",
     ),
     (3, "ALTER TABLE resources ADD COLUMN annotations TEXT NOT NULL DEFAULT '{}';"),
+    (
+        4,
+        "CREATE TABLE public_ips (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            node TEXT NOT NULL,
+            address TEXT NOT NULL,
+            reported_at TEXT NOT NULL
+        );
+        CREATE INDEX public_ips_by_node ON public_ips (node, id);",
+    ),
 ];
+
+/// Reports kept per node in the address history.
+const ADDRESS_HISTORY: i64 = 100;
 
 /// Events kept for watchers that resume from an older revision.
 const EVENTS_KEPT: i64 = 10_000;
@@ -239,6 +252,39 @@ impl Store {
     /// plane's own soft state (node records, rewritten on every flush) is written in batches.
     pub fn end_batch(&mut self) -> Result<(), StoreError> {
         Ok(self.connection.execute_batch("COMMIT")?)
+    }
+
+    /// Records an address a node reported (seed 000's `POST /api/v1/public-ip`). Returns the node's
+    /// previous address. The history keeps the last reports of each node.
+    pub fn record_address(&mut self, node: &str, address: std::net::IpAddr) -> Result<Option<String>, StoreError> {
+        let previous = self.current_address(node)?;
+        let transaction = self.connection.savepoint()?;
+        transaction.execute(
+            "INSERT INTO public_ips (node, address, reported_at) VALUES (?1, ?2, ?3)",
+            params![node, address.to_string(), humantime::format_rfc3339_seconds(SystemTime::now()).to_string()],
+        )?;
+        transaction.execute(
+            "DELETE FROM public_ips WHERE node = ?1 AND id NOT IN (SELECT id FROM public_ips WHERE node = ?1 ORDER BY id DESC LIMIT ?2)",
+            params![node, ADDRESS_HISTORY],
+        )?;
+        transaction.commit()?;
+        Ok(previous)
+    }
+
+    /// The address a node last reported.
+    pub fn current_address(&self, node: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .connection
+            .query_row("SELECT address FROM public_ips WHERE node = ?1 ORDER BY id DESC LIMIT 1", [node], |row| row.get(0))
+            .optional()?)
+    }
+
+    /// Every node's reports, newest first: (node, address, reported_at).
+    pub fn address_history(&self) -> Result<Vec<(String, String, String)>, StoreError> {
+        let mut statement =
+            self.connection.prepare("SELECT node, address, reported_at FROM public_ips ORDER BY node, id DESC")?;
+        let rows = statement.query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// Changes from now on. Subscribe while holding the store, after reading [`Store::events_since`], so

@@ -237,7 +237,7 @@ async fn an_old_database_is_migrated_on_start() {
     assert_eq!(patched["metadata"]["annotations"]["owner"], "ops");
     cp.stop().await;
     let connection = rusqlite::Connection::open(&path).unwrap();
-    assert_eq!(keel_control_plane::store::schema_version(&connection).unwrap(), 3);
+    assert_eq!(keel_control_plane::store::schema_version(&connection).unwrap(), 4);
 
     // A database from a newer control plane is refused, not damaged.
     connection.execute("INSERT INTO schema_migrations VALUES (99, 'future')", []).unwrap();
@@ -246,4 +246,40 @@ async fn an_old_database_is_migrated_on_start() {
         .await
         .unwrap_err();
     assert!(error.to_string().contains("newer control plane"), "{error}");
+}
+
+#[tokio::test]
+async fn public_ip_reports_speak_seed_000s_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = start(&database(&dir)).await;
+    let addr = cp.local_addr;
+    let report = |token: &'static str, node: Option<&'static str>, body: &'static str| async move {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let node = node.map(|node| format!("X-Keel-Node: {node}\r\n")).unwrap_or_default();
+        let request = format!(
+            "POST /api/v1/public-ip HTTP/1.1\r\nHost: cp\r\nX-API-Token: {token}\r\n{node}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut response = String::new();
+        tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut response).await.unwrap();
+        let status: u16 = response.split(' ').nth(1).unwrap().parse().unwrap();
+        (status, response.split_once("\r\n\r\n").unwrap().1.to_string())
+    };
+    assert_eq!(report("wrong", None, r#"{"ipAddress": "2001:db8::1"}"#).await, (401, "Invalid API token".to_string()));
+    assert_eq!(report(PROXY, Some("gw-1"), r#"{"ipAddress": "2001:db8::1"}"#).await, (200, "Public IP updated successfully".to_string()));
+    assert_eq!(report(PROXY, Some("gw-1"), r#"{"ipAddress": "2001:db8::2"}"#).await.0, 200);
+    assert_eq!(report(PROXY, None, r#"{"ipAddress": "203.0.113.9"}"#).await.0, 200);
+    assert_eq!(report(PROXY, Some("gw-1"), r#"{"ipAddress": "not-an-ip"}"#).await.0, 400);
+    assert_eq!(report(PROXY, Some("gw-1"), r#"{"ip": "2001:db8::3"}"#).await.0, 400);
+
+    let (status, body) = operator(addr, "GET", "/api/v1/public-ip", None).await;
+    assert_eq!(status, 200, "{body}");
+    let nodes = body["nodes"].as_array().unwrap();
+    let gw = nodes.iter().find(|n| n["node"] == "gw-1").unwrap();
+    assert_eq!(gw["address"], "2001:db8::2");
+    assert_eq!(gw["history"].as_array().unwrap().len(), 2);
+    // The seed's agents send no node name: they are known by their source address.
+    assert!(nodes.iter().any(|n| n["node"] == "127.0.0.1" && n["address"] == "203.0.113.9"), "{body}");
+    cp.stop().await;
 }
