@@ -511,11 +511,15 @@ async fn debug_proxies(Shared(state): Shared<Arc<State>>, headers: HeaderMap) ->
 /// `X-Keel-Node`; the seed's agents do not, and are recorded under their source address.
 async fn report_public_ip(
     Shared(state): Shared<Arc<State>>,
-    axum::extract::Extension(crate::stream::PeerAddr(peer)): axum::extract::Extension<crate::stream::PeerAddr>,
+    axum::extract::Extension(crate::stream::PeerAddr(peer)): axum::extract::Extension<
+        crate::stream::PeerAddr,
+    >,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let text = |code: StatusCode, message: &'static str| (code, [(header::CONTENT_TYPE, "text/plain")], message).into_response();
+    let text = |code: StatusCode, message: &'static str| {
+        (code, [(header::CONTENT_TYPE, "text/plain")], message).into_response()
+    };
     if state.tokens.requires(Role::Proxy) {
         let mut bearer = HeaderMap::new();
         if let Some(token) = headers.get("x-api-token").and_then(|v| v.to_str().ok())

@@ -256,12 +256,20 @@ impl Store {
 
     /// Records an address a node reported (seed 000's `POST /api/v1/public-ip`). Returns the node's
     /// previous address. The history keeps the last reports of each node.
-    pub fn record_address(&mut self, node: &str, address: std::net::IpAddr) -> Result<Option<String>, StoreError> {
+    pub fn record_address(
+        &mut self,
+        node: &str,
+        address: std::net::IpAddr,
+    ) -> Result<Option<String>, StoreError> {
         let previous = self.current_address(node)?;
         let transaction = self.connection.savepoint()?;
         transaction.execute(
             "INSERT INTO public_ips (node, address, reported_at) VALUES (?1, ?2, ?3)",
-            params![node, address.to_string(), humantime::format_rfc3339_seconds(SystemTime::now()).to_string()],
+            params![
+                node,
+                address.to_string(),
+                humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
+            ],
         )?;
         transaction.execute(
             "DELETE FROM public_ips WHERE node = ?1 AND id NOT IN (SELECT id FROM public_ips WHERE node = ?1 ORDER BY id DESC LIMIT ?2)",
@@ -275,14 +283,19 @@ impl Store {
     pub fn current_address(&self, node: &str) -> Result<Option<String>, StoreError> {
         Ok(self
             .connection
-            .query_row("SELECT address FROM public_ips WHERE node = ?1 ORDER BY id DESC LIMIT 1", [node], |row| row.get(0))
+            .query_row(
+                "SELECT address FROM public_ips WHERE node = ?1 ORDER BY id DESC LIMIT 1",
+                [node],
+                |row| row.get(0),
+            )
             .optional()?)
     }
 
     /// Every node's reports, newest first: (node, address, reported_at).
     pub fn address_history(&self) -> Result<Vec<(String, String, String)>, StoreError> {
-        let mut statement =
-            self.connection.prepare("SELECT node, address, reported_at FROM public_ips ORDER BY node, id DESC")?;
+        let mut statement = self
+            .connection
+            .prepare("SELECT node, address, reported_at FROM public_ips ORDER BY node, id DESC")?;
         let rows = statement.query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }

@@ -266,8 +266,14 @@ async fn public_ip_reports_speak_seed_000s_api() {
         let status: u16 = response.split(' ').nth(1).unwrap().parse().unwrap();
         (status, response.split_once("\r\n\r\n").unwrap().1.to_string())
     };
-    assert_eq!(report("wrong", None, r#"{"ipAddress": "2001:db8::1"}"#).await, (401, "Invalid API token".to_string()));
-    assert_eq!(report(PROXY, Some("gw-1"), r#"{"ipAddress": "2001:db8::1"}"#).await, (200, "Public IP updated successfully".to_string()));
+    assert_eq!(
+        report("wrong", None, r#"{"ipAddress": "2001:db8::1"}"#).await,
+        (401, "Invalid API token".to_string())
+    );
+    assert_eq!(
+        report(PROXY, Some("gw-1"), r#"{"ipAddress": "2001:db8::1"}"#).await,
+        (200, "Public IP updated successfully".to_string())
+    );
     assert_eq!(report(PROXY, Some("gw-1"), r#"{"ipAddress": "2001:db8::2"}"#).await.0, 200);
     assert_eq!(report(PROXY, None, r#"{"ipAddress": "203.0.113.9"}"#).await.0, 200);
     assert_eq!(report(PROXY, Some("gw-1"), r#"{"ipAddress": "not-an-ip"}"#).await.0, 400);
