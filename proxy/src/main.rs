@@ -39,6 +39,16 @@ enum Command {
     Validate,
     /// Print the JSON Schema of keel.yaml.
     Schema,
+    /// Run each reporter of the config once: read its address and report it (the proxy itself runs
+    /// reporters continuously).
+    Report {
+        /// One round, then exit: 0 when every reporter succeeded.
+        #[arg(long)]
+        once: bool,
+        /// Read and print the addresses, report nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -55,6 +65,7 @@ fn main() -> ExitCode {
             print!("{}", keel_schemas::json_schema_text());
             ExitCode::SUCCESS
         }
+        Some(Command::Report { once, dry_run }) => report(cli.config, once, dry_run),
         None => {
             init_logging(cli.log_format, &cli.log_level);
             match run(cli.config, cli.concurrency) {
@@ -92,6 +103,44 @@ fn validate(config: Option<PathBuf>) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn report(config: Option<PathBuf>, once: bool, dry_run: bool) -> ExitCode {
+    if !once {
+        eprintln!("proxy report takes --once; `proxy --config FILE` runs the reporters continuously");
+        return ExitCode::from(2);
+    }
+    let loaded = match load(config.as_ref()) {
+        Ok(loaded) => loaded,
+        Err(error) => {
+            eprintln!("{error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if loaded.config.reporters.is_empty() {
+        eprintln!("the config has no reporters (nor SERVER_URL and NETWORK_INTERFACE in the environment)");
+        return ExitCode::FAILURE;
+    }
+    let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+        return ExitCode::FAILURE;
+    };
+    let node = keel_proxy::tunnel::node_name(&loaded.config);
+    let mut failed = false;
+    runtime.block_on(async {
+        for reporter in &loaded.config.reporters {
+            match keel_proxy::reporter::report_once(reporter, &node, dry_run).await {
+                Ok(address) if dry_run || reporter.dry_run => {
+                    println!("{}: {address} (dry run: not reported)", reporter.name)
+                }
+                Ok(address) => println!("{}: {address} reported", reporter.name),
+                Err(error) => {
+                    println!("{}: {error}", reporter.name);
+                    failed = true;
+                }
+            }
+        }
+    });
+    if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS }
 }
 
 fn init_logging(format: LogFormat, filter: &str) {

@@ -13,6 +13,9 @@
 //! `KEEL_TUNNEL_SECRET`: the visitor listens on the service's VIP at that port, so `mysql.default.svc:3306`
 //! reaches the published MySQL, as the seed's frpc mapping did. The seed found routers and ports in its
 //! node API server; here they are given, until the control plane hands them out.
+//!
+//! Seed 000's agent variables (`SERVER_URL`, `API_TOKEN`, `CHECK_INTERVAL`, `NETWORK_INTERFACE`) build
+//! its address reporter; see [`agent`].
 
 use keel_schemas::config::{Dns, Hijack, RouterRef, Tunnels, Visit, defaults};
 use keel_schemas::types::{Cidr, HostPort, Secret, SocketAddress};
@@ -26,8 +29,89 @@ pub const TUNNEL_ROUTERS: &str = "KEEL_TUNNEL_ROUTERS";
 pub const TUNNEL_TOKEN: &str = "KEEL_TUNNEL_TOKEN";
 pub const TUNNEL_SECRET: &str = "KEEL_TUNNEL_SECRET";
 
-/// Adds the `dns` section the environment describes, if the config has none. Errors name the variable.
+pub const SERVER_URL: &str = "SERVER_URL";
+pub const API_TOKEN: &str = "API_TOKEN";
+pub const CHECK_INTERVAL: &str = "CHECK_INTERVAL";
+pub const NETWORK_INTERFACE: &str = "NETWORK_INTERFACE";
+pub const REPORTER_STATE_FILE: &str = "KEEL_REPORTER_STATE_FILE";
+
+/// Adds what the seeds' environment variables describe: the sidecar's `dns` (and visits), and seed 000's
+/// address reporter. Errors name the variable.
 pub fn apply(config: &mut Config, env: &dyn Environment) -> Result<(), Vec<Diagnostic>> {
+    let sidecar = sidecar(config, env);
+    let agent = agent(config, env);
+    match (sidecar, agent) {
+        (Ok(()), Ok(())) => Ok(()),
+        (Err(mut a), Err(b)) => {
+            a.extend(b);
+            Err(a)
+        }
+        (Err(problems), _) | (_, Err(problems)) => Err(problems),
+    }
+}
+
+/// Seed 000's agent: `SERVER_URL`, `API_TOKEN`, `CHECK_INTERVAL` (seconds, default 5) and
+/// `NETWORK_INTERFACE` make a reporter of the interface's IPv6 address (temporary preferred) to
+/// `SERVER_URL`, if the config has no reporters. `KEEL_REPORTER_STATE_FILE` keeps its pending address
+/// across restarts.
+fn agent(config: &mut Config, env: &dyn Environment) -> Result<(), Vec<Diagnostic>> {
+    use keel_schemas::config::{
+        AddressFamily, AddressPolicy, AddressSink, AddressSource, InterfaceSource, ReportEndpoint, Reporter,
+    };
+    if !config.reporters.is_empty() {
+        return Ok(());
+    }
+    let Some(url) = env.var(SERVER_URL).filter(|value| !value.trim().is_empty()) else {
+        return Ok(());
+    };
+    let problem = |variable: &str, message: &str| Diagnostic::new(ConfigPath::root().key(variable), message);
+    let mut problems = Vec::new();
+    let token = env.var(API_TOKEN).filter(|value| !value.trim().is_empty());
+    if token.is_none() {
+        problems.push(problem(API_TOKEN, "API_TOKEN is not set (SERVER_URL is)"));
+    }
+    let interface = env.var(NETWORK_INTERFACE).filter(|value| !value.trim().is_empty());
+    if interface.is_none() {
+        problems.push(problem(NETWORK_INTERFACE, "NETWORK_INTERFACE is not specified (SERVER_URL is set)"));
+    }
+    let interval = match env.var(CHECK_INTERVAL).filter(|value| !value.trim().is_empty()) {
+        None => 5,
+        Some(value) => match value.trim().parse::<u64>() {
+            Ok(seconds) if seconds > 0 => seconds,
+            _ => {
+                problems.push(problem(
+                    CHECK_INTERVAL,
+                    "CHECK_INTERVAL must be a whole number of seconds, at least 1",
+                ));
+                5
+            }
+        },
+    };
+    let (Some(token), Some(interface), true) = (token, interface, problems.is_empty()) else {
+        return Err(problems);
+    };
+    config.reporters.push(Reporter {
+        name: "public-ip".to_string(),
+        source: AddressSource::Interface(InterfaceSource {
+            name: interface.trim().to_string(),
+            family: AddressFamily::Ipv6,
+            policy: AddressPolicy::Temporary,
+        }),
+        sink: AddressSink::ControlPlane(ReportEndpoint {
+            url: url.trim().to_string(),
+            token: Some(Secret::new(token.trim())),
+            token_file: None,
+        }),
+        interval: std::time::Duration::from_secs(interval).into(),
+        debounce: defaults::report_debounce(),
+        state_file: env.var(REPORTER_STATE_FILE).filter(|value| !value.trim().is_empty()),
+        dry_run: false,
+    });
+    Ok(())
+}
+
+/// The seed sidecar's `dns` section (and visits), if the config has none.
+fn sidecar(config: &mut Config, env: &dyn Environment) -> Result<(), Vec<Diagnostic>> {
     if config.dns.is_some() {
         return Ok(());
     }
@@ -176,6 +260,38 @@ fn resolv_conf_nameservers(text: &str, own: SocketAddress) -> Vec<SocketAddress>
 mod tests {
     use super::*;
     use keel_schemas::MapEnvironment;
+
+    #[test]
+    fn seed_000s_variables_build_a_reporter() {
+        use keel_schemas::config::{AddressPolicy, AddressSink, AddressSource};
+        let env = MapEnvironment::default()
+            .with_var(SERVER_URL, "http://autodns:8080")
+            .with_var(API_TOKEN, "secure-token-123")
+            .with_var(CHECK_INTERVAL, "10")
+            .with_var(NETWORK_INTERFACE, "eth0");
+        let mut config = Config::default();
+        apply(&mut config, &env).unwrap();
+        let reporter = &config.reporters[0];
+        let AddressSource::Interface(interface) = &reporter.source else { panic!("{reporter:?}") };
+        assert_eq!((interface.name.as_str(), interface.policy), ("eth0", AddressPolicy::Temporary));
+        assert_eq!(reporter.interval.get(), std::time::Duration::from_secs(10));
+        let AddressSink::ControlPlane(sink) = &reporter.sink;
+        assert_eq!(sink.url, "http://autodns:8080");
+        assert_eq!(sink.token.as_ref().unwrap().expose(), "secure-token-123");
+
+        // The seed's own checks, by variable.
+        let env = MapEnvironment::default()
+            .with_var(SERVER_URL, "http://autodns:8080")
+            .with_var(CHECK_INTERVAL, "soon");
+        let problems = apply(&mut Config::default(), &env).unwrap_err();
+        let lines: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        assert_eq!(lines.len(), 3, "{lines:?}");
+        assert!(lines.iter().any(|line| line.contains("NETWORK_INTERFACE is not specified")), "{lines:?}");
+        // No SERVER_URL: no reporter.
+        let mut config = Config::default();
+        apply(&mut config, &MapEnvironment::default().with_var(NETWORK_INTERFACE, "eth0")).unwrap();
+        assert!(config.reporters.is_empty());
+    }
 
     #[test]
     fn the_seed_variables_build_a_dns_section() {

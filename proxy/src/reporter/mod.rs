@@ -212,6 +212,27 @@ impl ReportState {
     }
 }
 
+/// One round for operators (`proxy report --once`): read the address and, unless `dry_run`, report it
+/// and record it as delivered. Returns the address.
+pub async fn report_once(reporter: &Reporter, node: &str, dry_run: bool) -> Result<IpAddr, String> {
+    let address = detect(&reporter.source)
+        .await
+        .map_err(|error| error.to_string())?
+        .ok_or_else(|| "no usable address".to_string())?;
+    if dry_run || reporter.dry_run {
+        return Ok(address);
+    }
+    report(&reporter.sink, node, address).await.map_err(|error| error.to_string())?;
+    let state_file = reporter.state_file.as_deref();
+    let mut state = ReportState::load(state_file);
+    state.delivered = Some(address);
+    if state.pending == Some(address) {
+        state.pending = None;
+    }
+    state.save(state_file);
+    Ok(address)
+}
+
 /// Runs one reporter until `stop`.
 pub async fn run(
     reporter: Reporter,

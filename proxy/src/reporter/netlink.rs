@@ -264,11 +264,11 @@ mod tests {
     fn parses_an_ipv6_address_with_extended_flags() {
         // nlmsghdr + ifaddrmsg(AF_INET6, /64, flags 0, scope 0, index 7) + IFA_ADDRESS + IFA_FLAGS.
         let mut message = Vec::new();
-        let mut attribute = |kind: u16, value: &[u8], body: &mut Vec<u8>| {
+        let attribute = |kind: u16, value: &[u8], body: &mut Vec<u8>| {
             body.extend_from_slice(&((4 + value.len()) as u16).to_ne_bytes());
             body.extend_from_slice(&kind.to_ne_bytes());
             body.extend_from_slice(value);
-            while body.len() % 4 != 0 {
+            while !body.len().is_multiple_of(4) {
                 body.push(0);
             }
         };

@@ -63,6 +63,48 @@ fn version_and_schema_print() {
     assert_eq!(schema["title"], "keel.yaml");
 }
 
+#[tokio::test]
+async fn report_once_reports_each_reporter_and_says_how_it_went() {
+    // A server speaking seed 000's API, taking one request.
+    let server = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sink = server.local_addr().unwrap();
+    let received = tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut stream, _) = server.accept().await.unwrap();
+        let mut request = Vec::new();
+        let mut buffer = [0u8; 4096];
+        while !String::from_utf8_lossy(&request).contains("ipAddress") {
+            let n = stream.read(&mut buffer).await.unwrap();
+            request.extend_from_slice(&buffer[..n]);
+        }
+        let reply = "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 30\r\n\r\nPublic IP updated successfully";
+        stream.write_all(reply.as_bytes()).await.unwrap();
+        String::from_utf8_lossy(&request).to_string()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        &dir,
+        &format!(
+            "reporters:\n  - name: fixed\n    source: {{static: \"2001:db8::7\"}}\n    sink: {{control_plane: {{url: \"http://{sink}\", token: seed-token}}}}\n"
+        ),
+    );
+    let run = move |args: &[&str]| {
+        let output = Command::new(PROXY).args(args).arg("--config").arg(&config).output().unwrap();
+        (output.status.code(), String::from_utf8_lossy(&output.stdout).to_string())
+    };
+    assert_eq!(
+        run(&["report", "--once", "--dry-run"]),
+        (Some(0), "fixed: 2001:db8::7 (dry run: not reported)\n".into())
+    );
+    let output = tokio::task::spawn_blocking(move || run(&["report", "--once"])).await.unwrap();
+    drop(dir);
+    assert_eq!(output, (Some(0), "fixed: 2001:db8::7 reported\n".into()));
+    let request = received.await.unwrap();
+    assert!(request.starts_with("POST /api/v1/public-ip HTTP/1.1\r\n"), "{request}");
+    assert!(request.to_ascii_lowercase().contains("x-api-token: seed-token\r\n"), "{request}");
+    assert!(request.ends_with(r#"{"ipAddress":"2001:db8::7"}"#), "{request}");
+}
+
 /// A `proxy` process with JSON logs, and the admin address read from its log.
 struct Process {
     child: Child,
