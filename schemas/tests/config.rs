@@ -277,13 +277,14 @@ fn every_example_validates() {
         // The secret files the examples name, as a Kubernetes Secret mount would provide them.
         let env = MapEnvironment::default()
             .with_file("/run/secrets/router-token", "router-token\n")
-            .with_file("/run/secrets/mysql-tunnel", "mysql-secret\n");
+            .with_file("/run/secrets/mysql-tunnel", "mysql-secret\n")
+            .with_file("/run/secrets/api-token", "api-token\n");
         if let Err(errors) = load(&text, &path.display().to_string(), &env) {
             panic!("{errors}");
         }
         seen += 1;
     }
-    assert!(seen >= 7, "expected examples in {dir}");
+    assert!(seen >= 8, "expected examples in {dir}");
 }
 
 #[test]
