@@ -374,9 +374,7 @@ async fn create(
         let spec = check(&target, &mut resource)?;
         target.name = resource.metadata.name.clone();
         let event = state.store.lock().await.create(target.key(), resource, spec)?;
-        if target.kind != Kind::Node {
-            state.written();
-        }
+        after_write(&state, &target).await;
         Ok((StatusCode::CREATED, axum::Json(event.object)).into_response())
     }
     .await;
@@ -423,8 +421,8 @@ async fn write(
     };
     let event = store.replace(target.key(), resource, spec, status_only)?;
     drop(store);
-    if !status_only && target.kind != Kind::Node {
-        state.written();
+    if !status_only {
+        after_write(state, target).await;
     }
     Ok(axum::Json(event.object).into_response())
 }
@@ -498,6 +496,16 @@ async fn delete(
     result.unwrap_or_else(IntoResponse::into_response)
 }
 
+/// What follows a write: snapshots are rebuilt for config kinds, DNS records are brought in line.
+async fn after_write(state: &State, target: &Target) {
+    match target.kind {
+        Kind::Node => {}
+        Kind::DnsRecord => crate::ddns::record_written(state, &target.name).await,
+        Kind::DnsProvider => state.ddns_wakeup.notify_one(),
+        _ => state.written(),
+    }
+}
+
 async fn debug_proxies(Shared(state): Shared<Arc<State>>, headers: HeaderMap) -> Response {
     if let Err(why) = state.tokens.check(&headers, Role::Operator) {
         return denied(why);
@@ -553,6 +561,7 @@ async fn report_public_ip(
             if previous.as_deref() != Some(address.to_string().as_str()) {
                 tracing::info!(node, from = ?previous, to = %address, "public address changed");
             }
+            crate::ddns::address_reported(&state, &node, address).await;
             text(StatusCode::OK, "Public IP updated successfully")
         }
         Err(error) => {

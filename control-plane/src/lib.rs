@@ -5,10 +5,12 @@
 //! debounce), a new [`snapshot::World`] is published; each proxy's stream session ([`stream`]) builds its
 //! node's snapshot from it and sends it if its version changed. Proxies answer with ACK or NACK and report
 //! their status on the same stream; [`fleet`] keeps what they said, for `/debug/proxies` and the `Node`
-//! and `Router` resources. [`serve`] accepts HTTP/1.1 and HTTP/2, in clear or over TLS.
+//! and `Router` resources. [`ddns`] keeps `DnsRecord`s pointing at the addresses nodes report (seed 000's
+//! `POST /api/v1/public-ip`). [`serve`] accepts HTTP/1.1 and HTTP/2, in clear or over TLS.
 
 pub mod api;
 pub mod auth;
+pub mod ddns;
 pub mod fleet;
 pub mod serve;
 pub mod snapshot;
@@ -52,6 +54,8 @@ pub struct State {
     pub fleet: Fleet,
     worlds: watch::Sender<Arc<World>>,
     writes: Notify,
+    /// Wakes the DNS outbox worker when an update is queued.
+    pub ddns_wakeup: Notify,
     pub stop: CancellationToken,
 }
 
@@ -86,6 +90,7 @@ impl ControlPlane {
             fleet: Fleet::default(),
             worlds: watch::channel(Arc::new(world)).0,
             writes: Notify::new(),
+            ddns_wakeup: Notify::new(),
             stop: CancellationToken::new(),
         });
         let acceptor = match &settings.tls {
@@ -97,6 +102,7 @@ impl ControlPlane {
         let local_addr = listener.local_addr()?;
         tokio::spawn(debounce(Arc::clone(&state), settings.debounce));
         tokio::spawn(fleet::flush_nodes(Arc::clone(&state), settings.node_flush_interval));
+        tokio::spawn(ddns::run(Arc::clone(&state)));
         let app = api::router(Arc::clone(&state));
         let stop = state.stop.clone();
         let task = tokio::spawn(serve::serve(listener, acceptor, app, stop));

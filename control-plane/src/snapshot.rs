@@ -55,7 +55,7 @@ impl World {
                 Spec::DnsZone(s) => named_nodes.extend(s.node_selector.get(NODE_LABEL).cloned()),
                 Spec::PublishedService(s) => named_nodes.extend(s.node_selector.get(NODE_LABEL).cloned()),
                 Spec::VisitedService(s) => named_nodes.extend(s.node_selector.get(NODE_LABEL).cloned()),
-                Spec::Node => {}
+                Spec::Node | Spec::DnsRecord(_) | Spec::DnsProvider(_) => {}
             }
         }
         Self { revision, objects, named_nodes, built: moka::sync::Cache::new(10_000) }

@@ -56,7 +56,28 @@ const MIGRATIONS: &[(i64, &str)] = &[
         );
         CREATE INDEX public_ips_by_node ON public_ips (node, id);",
     ),
+    (
+        5,
+        "CREATE TABLE dns_outbox (
+            record TEXT PRIMARY KEY,
+            address TEXT NOT NULL,
+            attempts INTEGER NOT NULL,
+            next_attempt_ms INTEGER NOT NULL,
+            last_error TEXT NOT NULL,
+            enqueued_at TEXT NOT NULL
+        );",
+    ),
 ];
+
+/// One DNS update waiting to be made: record `record` should hold `address`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutboxItem {
+    pub record: String,
+    pub address: String,
+    pub attempts: i64,
+    pub next_attempt_ms: i64,
+    pub last_error: String,
+}
 
 /// Reports kept per node in the address history.
 const ADDRESS_HISTORY: i64 = 100;
@@ -297,6 +318,81 @@ impl Store {
             .connection
             .prepare("SELECT node, address, reported_at FROM public_ips ORDER BY node, id DESC")?;
         let rows = statement.query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Asks for record `record` to hold `address`. One row per record: a newer address replaces a pending
+    /// one (and starts its attempts afresh); the same address again changes nothing.
+    pub fn enqueue_update(&mut self, record: &str, address: &str, now_ms: i64) -> Result<(), StoreError> {
+        self.connection.execute(
+            "INSERT INTO dns_outbox (record, address, attempts, next_attempt_ms, last_error, enqueued_at)
+             VALUES (?1, ?2, 0, ?3, '', ?4)
+             ON CONFLICT (record) DO UPDATE SET address = excluded.address, attempts = 0,
+               next_attempt_ms = excluded.next_attempt_ms, last_error = '', enqueued_at = excluded.enqueued_at
+             WHERE dns_outbox.address != excluded.address",
+            params![
+                record,
+                address,
+                now_ms,
+                humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Every waiting update, soonest first.
+    pub fn outbox(&self) -> Result<Vec<OutboxItem>, StoreError> {
+        let mut statement = self.connection.prepare(
+            "SELECT record, address, attempts, next_attempt_ms, last_error FROM dns_outbox ORDER BY next_attempt_ms",
+        )?;
+        let rows = statement.query_map([], |row| {
+            Ok(OutboxItem {
+                record: row.get(0)?,
+                address: row.get(1)?,
+                attempts: row.get(2)?,
+                next_attempt_ms: row.get(3)?,
+                last_error: row.get(4)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// An update was made and verified: done, unless a newer address arrived meanwhile.
+    pub fn update_done(&mut self, item: &OutboxItem) -> Result<(), StoreError> {
+        self.connection.execute(
+            "DELETE FROM dns_outbox WHERE record = ?1 AND address = ?2",
+            params![item.record, item.address],
+        )?;
+        Ok(())
+    }
+
+    /// An update failed: try again at `next_attempt_ms`, unless a newer address arrived meanwhile.
+    pub fn update_failed(
+        &mut self,
+        item: &OutboxItem,
+        error: &str,
+        next_attempt_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.connection.execute(
+            "UPDATE dns_outbox SET attempts = attempts + 1, next_attempt_ms = ?3, last_error = ?4
+             WHERE record = ?1 AND address = ?2",
+            params![item.record, item.address, next_attempt_ms, error],
+        )?;
+        Ok(())
+    }
+
+    /// Drops the waiting update of a record that no longer exists.
+    pub fn forget_update(&mut self, record: &str) -> Result<(), StoreError> {
+        self.connection.execute("DELETE FROM dns_outbox WHERE record = ?1", [record])?;
+        Ok(())
+    }
+
+    /// Every node's current address (the latest report of each).
+    pub fn current_addresses(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let mut statement = self.connection.prepare(
+            "SELECT node, address FROM public_ips WHERE id IN (SELECT MAX(id) FROM public_ips GROUP BY node)",
+        )?;
+        let rows = statement.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 

@@ -237,7 +237,7 @@ async fn an_old_database_is_migrated_on_start() {
     assert_eq!(patched["metadata"]["annotations"]["owner"], "ops");
     cp.stop().await;
     let connection = rusqlite::Connection::open(&path).unwrap();
-    assert_eq!(keel_control_plane::store::schema_version(&connection).unwrap(), 4);
+    assert_eq!(keel_control_plane::store::schema_version(&connection).unwrap(), 5);
 
     // A database from a newer control plane is refused, not damaged.
     connection.execute("INSERT INTO schema_migrations VALUES (99, 'future')", []).unwrap();

@@ -14,6 +14,8 @@
 //! | VisitedService | visitedservices | namespaced | a `tunnels.visit` item (its namespace is the resource's) |
 //! | Router | routers | cluster | the router's node, `tunnels.server` settings, and how clients reach it |
 //! | Node | nodes | cluster | none; `status` is each proxy's record, kept by the control plane |
+//! | DnsRecord | dnsrecords | cluster | a name kept pointing at the address a node reports (DDNS) |
+//! | DnsProvider | dnsproviders | cluster | how to change a zone (RFC 2136 with TSIG) |
 //!
 //! Specs go through the same [`validate`](crate::validate::validate) as a file, on a one-piece config;
 //! what only a whole node can show (a port taken twice, a listener's cluster not selected for the node)
@@ -46,10 +48,12 @@ pub enum Kind {
     VisitedService,
     Router,
     Node,
+    DnsRecord,
+    DnsProvider,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 9] = [
         Kind::Listener,
         Kind::Cluster,
         Kind::DnsZone,
@@ -57,6 +61,8 @@ impl Kind {
         Kind::VisitedService,
         Kind::Router,
         Kind::Node,
+        Kind::DnsRecord,
+        Kind::DnsProvider,
     ];
 
     pub fn name(self) -> &'static str {
@@ -68,6 +74,8 @@ impl Kind {
             Kind::VisitedService => "VisitedService",
             Kind::Router => "Router",
             Kind::Node => "Node",
+            Kind::DnsRecord => "DnsRecord",
+            Kind::DnsProvider => "DnsProvider",
         }
     }
 
@@ -81,6 +89,8 @@ impl Kind {
             Kind::VisitedService => "visitedservices",
             Kind::Router => "routers",
             Kind::Node => "nodes",
+            Kind::DnsRecord => "dnsrecords",
+            Kind::DnsProvider => "dnsproviders",
         }
     }
 
@@ -228,6 +238,97 @@ pub enum Spec {
     VisitedService(Selected<Visit>),
     Router(RouterSpec),
     Node,
+    DnsRecord(DnsRecordSpec),
+    DnsProvider(DnsProviderSpec),
+}
+
+/// A DNS record kept pointing at the address a node reports.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsRecordSpec {
+    /// The zone the record is in (`example.com`).
+    pub zone: String,
+    /// The record's name, relative to the zone (`gw`; `@` for the zone's apex) or absolute with a final
+    /// dot (`gw.example.com.`).
+    pub name: String,
+    #[serde(rename = "type")]
+    pub record_type: RecordType,
+    #[serde(default = "default_record_ttl")]
+    pub ttl: Duration,
+    /// Whose address: the node that reports it (its `node.id`, or its source address for seed 000's
+    /// agents, which send no name).
+    pub address_from: AddressFrom,
+    /// The DnsProvider that changes the zone.
+    pub provider: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddressFrom {
+    pub node: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RecordType {
+    A,
+    #[allow(clippy::upper_case_acronyms)]
+    AAAA,
+}
+
+impl RecordType {
+    /// Whether `address` belongs in a record of this type.
+    pub fn fits(self, address: std::net::IpAddr) -> bool {
+        matches!(
+            (self, address),
+            (RecordType::A, std::net::IpAddr::V4(_)) | (RecordType::AAAA, std::net::IpAddr::V6(_))
+        )
+    }
+}
+
+fn default_record_ttl() -> Duration {
+    Duration::from(std::time::Duration::from_secs(300))
+}
+
+impl DnsRecordSpec {
+    /// The record's fully qualified name, lowercase, with the final dot.
+    pub fn fqdn(&self) -> String {
+        let zone = self.zone.trim_end_matches('.').to_ascii_lowercase();
+        let name = self.name.to_ascii_lowercase();
+        if name == "@" {
+            format!("{zone}.")
+        } else if name.ends_with('.') {
+            name
+        } else {
+            format!("{name}.{zone}.")
+        }
+    }
+}
+
+/// How the control plane changes a zone.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum DnsProviderSpec {
+    /// RFC 2136 dynamic update, signed with TSIG (RFC 8945), to the zone's primary server (BIND, Knot,
+    /// PowerDNS). Updates are verified by querying that server.
+    Rfc2136(Rfc2136Provider),
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rfc2136Provider {
+    /// The primary server, `IP:port`.
+    pub server: SocketAddress,
+    /// The TSIG key's name, as the server knows it.
+    pub key_name: String,
+    /// The TSIG algorithm; `hmac-sha256` is the one supported.
+    #[serde(default = "default_tsig_algorithm")]
+    pub algorithm: String,
+    /// File (on the control plane's host) holding the key's secret, base64 as `tsig-keygen` prints it.
+    pub secret_file: String,
+}
+
+fn default_tsig_algorithm() -> String {
+    "hmac-sha256".to_string()
 }
 
 /// Checks an object's envelope and metadata for `kind` (the URL's), where `namespace` is the URL's.
@@ -289,6 +390,51 @@ pub fn check_spec(
 ) -> Result<Spec, Vec<FieldError>> {
     match kind {
         Kind::Node => Ok(Spec::Node),
+        Kind::DnsRecord => {
+            let record: DnsRecordSpec = deserialize(spec.clone(), "spec")?;
+            let mut errors = Vec::new();
+            if !crate::dns::is_valid_name(record.zone.trim_end_matches('.')) {
+                errors.push(FieldError::new("spec.zone", format!("invalid zone name {:?}", record.zone)));
+            }
+            let fqdn = record.fqdn();
+            if record.name != "@" && !crate::dns::is_valid_name(fqdn.trim_end_matches('.')) {
+                errors.push(FieldError::new("spec.name", format!("invalid record name {:?}", record.name)));
+            }
+            let zone = format!("{}.", record.zone.trim_end_matches('.').to_ascii_lowercase());
+            if fqdn != zone && !fqdn.ends_with(&format!(".{zone}")) {
+                errors.push(FieldError::new("spec.name", format!("{fqdn} is not in zone {zone}")));
+            }
+            if record.ttl.is_zero() {
+                errors.push(FieldError::new("spec.ttl", "must be longer than 0s"));
+            }
+            if record.address_from.node.is_empty() {
+                errors.push(FieldError::new(
+                    "spec.address_from.node",
+                    "name the node whose address the record follows",
+                ));
+            }
+            if !is_object_name(&record.provider) {
+                errors.push(FieldError::new(
+                    "spec.provider",
+                    format!("invalid provider name {:?}", record.provider),
+                ));
+            }
+            if errors.is_empty() { Ok(Spec::DnsRecord(record)) } else { Err(errors) }
+        }
+        Kind::DnsProvider => {
+            let provider: DnsProviderSpec = deserialize(spec.clone(), "spec")?;
+            let DnsProviderSpec::Rfc2136(rfc2136) = &provider;
+            if rfc2136.algorithm != "hmac-sha256" {
+                return Err(vec![FieldError::new("spec.rfc2136.algorithm", "only hmac-sha256 is supported")]);
+            }
+            if !crate::dns::is_valid_name(rfc2136.key_name.trim_end_matches('.')) {
+                return Err(vec![FieldError::new(
+                    "spec.rfc2136.key_name",
+                    format!("invalid key name {:?}", rfc2136.key_name),
+                )]);
+            }
+            Ok(Spec::DnsProvider(provider))
+        }
         Kind::Router => {
             let router: RouterSpec = deserialize(spec.clone(), "spec")?;
             let config = fragment(|config| {
