@@ -52,6 +52,9 @@ pub fn router(state: Arc<State>) -> Router {
         .route("/debug/proxies", get(debug_proxies))
         .route("/api/v1/public-ip", post(report_public_ip).get(public_ips))
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/", get(state_page))
+        .route("/raw", get(state_raw))
+        .route("/metrics", get(metrics))
         .fallback(|| async {
             Failure::new(StatusCode::NOT_FOUND, "NotFound", "no such path").into_response()
         })
@@ -494,6 +497,154 @@ async fn delete(
     }
     .await;
     result.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// Seed 001's `/raw`: records, addresses and sync state as JSON.
+async fn state_raw(Shared(state): Shared<Arc<State>>, headers: HeaderMap) -> Response {
+    if let Err(why) = state.tokens.check(&headers, Role::Operator) {
+        return denied(why);
+    }
+    let view = crate::ddns::state_view(&*state.store.lock().await);
+    axum::Json(view).into_response()
+}
+
+/// Seed 001's `/`: the same state as a page.
+async fn state_page(Shared(state): Shared<Arc<State>>, headers: HeaderMap) -> Response {
+    if let Err(why) = state.tokens.check(&headers, Role::Operator) {
+        return denied(why);
+    }
+    let view = crate::ddns::state_view(&*state.store.lock().await);
+    let proxies = state.fleet.connected().await.len();
+    let cell = |value: &Value| {
+        escape(&match value {
+            Value::Null => "-".to_string(),
+            Value::String(text) => text.clone(),
+            other => other.to_string(),
+        })
+    };
+    let mut rows = String::new();
+    for record in view["records"].as_array().into_iter().flatten() {
+        let status = &record["status"];
+        let sync = match status["inSync"].as_bool() {
+            Some(true) => "<td class=ok>in sync</td>",
+            Some(false) => "<td class=bad>pending</td>",
+            None => "<td>-</td>",
+        };
+        rows.push_str(&format!(
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>{sync}<td>{}</td><td>{}</td></tr>\n",
+            cell(&record["fqdn"]),
+            cell(&record["type"]),
+            cell(&record["node"]),
+            cell(&status["desired"]),
+            cell(&status["observed"]),
+            cell(&status["lastSuccess"]),
+            cell(&status["lastError"]),
+        ));
+    }
+    let mut addresses = String::new();
+    for entry in view["addresses"].as_array().into_iter().flatten() {
+        addresses.push_str(&format!(
+            "<tr><td>{}</td><td>{}</td></tr>\n",
+            cell(&entry["node"]),
+            cell(&entry["address"])
+        ));
+    }
+    let page = format!(
+        "<!doctype html>\n<html lang=en><head><meta charset=utf-8><title>Keel control plane</title>\n\
+         <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;margin-bottom:2em}}\
+         td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:left}}.ok{{color:#070}}.bad{{color:#b00}}</style></head>\n\
+         <body><h1>Keel control plane</h1><p>{proxies} connected proxies; {} DNS updates pending. JSON: <a href=\"raw\">/raw</a></p>\n\
+         <h2>DNS records</h2><table id=records><tr><th>name</th><th>type</th><th>node</th><th>desired</th><th>at the server</th><th>state</th><th>last success</th><th>last error</th></tr>\n{rows}</table>\n\
+         <h2>Reported addresses</h2><table id=addresses><tr><th>node</th><th>address</th></tr>\n{addresses}</table></body></html>\n",
+        view["pendingUpdates"]
+    );
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], page).into_response()
+}
+
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+/// Prometheus metrics, in seed 001's spirit: updates and failures per record, the last update's time,
+/// each node's current address, whether each record is in sync; and the connected proxies.
+async fn metrics(Shared(state): Shared<Arc<State>>, headers: HeaderMap) -> Response {
+    if let Err(why) = state.tokens.check(&headers, Role::Operator) {
+        return denied(why);
+    }
+    let view = crate::ddns::state_view(&*state.store.lock().await);
+    let proxies = state.fleet.connected().await.len();
+    let label = |value: &Value| {
+        value.as_str().unwrap_or_default().replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    };
+    let mut out = String::new();
+    let mut family = |name: &str, kind: &str, help: &str, samples: Vec<(String, String)>| {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+        for (labels, value) in samples {
+            out.push_str(&format!("{name}{labels} {value}\n"));
+        }
+    };
+    let records: Vec<&Value> = view["records"].as_array().map(|r| r.iter().collect()).unwrap_or_default();
+    let per_record = |f: &dyn Fn(&Value) -> Option<String>| -> Vec<(String, String)> {
+        records
+            .iter()
+            .filter_map(|record| {
+                f(&record["status"])
+                    .map(|value| (format!("{{record=\"{}\"}}", label(&record["name"])), value))
+            })
+            .collect()
+    };
+    family(
+        "keel_ddns_updates_total",
+        "counter",
+        "DNS updates made and verified.",
+        per_record(&|status| Some(status["updates"].as_u64().unwrap_or(0).to_string())),
+    );
+    family(
+        "keel_ddns_update_failures_total",
+        "counter",
+        "DNS update attempts that failed.",
+        per_record(&|status| Some(status["failures"].as_u64().unwrap_or(0).to_string())),
+    );
+    family(
+        "keel_ddns_last_update_timestamp_seconds",
+        "gauge",
+        "When the record was last updated and verified.",
+        per_record(&|status| {
+            let at = humantime::parse_rfc3339(status["lastSuccess"].as_str()?).ok()?;
+            Some(at.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs().to_string())
+        }),
+    );
+    family(
+        "keel_ddns_record_in_sync",
+        "gauge",
+        "1 when the server holds the record's desired address.",
+        per_record(&|status| Some(if status["inSync"] == true { "1" } else { "0" }.to_string())),
+    );
+    let addresses: Vec<(String, String)> = view["addresses"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|entry| {
+            (
+                format!("{{node=\"{}\",address=\"{}\"}}", label(&entry["node"]), label(&entry["address"])),
+                "1".to_string(),
+            )
+        })
+        .collect();
+    family("keel_ddns_current_address_info", "gauge", "The address each node last reported.", addresses);
+    family(
+        "keel_ddns_pending_updates",
+        "gauge",
+        "DNS updates waiting in the outbox.",
+        vec![(String::new(), view["pendingUpdates"].to_string())],
+    );
+    family(
+        "keel_control_plane_connected_proxies",
+        "gauge",
+        "Proxies with an open snapshot stream.",
+        vec![(String::new(), proxies.to_string())],
+    );
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 
 /// What follows a write: snapshots are rebuilt for config kinds, DNS records are brought in line.

@@ -174,6 +174,39 @@ async fn records_follow_reported_addresses_through_bind_and_no_update_is_lost() 
     assert_eq!(status["observed"], json!(["2001:db8::1"]));
     assert!(status["lastSuccess"].is_string());
 
+    // Seed 001's views: /raw, the page, and the metrics (checked by a real promtool).
+    let (_, raw) = operator(listen, "GET", "/raw", None).await;
+    assert_eq!(raw["records"][0]["fqdn"], "gw.example.test.");
+    assert_eq!(raw["records"][0]["status"]["inSync"], true);
+    assert_eq!(raw["addresses"][0], json!({"node": "gw-1", "address": "2001:db8::1"}));
+    let (status, page) = operator(listen, "GET", "/", None).await;
+    let page = page.as_str().unwrap().to_string();
+    assert_eq!(status, 200);
+    assert!(page.contains("<td>gw.example.test.</td>") && page.contains("in sync"), "{page}");
+    let (_, metrics) = operator(listen, "GET", "/metrics", None).await;
+    let metrics = metrics.as_str().unwrap().to_string();
+    assert!(metrics.contains("keel_ddns_updates_total{record=\"gw\"} 1\n"), "{metrics}");
+    assert!(metrics.contains("keel_ddns_record_in_sync{record=\"gw\"} 1\n"), "{metrics}");
+    if let Ok(mut promtool) = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+    {
+        use std::io::Write;
+        promtool.stdin.take().unwrap().write_all(metrics.as_bytes()).unwrap();
+        let output = promtool.wait_with_output().unwrap();
+        assert!(
+            output.status.success(),
+            "promtool: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    } else {
+        assert!(std::env::var_os("CI").is_none(), "CI must check the metrics with promtool");
+    }
+
     // BIND down: the update fails, is kept, and arrives once BIND is back.
     bind.stop();
     report(listen, "2001:db8::2").await;

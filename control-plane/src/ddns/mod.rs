@@ -173,6 +173,7 @@ async fn attempt(state: &State, item: OutboxItem) {
                 status["lastSuccess"] = json!(now());
                 status["lastError"] = Value::Null;
                 status["attempts"] = json!(item.attempts + 1);
+                status["updates"] = json!(status["updates"].as_u64().unwrap_or(0) + 1);
             });
         }
         Err(error) => {
@@ -190,6 +191,7 @@ async fn attempt(state: &State, item: OutboxItem) {
                 status["lastError"] = json!(error);
                 status["lastErrorAt"] = json!(now());
                 status["attempts"] = json!(item.attempts + 1);
+                status["failures"] = json!(status["failures"].as_u64().unwrap_or(0) + 1);
             });
         }
     }
@@ -218,6 +220,33 @@ async fn update(
         ));
     }
     Ok(observed)
+}
+
+/// Every record with its spec and status, and every node's address: the state page's data (seed 001's
+/// `/raw`).
+pub fn state_view(store: &Store) -> Value {
+    let records: Vec<Value> = store
+        .list(Kind::DnsRecord, None)
+        .filter_map(|stored| match &stored.spec {
+            Spec::DnsRecord(record) => Some(json!({
+                "name": stored.resource.metadata.name,
+                "fqdn": record.fqdn(),
+                "type": record.record_type,
+                "node": record.address_from.node,
+                "provider": record.provider,
+                "status": stored.resource.status,
+            })),
+            _ => None,
+        })
+        .collect();
+    let addresses: Vec<Value> = store
+        .current_addresses()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(node, address)| json!({"node": node, "address": address}))
+        .collect();
+    let pending = store.outbox().map(|outbox| outbox.len()).unwrap_or(0);
+    json!({"records": records, "addresses": addresses, "pendingUpdates": pending})
 }
 
 /// Changes a record's status in place (keeping what `change` does not touch).
