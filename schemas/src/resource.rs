@@ -15,7 +15,7 @@
 //! | Router | routers | cluster | the router's node, `tunnels.server` settings, and how clients reach it |
 //! | Node | nodes | cluster | none; `status` is each proxy's record, kept by the control plane |
 //! | DnsRecord | dnsrecords | cluster | a name kept pointing at the address a node reports (DDNS) |
-//! | DnsProvider | dnsproviders | cluster | how to change a zone (RFC 2136 with TSIG) |
+//! | DnsProvider | dnsproviders | cluster | how to change a zone (RFC 2136 with TSIG, Cloudflare) |
 //!
 //! Specs go through the same [`validate`](crate::validate::validate) as a file, on a one-piece config;
 //! what only a whole node can show (a port taken twice, a listener's cluster not selected for the node)
@@ -311,6 +311,25 @@ pub enum DnsProviderSpec {
     /// RFC 2136 dynamic update, signed with TSIG (RFC 8945), to the zone's primary server (BIND, Knot,
     /// PowerDNS). Updates are verified by querying that server.
     Rfc2136(Rfc2136Provider),
+    /// Cloudflare's API v4 with an API token (Zone.DNS edit).
+    Cloudflare(CloudflareProvider),
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloudflareProvider {
+    /// File (on the control plane's host) holding the API token.
+    pub api_token_file: String,
+    /// The zone's ID (the dashboard shows it); looked up by the record's zone name when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone_id: Option<String>,
+    /// The API's base URL.
+    #[serde(default = "default_cloudflare_url")]
+    pub api_url: String,
+}
+
+fn default_cloudflare_url() -> String {
+    "https://api.cloudflare.com/client/v4".to_string()
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -423,15 +442,37 @@ pub fn check_spec(
         }
         Kind::DnsProvider => {
             let provider: DnsProviderSpec = deserialize(spec.clone(), "spec")?;
-            let DnsProviderSpec::Rfc2136(rfc2136) = &provider;
-            if rfc2136.algorithm != "hmac-sha256" {
-                return Err(vec![FieldError::new("spec.rfc2136.algorithm", "only hmac-sha256 is supported")]);
-            }
-            if !crate::dns::is_valid_name(rfc2136.key_name.trim_end_matches('.')) {
-                return Err(vec![FieldError::new(
-                    "spec.rfc2136.key_name",
-                    format!("invalid key name {:?}", rfc2136.key_name),
-                )]);
+            match &provider {
+                DnsProviderSpec::Rfc2136(rfc2136) => {
+                    if rfc2136.algorithm != "hmac-sha256" {
+                        return Err(vec![FieldError::new(
+                            "spec.rfc2136.algorithm",
+                            "only hmac-sha256 is supported",
+                        )]);
+                    }
+                    if !crate::dns::is_valid_name(rfc2136.key_name.trim_end_matches('.')) {
+                        let message = format!("invalid key name {:?}", rfc2136.key_name);
+                        return Err(vec![FieldError::new("spec.rfc2136.key_name", message)]);
+                    }
+                }
+                DnsProviderSpec::Cloudflare(cloudflare) => {
+                    if !(cloudflare.api_url.starts_with("https://")
+                        || cloudflare.api_url.starts_with("http://"))
+                    {
+                        return Err(vec![FieldError::new(
+                            "spec.cloudflare.api_url",
+                            "give an http:// or https:// URL",
+                        )]);
+                    }
+                    let bad_id =
+                        |id: &String| id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric());
+                    if cloudflare.zone_id.as_ref().is_some_and(bad_id) {
+                        return Err(vec![FieldError::new(
+                            "spec.cloudflare.zone_id",
+                            "a zone ID is letters and digits",
+                        )]);
+                    }
+                }
             }
             Ok(Spec::DnsProvider(provider))
         }

@@ -9,6 +9,8 @@
 //! Each record's `status` says what it should hold, what the server was seen to hold, the last success
 //! and the last error.
 
+pub mod cloudflare;
+pub mod http;
 pub mod rfc2136;
 
 use std::net::IpAddr;
@@ -156,7 +158,7 @@ async fn attempt(state: &State, item: OutboxItem) {
         (record, provider)
     };
     let result = match provider {
-        None => Err(format!("no DnsProvider named {:?}", record.provider)),
+        None => Err(Failure::now(format!("no DnsProvider named {:?}", record.provider))),
         Some(provider) => update(&record, &provider, &item.address).await,
     };
     let mut store = state.store.lock().await;
@@ -176,10 +178,12 @@ async fn attempt(state: &State, item: OutboxItem) {
                 status["updates"] = json!(status["updates"].as_u64().unwrap_or(0) + 1);
             });
         }
-        Err(error) => {
-            let delay = Duration::from_secs(1u64 << item.attempts.clamp(0, 9))
+        Err(Failure { message: error, retry_after }) => {
+            let backoff = Duration::from_secs(1u64 << item.attempts.clamp(0, 9))
                 .min(RETRY_MAX)
                 .mul_f64(0.8 + fastrand::f64() * 0.4);
+            // A provider that said when to come back (429 Retry-After) is not asked sooner.
+            let delay = retry_after.map_or(backoff, |asked| asked.max(backoff));
             tracing::warn!(record = item.record, address = item.address, error, retry_in = ?delay, "DNS update failed; will retry");
             if let Err(store_error) = store.update_failed(&item, &error, now_ms() + delay.as_millis() as i64)
             {
@@ -197,27 +201,64 @@ async fn attempt(state: &State, item: OutboxItem) {
     }
 }
 
-/// Changes the zone, then asks its server: `Ok` with what the server holds when it is exactly `address`.
+/// Why an update did not go through, and how long the provider asked us to wait.
+#[derive(Debug)]
+pub struct Failure {
+    pub message: String,
+    pub retry_after: Option<Duration>,
+}
+
+impl Failure {
+    pub fn now(message: impl Into<String>) -> Self {
+        Self { message: message.into(), retry_after: None }
+    }
+}
+
+impl From<String> for Failure {
+    fn from(message: String) -> Self {
+        Self::now(message)
+    }
+}
+
+fn read_secret(path: &str) -> Result<String, Failure> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|error| Failure::now(format!("cannot read {path}: {error}")))?;
+    let text = text.trim().to_string();
+    if text.is_empty() {
+        return Err(Failure::now(format!("{path} is empty")));
+    }
+    Ok(text)
+}
+
+/// Changes the zone through the provider, then reads it back: `Ok` with what is there when it is
+/// exactly `address`.
 async fn update(
     record: &DnsRecordSpec,
     provider: &DnsProviderSpec,
     address: &str,
-) -> Result<Vec<IpAddr>, String> {
+) -> Result<Vec<IpAddr>, Failure> {
     let address: IpAddr =
-        address.parse().map_err(|_| format!("invalid address {address:?} in the outbox"))?;
-    let DnsProviderSpec::Rfc2136(settings) = provider;
-    let secret = std::fs::read_to_string(&settings.secret_file)
-        .map_err(|error| format!("cannot read {}: {error}", settings.secret_file))?;
-    let server = rfc2136::Server::new(settings.server.0, &settings.key_name, &secret)?;
+        address.parse().map_err(|_| Failure::now(format!("invalid address {address:?} in the outbox")))?;
     let fqdn = record.fqdn();
     let ttl = u32::try_from(record.ttl.get().as_secs()).unwrap_or(u32::MAX);
-    server.replace(&record.zone, &fqdn, ttl, address).await?;
-    let observed = server.query(&fqdn, address.is_ipv6()).await?;
+    let (observed, from) = match provider {
+        DnsProviderSpec::Rfc2136(settings) => {
+            let secret = read_secret(&settings.secret_file)?;
+            let server = rfc2136::Server::new(settings.server.0, &settings.key_name, &secret)?;
+            server.replace(&record.zone, &fqdn, ttl, address).await?;
+            (server.query(&fqdn, address.is_ipv6()).await?, settings.server.to_string())
+        }
+        DnsProviderSpec::Cloudflare(settings) => {
+            let cloudflare = cloudflare::Cloudflare {
+                api_url: settings.api_url.clone(),
+                token: read_secret(&settings.api_token_file)?,
+                zone_id: settings.zone_id.clone(),
+            };
+            (cloudflare.replace(&record.zone, &fqdn, ttl, address).await?, "Cloudflare".to_string())
+        }
+    };
     if observed != [address] {
-        return Err(format!(
-            "verification: {} answers {observed:?} for {fqdn}, not {address}",
-            settings.server
-        ));
+        return Err(Failure::now(format!("verification: {from} has {observed:?} for {fqdn}, not {address}")));
     }
     Ok(observed)
 }
