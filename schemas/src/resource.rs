@@ -15,7 +15,7 @@
 //! | Router | routers | cluster | the router's node, `tunnels.server` settings, and how clients reach it |
 //! | Node | nodes | cluster | none; `status` is each proxy's record, kept by the control plane |
 //! | DnsRecord | dnsrecords | cluster | a name kept pointing at the address a node reports (DDNS) |
-//! | DnsProvider | dnsproviders | cluster | how to change a zone (RFC 2136 with TSIG, Cloudflare) |
+//! | DnsProvider | dnsproviders | cluster | how to change a zone (RFC 2136 with TSIG, Cloudflare, Gandi) |
 //!
 //! Specs go through the same [`validate`](crate::validate::validate) as a file, on a one-piece config;
 //! what only a whole node can show (a port taken twice, a listener's cluster not selected for the node)
@@ -313,6 +313,22 @@ pub enum DnsProviderSpec {
     Rfc2136(Rfc2136Provider),
     /// Cloudflare's API v4 with an API token (Zone.DNS edit).
     Cloudflare(CloudflareProvider),
+    /// Gandi LiveDNS (API v5) with a personal access token.
+    Gandi(GandiProvider),
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GandiProvider {
+    /// File (on the control plane's host) holding the personal access token.
+    pub api_token_file: String,
+    /// The API's base URL.
+    #[serde(default = "default_gandi_url")]
+    pub api_url: String,
+}
+
+fn default_gandi_url() -> String {
+    "https://api.gandi.net/v5/livedns".to_string()
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -453,6 +469,14 @@ pub fn check_spec(
                     if !crate::dns::is_valid_name(rfc2136.key_name.trim_end_matches('.')) {
                         let message = format!("invalid key name {:?}", rfc2136.key_name);
                         return Err(vec![FieldError::new("spec.rfc2136.key_name", message)]);
+                    }
+                }
+                DnsProviderSpec::Gandi(gandi) => {
+                    if !(gandi.api_url.starts_with("https://") || gandi.api_url.starts_with("http://")) {
+                        return Err(vec![FieldError::new(
+                            "spec.gandi.api_url",
+                            "give an http:// or https:// URL",
+                        )]);
                     }
                 }
                 DnsProviderSpec::Cloudflare(cloudflare) => {

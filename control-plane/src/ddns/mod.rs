@@ -10,6 +10,7 @@
 //! and the last error.
 
 pub mod cloudflare;
+pub mod gandi;
 pub mod http;
 pub mod rfc2136;
 
@@ -255,6 +256,13 @@ async fn update(
                 zone_id: settings.zone_id.clone(),
             };
             (cloudflare.replace(&record.zone, &fqdn, ttl, address).await?, "Cloudflare".to_string())
+        }
+        DnsProviderSpec::Gandi(settings) => {
+            let gandi = gandi::Gandi {
+                api_url: settings.api_url.clone(),
+                token: read_secret(&settings.api_token_file)?,
+            };
+            (gandi.replace(&record.zone, &fqdn, ttl, address).await?, "Gandi".to_string())
         }
     };
     if observed != [address] {
