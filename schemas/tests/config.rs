@@ -243,8 +243,17 @@ fn schema_lists_every_section_the_loader_knows() {
     let schema = json_schema();
     let mut properties: Vec<&String> = schema["properties"].as_object().unwrap().keys().collect();
     properties.sort();
-    let mut sections =
-        ["node", "admin", "listeners", "clusters", "drain_timeout", "dns", "tunnels", "control_plane"];
+    let mut sections = [
+        "node",
+        "admin",
+        "listeners",
+        "clusters",
+        "drain_timeout",
+        "dns",
+        "tunnels",
+        "reporters",
+        "control_plane",
+    ];
     sections.sort();
     assert_eq!(properties, sections);
     // Every section is actually checked by the per-section pass: an invalid value is reported as a type
