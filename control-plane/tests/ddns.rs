@@ -297,3 +297,41 @@ async fn the_reporter_follows_the_kernels_addresses_within_a_second() {
     stop.cancel();
     thread.join().unwrap();
 }
+
+/// A STUN server that answers every Binding request with the mapped address `mapped`.
+async fn fake_stun(mapped: std::net::SocketAddrV4) -> SocketAddr {
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let address = socket.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buffer = [0u8; 1500];
+        loop {
+            let Ok((length, from)) = socket.recv_from(&mut buffer).await else { return };
+            if length < 20 || buffer[0..2] != [0x00, 0x01] {
+                continue;
+            }
+            let cookie = 0x2112_A442u32.to_be_bytes();
+            let mut answer = vec![0x01, 0x01, 0x00, 0x0c];
+            answer.extend_from_slice(&cookie);
+            answer.extend_from_slice(&buffer[8..20]);
+            answer.extend_from_slice(&[0x00, 0x20, 0x00, 0x08, 0x00, 0x01]);
+            answer.extend_from_slice(&(mapped.port() ^ 0x2112).to_be_bytes());
+            answer.extend(mapped.ip().octets().iter().zip(cookie).map(|(byte, mask)| byte ^ mask));
+            let _ = socket.send_to(&answer, from).await;
+        }
+    });
+    address
+}
+
+#[tokio::test]
+async fn a_stun_source_reports_the_address_the_server_sees() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = start(&database(&dir)).await;
+    let stun = fake_stun("203.0.113.50:40000".parse().unwrap()).await;
+    let source = format!("{{stun: {{servers: [\"{stun}\"], family: ipv4}}}}");
+    let state_file = dir.path().join("stun.state");
+    let stop = start_reporter(reporter(&source, cp.local_addr, &state_file));
+    eventually("the STUN-mapped address reported", || async { reports(&cp.state).await == ["203.0.113.50"] })
+        .await;
+    stop.cancel();
+    cp.stop().await;
+}

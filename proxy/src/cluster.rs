@@ -419,7 +419,7 @@ impl Cluster {
 /// nameservers and search domains of `/etc/resolv.conf`) but without glibc's NSS modules, so that a
 /// statically linked proxy resolves names on any system. The configuration is read on every call, as
 /// getaddrinfo does, so that changes to those files apply at once.
-async fn resolve(host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
+pub async fn resolve(host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
     use hickory_resolver::TokioResolver;
     match TokioResolver::builder_tokio().and_then(|builder| builder.build()) {
         Ok(resolver) => {

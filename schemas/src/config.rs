@@ -82,8 +82,19 @@ pub struct Reporter {
 pub enum AddressSource {
     /// An address of a network interface, read from the kernel (netlink) with its flags.
     Interface(InterfaceSource),
+    /// The address STUN servers see (RFC 8489 Binding): the public address behind a NAT.
+    Stun(StunSource),
     /// A fixed address, for tests and dry runs.
     Static(std::net::IpAddr),
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StunSource {
+    /// STUN servers (`stun.example.net:3478`), asked in order until one answers.
+    pub servers: Vec<HostPort>,
+    #[serde(default)]
+    pub family: AddressFamily,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -117,6 +117,11 @@ fn check_reporter(problems: &mut Problems, path: &ConfigPath, reporter: &crate::
             format!("invalid interface name {:?}", interface.name),
         );
     }
+    if let AddressSource::Stun(stun) = &reporter.source
+        && stun.servers.is_empty()
+    {
+        problems.push(&path.key("source").key("stun").key("servers"), "give at least one STUN server");
+    }
     let AddressSink::ControlPlane(endpoint) = &reporter.sink;
     let at = path.key("sink").key("control_plane");
     match crate::stream::Endpoint::parse(&endpoint.url) {

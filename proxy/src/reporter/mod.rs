@@ -11,6 +11,7 @@
 //! delivered one is not.
 
 pub mod netlink;
+pub mod stun;
 
 use std::io;
 use std::net::IpAddr;
@@ -85,12 +86,20 @@ pub enum DetectError {
     NoInterface(String),
     #[error("reading addresses: {0}")]
     Netlink(#[from] io::Error),
+    #[error("STUN: {0}")]
+    Stun(String),
 }
 
 /// The address the source gives now, if it has one.
 pub async fn detect(source: &AddressSource) -> Result<Option<IpAddr>, DetectError> {
     match source {
         AddressSource::Static(address) => Ok(Some(*address)),
+        AddressSource::Stun(stun) => {
+            stun::mapped_address(&stun.servers, stun.family, stun::Schedule::default())
+                .await
+                .map(Some)
+                .map_err(DetectError::Stun)
+        }
         AddressSource::Interface(interface) => {
             let index = netlink::interface_index(&interface.name)
                 .ok_or_else(|| DetectError::NoInterface(interface.name.clone()))?;
@@ -256,7 +265,7 @@ pub async fn run(
                 None
             }
         },
-        AddressSource::Static(_) => None,
+        AddressSource::Static(_) | AddressSource::Stun(_) => None,
     };
     let mut retry_delay = RETRY_FIRST;
     let mut retry_at: Option<tokio::time::Instant> = None;
