@@ -84,8 +84,20 @@ pub enum AddressSource {
     Interface(InterfaceSource),
     /// The address STUN servers see (RFC 8489 Binding): the public address behind a NAT.
     Stun(StunSource),
+    /// The address HTTP echo services see: each URL's body is the caller's address.
+    Http(HttpSource),
     /// A fixed address, for tests and dry runs.
     Static(std::net::IpAddr),
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSource {
+    /// Echo URLs (`https://api64.ipify.org`), asked in order until one answers with an address of the
+    /// family; each is dialled over that family.
+    pub urls: Vec<String>,
+    #[serde(default)]
+    pub family: AddressFamily,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]

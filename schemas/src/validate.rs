@@ -122,6 +122,17 @@ fn check_reporter(problems: &mut Problems, path: &ConfigPath, reporter: &crate::
     {
         problems.push(&path.key("source").key("stun").key("servers"), "give at least one STUN server");
     }
+    if let AddressSource::Http(http) = &reporter.source {
+        let at = path.key("source").key("http").key("urls");
+        if http.urls.is_empty() {
+            problems.push(&at, "give at least one echo URL");
+        }
+        for (i, url) in http.urls.iter().enumerate() {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                problems.push(&at.index(i), format!("{url:?}: give an http:// or https:// URL"));
+            }
+        }
+    }
     let AddressSink::ControlPlane(endpoint) = &reporter.sink;
     let at = path.key("sink").key("control_plane");
     match crate::stream::Endpoint::parse(&endpoint.url) {

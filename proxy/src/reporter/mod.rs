@@ -10,6 +10,7 @@
 //! nothing here ever exits on a network error. After a restart the pending address is sent again and a
 //! delivered one is not.
 
+pub mod echo;
 pub mod netlink;
 pub mod stun;
 
@@ -88,12 +89,17 @@ pub enum DetectError {
     Netlink(#[from] io::Error),
     #[error("STUN: {0}")]
     Stun(String),
+    #[error("HTTP echo: {0}")]
+    Echo(String),
 }
 
 /// The address the source gives now, if it has one.
 pub async fn detect(source: &AddressSource) -> Result<Option<IpAddr>, DetectError> {
     match source {
         AddressSource::Static(address) => Ok(Some(*address)),
+        AddressSource::Http(http) => {
+            echo::echoed_address(&http.urls, http.family).await.map(Some).map_err(DetectError::Echo)
+        }
         AddressSource::Stun(stun) => {
             stun::mapped_address(&stun.servers, stun.family, stun::Schedule::default())
                 .await
@@ -265,7 +271,7 @@ pub async fn run(
                 None
             }
         },
-        AddressSource::Static(_) | AddressSource::Stun(_) => None,
+        AddressSource::Static(_) | AddressSource::Stun(_) | AddressSource::Http(_) => None,
     };
     let mut retry_delay = RETRY_FIRST;
     let mut retry_at: Option<tokio::time::Instant> = None;
