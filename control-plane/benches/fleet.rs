@@ -2,7 +2,8 @@
 //!
 //! Starts the release `control-plane` binary (a process of its own, so its RSS is its own), creates a
 //! cluster and a listener for every simulated node, then for each fleet size connects that many light
-//! clients (one HTTP/2 stream each, speaking the real protocol: hello, snapshot, ACK), and measures:
+//! clients (one HTTP/1.1 stream each, as proxies open it, speaking the real protocol: hello, snapshot,
+//! ACK), and measures:
 //! - the time from a REST write (a PATCH of the listener) to the last ACK of the new version, the
 //!   median of several writes;
 //! - the control plane's RSS per connected proxy: (RSS with the fleet connected − RSS before) / size.
@@ -22,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

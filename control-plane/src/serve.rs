@@ -1,4 +1,5 @@
 //! Accepting connections: HTTP/1.1 and HTTP/2 (prior knowledge in clear, ALPN over TLS) on one port.
+//! Proxies stream over HTTP/1.1 (chunked both ways); HTTP/2 clients are served the same.
 //!
 //! Each request gets the peer's address as an extension. On stop, the listener closes and every
 //! connection is asked to finish (HTTP/2 GOAWAY); streams end when their sessions see the stop.
@@ -24,7 +25,8 @@ use crate::stream::PeerAddr;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long open connections get to finish after a stop.
 const STOP_GRACE: Duration = Duration::from_secs(2);
-/// HTTP/2 pings find proxies that vanished without closing their connection.
+/// HTTP/2 pings (and, for HTTP/1.1 streams, TCP keepalive probes) find proxies that vanished without
+/// closing their connection.
 const KEEPALIVE: Duration = Duration::from_secs(20);
 
 /// A TLS acceptor for the certificate chain and key in these PEM files, offering h2 and http/1.1.
@@ -66,6 +68,10 @@ pub async fn serve(listener: TcpListener, tls: Option<TlsAcceptor>, app: Router,
             () = stop.cancelled() => break,
         };
         let _ = stream.set_nodelay(true);
+        // Proxies on HTTP/1.1 get no pings: TCP keepalive finds the ones that vanished.
+        let keepalive =
+            socket2::TcpKeepalive::new().with_time(KEEPALIVE).with_interval(KEEPALIVE / 4).with_retries(3);
+        let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
         let app = app.clone();
         let tls = tls.clone();
         let stop = stop.clone();

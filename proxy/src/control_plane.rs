@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use keel_schemas::config::ControlPlane;
 use keel_schemas::stream::{Endpoint, MAX_LINE, ProxyMessage, ProxyStatus, STREAM_PATH, ServerMessage};
 use keel_schemas::{Config, ConfigErrors, Environment, ValidatedConfig};
@@ -27,7 +27,8 @@ use crate::tunnel::Backoff;
 
 /// How often the proxy looks at its own status, and sends it when it changed.
 const STATUS_INTERVAL: Duration = Duration::from_secs(1);
-/// HTTP/2 pings find a control plane that vanished without closing the connection.
+/// TCP keepalive probes find a control plane that vanished without closing the connection: after
+/// this long idle, then every quarter of it, three times.
 const KEEPALIVE: Duration = Duration::from_secs(20);
 
 /// A snapshot the proxy runs (or ran): kept to re-apply it when the bootstrap file is reloaded.
@@ -163,7 +164,7 @@ pub async fn follow(proxy: Proxy, bootstrap: Config) {
     let tls = match (endpoint.tls, &control_plane.ca_file) {
         (true, Some(ca_file)) => {
             let server_name = control_plane.server_name.clone().unwrap_or_else(|| endpoint.host.clone());
-            match crate::tunnel::tls::h2_client(ca_file, &server_name) {
+            match crate::tunnel::tls::control_plane_client(ca_file, &server_name) {
                 Ok(tls) => Some(tls),
                 Err(problem) => {
                     tracing::error!(problem, "cannot set up TLS to the control plane");
@@ -214,7 +215,7 @@ async fn session(
     bootstrap: &Config,
     control_plane: &ControlPlane,
     endpoint: &Endpoint,
-    tls: Option<&crate::tunnel::tls::H2Client>,
+    tls: Option<&crate::tunnel::tls::ControlPlaneClient>,
 ) -> Result<(), SessionError> {
     let address = endpoint.authority();
     let target: keel_schemas::types::HostPort =
@@ -224,6 +225,12 @@ async fn session(
         .await
         .map_err(|_| SessionError::ConnectTimeout(address.clone()))?
         .map_err(|error| SessionError::Connect { address: address.clone(), error })?;
+    // A control plane that vanished without closing the connection is noticed by TCP keepalive.
+    let keepalive =
+        socket2::TcpKeepalive::new().with_time(KEEPALIVE).with_interval(KEEPALIVE / 4).with_retries(3);
+    if let Err(error) = socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive) {
+        tracing::debug!(%error, "cannot set TCP keepalive on the control-plane connection");
+    }
     let stream: Box<dyn Io> = match tls {
         None => Box::new(tcp),
         Some(tls) => Box::new(
@@ -233,13 +240,9 @@ async fn session(
                 .map_err(|error| SessionError::Tls(error.to_string()))?,
         ),
     };
-    let (mut sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .keep_alive_interval(KEEPALIVE)
-        .keep_alive_timeout(KEEPALIVE)
-        .keep_alive_while_idle(true)
-        .handshake(TokioIo::new(stream))
-        .await?;
+    // HTTP/1.1 with chunked bodies both ways (hyper streams a request body and a response body at once).
+    // HTTP/2 would do as well, but its code costs every proxy ~1 MB of idle memory.
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     let connection = tokio::spawn(connection);
     let _stop_connection = AbortOnDrop(connection);
 

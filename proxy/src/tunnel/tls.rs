@@ -132,20 +132,21 @@ impl Client {
     }
 }
 
-/// TLS to the control plane: its certificate checked against `ca_file` for `server_name`, HTTP/2 by ALPN.
+/// TLS to the control plane: its certificate checked against `ca_file` for `server_name`, HTTP/1.1 by
+/// ALPN.
 #[derive(Clone)]
-pub struct H2Client {
+pub struct ControlPlaneClient {
     connector: TlsConnector,
     server_name: ServerName<'static>,
 }
 
-impl std::fmt::Debug for H2Client {
+impl std::fmt::Debug for ControlPlaneClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("H2Client").field("server_name", &self.server_name).finish_non_exhaustive()
+        f.debug_struct("ControlPlaneClient").field("server_name", &self.server_name).finish_non_exhaustive()
     }
 }
 
-impl H2Client {
+impl ControlPlaneClient {
     pub async fn connect(
         &self,
         stream: TcpStream,
@@ -154,14 +155,14 @@ impl H2Client {
     }
 }
 
-pub fn h2_client(ca_file: &str, server_name: &str) -> Result<H2Client, String> {
+pub fn control_plane_client(ca_file: &str, server_name: &str) -> Result<ControlPlaneClient, String> {
     let mut config = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|error| error.to_string())?
         .with_root_certificates(roots(ca_file)?)
         .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
     let server_name = ServerName::try_from(server_name.to_string())
         .map_err(|_| format!("{server_name:?} is not a valid server name"))?;
-    Ok(H2Client { connector: TlsConnector::from(Arc::new(config)), server_name })
+    Ok(ControlPlaneClient { connector: TlsConnector::from(Arc::new(config)), server_name })
 }
