@@ -81,13 +81,10 @@ async fn stream(
             return false;
         }
     };
-    let (mut sender, connection) = match hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-        .handshake(TokioIo::new(tcp))
-        .await
-    {
+    let (mut sender, connection) = match hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await {
         Ok(handshake) => handshake,
         Err(error) => {
-            eprintln!("sim {index}: HTTP/2 handshake failed: {error}");
+            eprintln!("sim {index}: HTTP handshake failed: {error}");
             return false;
         }
     };
