@@ -234,7 +234,7 @@ fn committed_json_schema_is_current() {
     let committed = include_str!("../keel.schema.json");
     assert!(
         committed == keel_schemas::json_schema_text(),
-        "schemas/keel.schema.json is stale: run `cargo run -p keel-proxy --bin proxy -- schema > schemas/keel.schema.json`"
+        "schemas/keel.schema.json is stale: run `cargo run -p keel-schemas --example print-schema > schemas/keel.schema.json`"
     );
 }
 
