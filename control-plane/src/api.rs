@@ -28,7 +28,9 @@ use crate::store::{Event, EventType, Key, StoreError};
 const BASE: &str = "/apis/edge.example.com/v1";
 
 pub fn router(state: Arc<State>) -> Router {
-    Router::new()
+    // Everything here takes an operator token; the stream and the seed's report endpoint check their
+    // own (proxy) tokens, and /healthz is open.
+    let operator = Router::new()
         .route(BASE, get(discovery))
         .route(&format!("{BASE}/{{plural}}"), get(list).post(create))
         .route(&format!("{BASE}/namespaces/{{namespace}}/{{plural}}"), get(list).post(create))
@@ -48,17 +50,31 @@ pub fn router(state: Arc<State>) -> Router {
             &format!("{BASE}/namespaces/{{namespace}}/{{plural}}/{{name}}/status"),
             get(read::<true>).put(replace::<true>).patch(patch::<true>),
         )
-        .route(keel_schemas::stream::STREAM_PATH, post(crate::stream::open))
         .route("/debug/proxies", get(debug_proxies))
-        .route("/api/v1/public-ip", post(report_public_ip).get(public_ips))
-        .route("/healthz", get(|| async { "ok\n" }))
         .route("/", get(state_page))
         .route("/raw", get(state_raw))
         .route("/metrics", get(metrics))
+        .route_layer(axum::middleware::from_fn_with_state(Arc::clone(&state), require_operator));
+    Router::new()
+        .merge(operator)
+        .route(keel_schemas::stream::STREAM_PATH, post(crate::stream::open))
+        .route("/api/v1/public-ip", post(report_public_ip).get(public_ips))
+        .route("/healthz", get(|| async { "ok\n" }))
         .fallback(|| async {
             Failure::new(StatusCode::NOT_FOUND, "NotFound", "no such path").into_response()
         })
         .with_state(state)
+}
+
+async fn require_operator(
+    Shared(state): Shared<Arc<State>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match state.tokens.check(request.headers(), Role::Operator) {
+        Ok(()) => next.run(request).await,
+        Err(why) => denied(why),
+    }
 }
 
 /// A failed request, as a Kubernetes `Status`.
@@ -170,10 +186,7 @@ impl Target {
     }
 }
 
-async fn discovery(Shared(state): Shared<Arc<State>>, headers: HeaderMap) -> Response {
-    if let Err(why) = state.tokens.check(&headers, Role::Operator) {
-        return denied(why);
-    }
+async fn discovery() -> Response {
     let resources: Vec<Value> = Kind::ALL
         .iter()
         .flat_map(|kind| {
@@ -201,11 +214,7 @@ async fn list(
     Shared(state): Shared<Arc<State>>,
     Path(params): Path<HashMap<String, String>>,
     Query(query): Query<ListQuery>,
-    headers: HeaderMap,
 ) -> Response {
-    if let Err(why) = state.tokens.check(&headers, Role::Operator) {
-        return denied(why);
-    }
     let result = async {
         let target = Target::parse(&params)?;
         let selector = Selector::parse(query.label_selector.as_deref().unwrap_or_default())?;
@@ -305,11 +314,7 @@ async fn watch(
 async fn read<const STATUS: bool>(
     Shared(state): Shared<Arc<State>>,
     Path(params): Path<HashMap<String, String>>,
-    headers: HeaderMap,
 ) -> Response {
-    if let Err(why) = state.tokens.check(&headers, Role::Operator) {
-        return denied(why);
-    }
     let result = async {
         let target = Target::parse(&params)?;
         let store = state.store.lock().await;
@@ -358,12 +363,8 @@ fn check(target: &Target, resource: &mut Resource) -> Result<keel_schemas::resou
 async fn create(
     Shared(state): Shared<Arc<State>>,
     Path(params): Path<HashMap<String, String>>,
-    headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Err(why) = state.tokens.check(&headers, Role::Operator) {
-        return denied(why);
-    }
     let result = async {
         let mut target = Target::parse(&params)?;
         if target.kind.namespaced() && target.namespace.is_none() {
@@ -387,12 +388,8 @@ async fn create(
 async fn replace<const STATUS: bool>(
     Shared(state): Shared<Arc<State>>,
     Path(params): Path<HashMap<String, String>>,
-    headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Err(why) = state.tokens.check(&headers, Role::Operator) {
-        return denied(why);
-    }
     let result = async {
         let target = Target::parse(&params)?;
         let resource = parse_body(&body)?;
@@ -436,9 +433,6 @@ async fn patch<const STATUS: bool>(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Err(why) = state.tokens.check(&headers, Role::Operator) {
-        return denied(why);
-    }
     let result = async {
         let content_type =
             headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default();
@@ -478,11 +472,7 @@ async fn delete(
     Shared(state): Shared<Arc<State>>,
     Path(params): Path<HashMap<String, String>>,
     Query(query): Query<DeleteQuery>,
-    headers: HeaderMap,
 ) -> Response {
-    if let Err(why) = state.tokens.check(&headers, Role::Operator) {
-        return denied(why);
-    }
     let result = async {
         let target = Target::parse(&params)?;
         let event = state
@@ -500,19 +490,13 @@ async fn delete(
 }
 
 /// Seed 001's `/raw`: records, addresses and sync state as JSON.
-async fn state_raw(Shared(state): Shared<Arc<State>>, headers: HeaderMap) -> Response {
-    if let Err(why) = state.tokens.check(&headers, Role::Operator) {
-        return denied(why);
-    }
+async fn state_raw(Shared(state): Shared<Arc<State>>) -> Response {
     let view = crate::ddns::state_view(&*state.store.lock().await);
     axum::Json(view).into_response()
 }
 
 /// Seed 001's `/`: the same state as a page.
-async fn state_page(Shared(state): Shared<Arc<State>>, headers: HeaderMap) -> Response {
-    if let Err(why) = state.tokens.check(&headers, Role::Operator) {
-        return denied(why);
-    }
+async fn state_page(Shared(state): Shared<Arc<State>>) -> Response {
     let view = crate::ddns::state_view(&*state.store.lock().await);
     let proxies = state.fleet.connected().await.len();
     let cell = |value: &Value| {
@@ -567,10 +551,7 @@ fn escape(text: &str) -> String {
 
 /// Prometheus metrics, in seed 001's spirit: updates and failures per record, the last update's time,
 /// each node's current address, whether each record is in sync; and the connected proxies.
-async fn metrics(Shared(state): Shared<Arc<State>>, headers: HeaderMap) -> Response {
-    if let Err(why) = state.tokens.check(&headers, Role::Operator) {
-        return denied(why);
-    }
+async fn metrics(Shared(state): Shared<Arc<State>>) -> Response {
     let view = crate::ddns::state_view(&*state.store.lock().await);
     let proxies = state.fleet.connected().await.len();
     let label = |value: &Value| {
@@ -657,10 +638,7 @@ async fn after_write(state: &State, target: &Target) {
     }
 }
 
-async fn debug_proxies(Shared(state): Shared<Arc<State>>, headers: HeaderMap) -> Response {
-    if let Err(why) = state.tokens.check(&headers, Role::Operator) {
-        return denied(why);
-    }
+async fn debug_proxies(Shared(state): Shared<Arc<State>>) -> Response {
     let proxies = state.fleet.connected().await;
     axum::Json(json!({"proxies": proxies})).into_response()
 }

@@ -128,7 +128,7 @@ impl World {
             sections.tunnels = Some(tunnels);
         }
         let text = serde_json::to_string_pretty(&sections).unwrap_or_default();
-        Snapshot { version: version_of(&text), text }
+        Snapshot { version: keel_schemas::version_of(&text), text }
     }
 }
 
@@ -149,14 +149,6 @@ struct Sections<'a> {
     dns: Option<Dns>,
     #[serde(skip_serializing_if = "Option::is_none")]
     tunnels: Option<Tunnels>,
-}
-
-/// FNV-1a, as the proxy names a file's version.
-pub fn version_of(text: &str) -> String {
-    let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |hash, byte| {
-        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
-    });
-    format!("{hash:016x}")
 }
 
 #[cfg(test)]

@@ -57,14 +57,7 @@ impl LoadError {
     }
 }
 
-/// The version of a config text: a hash of its bytes, so the same file always has the same version.
-pub fn version_of(text: &str) -> String {
-    // FNV-1a: tiny, stable across builds and platforms, and plenty to tell configs apart.
-    let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |hash, byte| {
-        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
-    });
-    format!("{hash:016x}")
-}
+pub use keel_schemas::version_of;
 
 /// How a file source is named in logs, metrics and dumps.
 pub fn file_source_name(path: &Path) -> String {

@@ -28,6 +28,15 @@ pub use diagnostic::{ConfigErrors, ConfigPath, Diagnostic, Location};
 pub use interpolate::{Environment, MapEnvironment};
 pub use load::{Prepare, ValidatedConfig, load, load_with};
 
+/// The version of a config text, a file's or a snapshot's: FNV-1a of its bytes, so the same content always
+/// has the same version, in the proxy and in the control plane, across builds and platforms.
+pub fn version_of(text: &str) -> String {
+    let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    format!("{hash:016x}")
+}
+
 /// The JSON Schema of keel.yaml, as committed in `schemas/keel.schema.json`.
 pub fn json_schema() -> serde_json::Value {
     let mut schema = schemars::schema_for!(Config).to_value();
