@@ -13,7 +13,6 @@ use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 use support::*;
-use tokio::io::AsyncWriteExt;
 use tokio::sync::Mutex;
 
 const ZONE_ID: &str = "023e105f4ecef8ad9ca31a8372d0c353";
@@ -128,19 +127,6 @@ async fn api(
     }
 }
 
-async fn report(cp: std::net::SocketAddr, address: &str) {
-    let mut stream = tokio::net::TcpStream::connect(cp).await.unwrap();
-    let body = format!(r#"{{"ipAddress": "{address}"}}"#);
-    let request = format!(
-        "POST /api/v1/public-ip HTTP/1.1\r\nHost: cp\r\nX-API-Token: {PROXY}\r\nX-Keel-Node: gw-1\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = String::new();
-    tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut response).await.unwrap();
-    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-}
-
 #[tokio::test]
 async fn records_go_through_cloudflares_api_as_documented() {
     let fake = Arc::new(Mutex::new(FakeCloudflare { rate_limit_once: true, ..Default::default() }));
@@ -165,7 +151,7 @@ async fn records_go_through_cloudflares_api_as_documented() {
     });
     assert_eq!(operator(addr, "POST", &format!("{V1}/dnsrecords"), Some(&record)).await.0, 201);
 
-    report(addr, "2001:db8::1").await;
+    report_address(addr, "2001:db8::1").await;
     eventually_long_enough(addr).await;
     {
         let fake = fake.lock().await;
@@ -187,7 +173,7 @@ async fn records_go_through_cloudflares_api_as_documented() {
     }
 
     // A new address updates the existing record in place.
-    report(addr, "2001:db8::2").await;
+    report_address(addr, "2001:db8::2").await;
     let deadline = Instant::now() + Duration::from_secs(10);
     while fake.lock().await.records[0]["content"] != "2001:db8::2" {
         assert!(Instant::now() < deadline, "the update did not arrive");

@@ -13,7 +13,6 @@ use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 use support::*;
-use tokio::io::AsyncWriteExt;
 use tokio::sync::Mutex;
 
 const TOKEN: &str = "gandi-pat-456";
@@ -104,16 +103,7 @@ async fn records_go_through_gandi_livedns_as_documented() {
         assert_eq!(operator(addr, "POST", &format!("{v1}/dnsrecords"), Some(&record)).await.0, 201);
     }
 
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let body = r#"{"ipAddress": "203.0.113.7"}"#;
-    let request = format!(
-        "POST /api/v1/public-ip HTTP/1.1\r\nHost: cp\r\nX-API-Token: {PROXY}\r\nX-Keel-Node: gw-1\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = String::new();
-    tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut response).await.unwrap();
-    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    report_address(addr, "203.0.113.7").await;
 
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {

@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use support::*;
-use tokio::io::AsyncWriteExt;
 
 /// `keel`'s TSIG secret (base64 of 32 bytes), as `tsig-keygen` would print it.
 const SECRET: &str = "a2VlbC10ZXN0LWtleS0zMi1ieXRlcy1sb25nLi4uLi4=";
@@ -116,19 +115,6 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-async fn report(cp: std::net::SocketAddr, address: &str) {
-    let mut stream = tokio::net::TcpStream::connect(cp).await.unwrap();
-    let body = format!(r#"{{"ipAddress": "{address}"}}"#);
-    let request = format!(
-        "POST /api/v1/public-ip HTTP/1.1\r\nHost: cp\r\nX-API-Token: {PROXY}\r\nX-Keel-Node: gw-1\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = String::new();
-    tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut response).await.unwrap();
-    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-}
-
 async fn record_status(cp: std::net::SocketAddr) -> Value {
     operator(cp, "GET", &format!("{V1}/dnsrecords/gw"), None).await.1["status"].clone()
 }
@@ -167,7 +153,7 @@ async fn records_follow_reported_addresses_through_bind_and_no_update_is_lost() 
     assert_eq!(status, 201, "{body}");
 
     // A report changes the zone, verified: the record's status says so, and dig agrees.
-    report(listen, "2001:db8::1").await;
+    report_address(listen, "2001:db8::1").await;
     eventually_long("the first update", async || bind.lookup() == "2001:db8::1").await;
     eventually_long("the status", async || record_status(listen).await["inSync"] == true).await;
     let status = record_status(listen).await;
@@ -209,7 +195,7 @@ async fn records_follow_reported_addresses_through_bind_and_no_update_is_lost() 
 
     // BIND down: the update fails, is kept, and arrives once BIND is back.
     bind.stop();
-    report(listen, "2001:db8::2").await;
+    report_address(listen, "2001:db8::2").await;
     eventually_long("the failure in the status", async || {
         let status = record_status(listen).await;
         status["inSync"] == false && status["lastError"].as_str().is_some_and(|e| e.contains("cannot reach"))
@@ -220,7 +206,7 @@ async fn records_follow_reported_addresses_through_bind_and_no_update_is_lost() 
 
     // Pending when the control plane stops: made after it restarts.
     bind.stop();
-    report(listen, "2001:db8::3").await;
+    report_address(listen, "2001:db8::3").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     cp.stop().await;
     bind.start().await;
@@ -229,7 +215,7 @@ async fn records_follow_reported_addresses_through_bind_and_no_update_is_lost() 
 
     // A wrong key: refused by BIND, reported in the status, kept for a retry.
     std::fs::write(&secret_file, format!("{OTHER_SECRET}\n")).unwrap();
-    report(listen, "2001:db8::4").await;
+    report_address(listen, "2001:db8::4").await;
     eventually_long("the refusal in the status", async || {
         record_status(listen).await["lastError"]
             .as_str()

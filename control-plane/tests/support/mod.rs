@@ -80,3 +80,17 @@ where
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// What a reporter on node `gw-1` sends (seed 000's request); the control plane must answer 200.
+pub async fn report_address(cp: SocketAddr, address: &str) {
+    let mut stream = TcpStream::connect(cp).await.unwrap();
+    let body = format!(r#"{{"ipAddress": "{address}"}}"#);
+    let request = format!(
+        "POST /api/v1/public-ip HTTP/1.1\r\nHost: cp\r\nX-API-Token: {PROXY}\r\nX-Keel-Node: gw-1\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+}
