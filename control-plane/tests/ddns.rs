@@ -198,12 +198,12 @@ async fn the_reporter_follows_the_kernels_addresses_within_a_second() {
         let state = Arc::clone(&state);
         async move { reports(&state).await.last().cloned() }
     };
-    let wait_for = |expected: &'static str, limit: Duration| {
+    let wait_for = |expected: String, limit: Duration| {
         let latest = &latest;
         async move {
             let start = Instant::now();
             loop {
-                if latest().await.as_deref() == Some(expected) {
+                if latest().await.as_deref() == Some(expected.as_str()) {
                     return start.elapsed();
                 }
                 assert!(
@@ -218,7 +218,7 @@ async fn the_reporter_follows_the_kernels_addresses_within_a_second() {
 
     // A stable address, no duplicate address detection: reported within a second.
     namespace.ip(&["-6", "addr", "add", "2001:db8:1::10/64", "dev", &namespace.interface, "nodad"]);
-    let took = wait_for("2001:db8:1::10", Duration::from_secs(1)).await;
+    let took = wait_for("2001:db8:1::10".to_string(), Duration::from_secs(1)).await;
     eprintln!("stable address reported after {took:?}");
 
     // A deprecated address (preferred lifetime 0) and a tentative one (DAD running) are never picked.
@@ -249,7 +249,7 @@ async fn the_reporter_follows_the_kernels_addresses_within_a_second() {
         "preferred_lft",
         "0",
     ]);
-    let took = wait_for("2001:db8:1::2", Duration::from_secs(3)).await;
+    let took = wait_for("2001:db8:1::2".to_string(), Duration::from_secs(3)).await;
     eprintln!("fallback after deprecation reported after {took:?}");
 
     // A prefix with kernel-managed temporary addresses: the `temporary` policy reports the temporary one.
@@ -277,9 +277,8 @@ async fn the_reporter_follows_the_kernels_addresses_within_a_second() {
         assert!(start.elapsed() < Duration::from_secs(5), "the kernel made no temporary address:\n{shown}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    let temporary: &'static str = Box::leak(temporary.into_boxed_str());
     assert!(temporary.parse::<IpAddr>().unwrap().to_string().starts_with("2001:db8:2:"), "{temporary}");
-    let took = wait_for(temporary, Duration::from_secs(1)).await;
+    let took = wait_for(temporary.clone(), Duration::from_secs(1)).await;
     eprintln!("temporary address {temporary} reported {took:?} after it became usable");
 
     // Removing it falls back to a stable address (::2 and 2::1 are both stable; the policy picks one).
