@@ -24,6 +24,7 @@
 
 use std::collections::BTreeMap;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -292,20 +293,26 @@ fn default_record_ttl() -> Duration {
 impl DnsRecordSpec {
     /// The record's fully qualified name, lowercase, with the final dot.
     pub fn fqdn(&self) -> String {
-        let zone = self.zone.trim_end_matches('.').to_ascii_lowercase();
-        let name = self.name.to_ascii_lowercase();
-        if name == "@" {
-            format!("{zone}.")
-        } else if name.ends_with('.') {
-            name
-        } else {
-            format!("{name}.{zone}.")
-        }
+        record_fqdn(&self.zone, &self.name)
+    }
+}
+
+/// A record's fully qualified name, lowercase, with the final dot: `name` relative to `zone` (`gw`, `@`
+/// for the apex) or absolute with a final dot.
+pub fn record_fqdn(zone: &str, name: &str) -> String {
+    let zone = zone.trim_end_matches('.').to_ascii_lowercase();
+    let name = name.to_ascii_lowercase();
+    if name == "@" {
+        format!("{zone}.")
+    } else if name.ends_with('.') {
+        name
+    } else {
+        format!("{name}.{zone}.")
     }
 }
 
 /// How the control plane changes a zone.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum DnsProviderSpec {
     /// RFC 2136 dynamic update, signed with TSIG (RFC 8945), to the zone's primary server (BIND, Knot,
@@ -313,14 +320,58 @@ pub enum DnsProviderSpec {
     Rfc2136(Rfc2136Provider),
     /// Cloudflare's API v4 with an API token (Zone.DNS edit).
     Cloudflare(CloudflareProvider),
+    /// Alibaba Cloud DNS (the RPC API, signature version 1.0) with a RAM user's AccessKey.
+    Alibaba(AlibabaProvider),
     /// Gandi LiveDNS (API v5) with a personal access token.
     Gandi(GandiProvider),
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+impl DnsProviderSpec {
+    /// What is wrong with these settings, if anything: the field (dotted, from the provider's key, as in
+    /// `rfc2136.algorithm`) and why.
+    pub fn problem(&self) -> Option<(String, String)> {
+        let http_url = |url: &str| url.starts_with("https://") || url.starts_with("http://");
+        let at = |field: &str, message: String| Some((field.to_string(), message));
+        match self {
+            DnsProviderSpec::Rfc2136(rfc2136) => {
+                if rfc2136.algorithm != "hmac-sha256" {
+                    return at("rfc2136.algorithm", "only hmac-sha256 is supported".to_string());
+                }
+                if !crate::dns::is_valid_name(rfc2136.key_name.trim_end_matches('.')) {
+                    return at("rfc2136.key_name", format!("invalid key name {:?}", rfc2136.key_name));
+                }
+            }
+            DnsProviderSpec::Gandi(gandi) if !http_url(&gandi.api_url) => {
+                return at("gandi.api_url", "give an http:// or https:// URL".to_string());
+            }
+            DnsProviderSpec::Gandi(_) => {}
+            DnsProviderSpec::Cloudflare(cloudflare) => {
+                if !http_url(&cloudflare.api_url) {
+                    return at("cloudflare.api_url", "give an http:// or https:// URL".to_string());
+                }
+                let bad_id = |id: &String| id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric());
+                if cloudflare.zone_id.as_ref().is_some_and(bad_id) {
+                    return at("cloudflare.zone_id", "a zone ID is letters and digits".to_string());
+                }
+            }
+            DnsProviderSpec::Alibaba(alibaba) => {
+                if !http_url(&alibaba.api_url) {
+                    return at("alibaba.api_url", "give an http:// or https:// URL".to_string());
+                }
+                let id = &alibaba.access_key_id;
+                if id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric()) {
+                    return at("alibaba.access_key_id", "an AccessKey ID is letters and digits".to_string());
+                }
+            }
+        }
+        None
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GandiProvider {
-    /// File (on the control plane's host) holding the personal access token.
+    /// File holding the personal access token.
     pub api_token_file: String,
     /// The API's base URL.
     #[serde(default = "default_gandi_url")]
@@ -331,10 +382,10 @@ fn default_gandi_url() -> String {
     "https://api.gandi.net/v5/livedns".to_string()
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CloudflareProvider {
-    /// File (on the control plane's host) holding the API token.
+    /// File holding the API token.
     pub api_token_file: String,
     /// The zone's ID (the dashboard shows it); looked up by the record's zone name when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -348,7 +399,23 @@ fn default_cloudflare_url() -> String {
     "https://api.cloudflare.com/client/v4".to_string()
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AlibabaProvider {
+    /// The AccessKey's ID (not a secret: it names the key).
+    pub access_key_id: String,
+    /// File holding the AccessKey's secret.
+    pub access_key_secret_file: String,
+    /// The API's endpoint.
+    #[serde(default = "default_alibaba_url")]
+    pub api_url: String,
+}
+
+fn default_alibaba_url() -> String {
+    "https://alidns.aliyuncs.com/".to_string()
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Rfc2136Provider {
     /// The primary server, `IP:port`.
@@ -358,7 +425,7 @@ pub struct Rfc2136Provider {
     /// The TSIG algorithm; `hmac-sha256` is the one supported.
     #[serde(default = "default_tsig_algorithm")]
     pub algorithm: String,
-    /// File (on the control plane's host) holding the key's secret, base64 as `tsig-keygen` prints it.
+    /// File holding the key's secret, base64 as `tsig-keygen` prints it.
     pub secret_file: String,
 }
 
@@ -458,45 +525,8 @@ pub fn check_spec(
         }
         Kind::DnsProvider => {
             let provider: DnsProviderSpec = deserialize(spec.clone(), "spec")?;
-            match &provider {
-                DnsProviderSpec::Rfc2136(rfc2136) => {
-                    if rfc2136.algorithm != "hmac-sha256" {
-                        return Err(vec![FieldError::new(
-                            "spec.rfc2136.algorithm",
-                            "only hmac-sha256 is supported",
-                        )]);
-                    }
-                    if !crate::dns::is_valid_name(rfc2136.key_name.trim_end_matches('.')) {
-                        let message = format!("invalid key name {:?}", rfc2136.key_name);
-                        return Err(vec![FieldError::new("spec.rfc2136.key_name", message)]);
-                    }
-                }
-                DnsProviderSpec::Gandi(gandi) => {
-                    if !(gandi.api_url.starts_with("https://") || gandi.api_url.starts_with("http://")) {
-                        return Err(vec![FieldError::new(
-                            "spec.gandi.api_url",
-                            "give an http:// or https:// URL",
-                        )]);
-                    }
-                }
-                DnsProviderSpec::Cloudflare(cloudflare) => {
-                    if !(cloudflare.api_url.starts_with("https://")
-                        || cloudflare.api_url.starts_with("http://"))
-                    {
-                        return Err(vec![FieldError::new(
-                            "spec.cloudflare.api_url",
-                            "give an http:// or https:// URL",
-                        )]);
-                    }
-                    let bad_id =
-                        |id: &String| id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric());
-                    if cloudflare.zone_id.as_ref().is_some_and(bad_id) {
-                        return Err(vec![FieldError::new(
-                            "spec.cloudflare.zone_id",
-                            "a zone ID is letters and digits",
-                        )]);
-                    }
-                }
+            if let Some((field, message)) = provider.problem() {
+                return Err(vec![FieldError::new(format!("spec.{field}"), message)]);
             }
             Ok(Spec::DnsProvider(provider))
         }

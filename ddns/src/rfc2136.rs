@@ -289,32 +289,7 @@ fn rcode_name(rcode: u8) -> String {
 
 /// Standard base64 (with padding), as TSIG secrets are written.
 fn base64_decode(text: &str) -> Option<Vec<u8>> {
-    let value = |c: u8| -> Option<u32> {
-        Some(match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => return None,
-        } as u32)
-    };
-    let text = text.trim_end_matches('=').as_bytes();
-    let mut out = Vec::with_capacity(text.len() * 3 / 4);
-    for chunk in text.chunks(4) {
-        let mut accumulator = 0u32;
-        for (i, &c) in chunk.iter().enumerate() {
-            accumulator |= value(c)? << (18 - 6 * i);
-        }
-        let bytes = accumulator.to_be_bytes();
-        match chunk.len() {
-            4 => out.extend_from_slice(&bytes[1..4]),
-            3 => out.extend_from_slice(&bytes[1..3]),
-            2 => out.push(bytes[1]),
-            _ => return None,
-        }
-    }
-    Some(out)
+    data_encoding::BASE64.decode(text.as_bytes()).ok()
 }
 
 #[cfg(test)]

@@ -9,16 +9,12 @@
 //! Each record's `status` says what it should hold, what the server was seen to hold, the last success
 //! and the last error.
 
-pub mod cloudflare;
-pub mod gandi;
-pub mod http;
-pub mod rfc2136;
-
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use keel_schemas::resource::{DnsProviderSpec, DnsRecordSpec, Kind, Spec};
+use keel_ddns::{Failure, Target};
+use keel_schemas::resource::{Kind, Spec};
 use serde_json::{Value, json};
 
 use crate::State;
@@ -160,7 +156,14 @@ async fn attempt(state: &State, item: OutboxItem) {
     };
     let result = match provider {
         None => Err(Failure::now(format!("no DnsProvider named {:?}", record.provider))),
-        Some(provider) => update(&record, &provider, &item.address).await,
+        Some(provider) => match item.address.parse::<IpAddr>() {
+            Ok(address) => {
+                let fqdn = record.fqdn();
+                let target = Target { zone: &record.zone, fqdn: &fqdn, ttl: record.ttl.get() };
+                keel_ddns::update(&provider, &target, address).await
+            }
+            Err(_) => Err(Failure::now(format!("invalid address {:?} in the outbox", item.address))),
+        },
     };
     let mut store = state.store.lock().await;
     match result {
@@ -200,75 +203,6 @@ async fn attempt(state: &State, item: OutboxItem) {
             });
         }
     }
-}
-
-/// Why an update did not go through, and how long the provider asked us to wait.
-#[derive(Debug)]
-pub struct Failure {
-    pub message: String,
-    pub retry_after: Option<Duration>,
-}
-
-impl Failure {
-    pub fn now(message: impl Into<String>) -> Self {
-        Self { message: message.into(), retry_after: None }
-    }
-}
-
-impl From<String> for Failure {
-    fn from(message: String) -> Self {
-        Self::now(message)
-    }
-}
-
-fn read_secret(path: &str) -> Result<String, Failure> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|error| Failure::now(format!("cannot read {path}: {error}")))?;
-    let text = text.trim().to_string();
-    if text.is_empty() {
-        return Err(Failure::now(format!("{path} is empty")));
-    }
-    Ok(text)
-}
-
-/// Changes the zone through the provider, then reads it back: `Ok` with what is there when it is
-/// exactly `address`.
-async fn update(
-    record: &DnsRecordSpec,
-    provider: &DnsProviderSpec,
-    address: &str,
-) -> Result<Vec<IpAddr>, Failure> {
-    let address: IpAddr =
-        address.parse().map_err(|_| Failure::now(format!("invalid address {address:?} in the outbox")))?;
-    let fqdn = record.fqdn();
-    let ttl = u32::try_from(record.ttl.get().as_secs()).unwrap_or(u32::MAX);
-    let (observed, from) = match provider {
-        DnsProviderSpec::Rfc2136(settings) => {
-            let secret = read_secret(&settings.secret_file)?;
-            let server = rfc2136::Server::new(settings.server.0, &settings.key_name, &secret)?;
-            server.replace(&record.zone, &fqdn, ttl, address).await?;
-            (server.query(&fqdn, address.is_ipv6()).await?, settings.server.to_string())
-        }
-        DnsProviderSpec::Cloudflare(settings) => {
-            let cloudflare = cloudflare::Cloudflare {
-                api_url: settings.api_url.clone(),
-                token: read_secret(&settings.api_token_file)?,
-                zone_id: settings.zone_id.clone(),
-            };
-            (cloudflare.replace(&record.zone, &fqdn, ttl, address).await?, "Cloudflare".to_string())
-        }
-        DnsProviderSpec::Gandi(settings) => {
-            let gandi = gandi::Gandi {
-                api_url: settings.api_url.clone(),
-                token: read_secret(&settings.api_token_file)?,
-            };
-            (gandi.replace(&record.zone, &fqdn, ttl, address).await?, "Gandi".to_string())
-        }
-    };
-    if observed != [address] {
-        return Err(Failure::now(format!("verification: {from} has {observed:?} for {fqdn}, not {address}")));
-    }
-    Ok(observed)
 }
 
 /// Every record with its spec and status, and every node's address: the state page's data (seed 001's
