@@ -59,6 +59,7 @@ pub fn router(state: Arc<State>) -> Router {
         .merge(operator)
         .route(keel_schemas::stream::STREAM_PATH, post(crate::stream::open))
         .route("/api/v1/public-ip", post(report_public_ip).get(public_ips))
+        .route("/api/v1/public-ip/{node}", get(node_public_ip))
         .route("/healthz", get(|| async { "ok\n" }))
         .fallback(|| async {
             Failure::new(StatusCode::NOT_FOUND, "NotFound", "no such path").into_response()
@@ -657,16 +658,8 @@ async fn report_public_ip(
     let text = |code: StatusCode, message: &'static str| {
         (code, [(header::CONTENT_TYPE, "text/plain")], message).into_response()
     };
-    if state.tokens.requires(Role::Proxy) {
-        let mut bearer = HeaderMap::new();
-        if let Some(token) = headers.get("x-api-token").and_then(|v| v.to_str().ok())
-            && let Ok(value) = format!("Bearer {token}").parse()
-        {
-            bearer.insert(header::AUTHORIZATION, value);
-        }
-        if state.tokens.check(&bearer, Role::Proxy).is_err() {
-            return text(StatusCode::UNAUTHORIZED, "Invalid API token");
-        }
+    if !api_token_valid(&state, &headers) {
+        return text(StatusCode::UNAUTHORIZED, "Invalid API token");
     }
     #[derive(Deserialize)]
     #[serde(rename_all = "camelCase")]
@@ -690,12 +683,103 @@ async fn report_public_ip(
             if previous.as_deref() != Some(address.to_string().as_str()) {
                 tracing::info!(node, from = ?previous, to = %address, "public address changed");
             }
+            state.address_reports.send_modify(|count| *count += 1);
             crate::ddns::address_reported(&state, &node, address).await;
             text(StatusCode::OK, "Public IP updated successfully")
         }
         Err(error) => {
             tracing::error!(%error, "cannot record a public address");
             text(StatusCode::INTERNAL_SERVER_ERROR, "Cannot record the address")
+        }
+    }
+}
+
+/// Whether `X-API-Token` holds a proxy token (seed 000's check); anything passes when no proxy tokens
+/// are configured.
+fn api_token_valid(state: &State, headers: &HeaderMap) -> bool {
+    if !state.tokens.requires(Role::Proxy) {
+        return true;
+    }
+    let mut bearer = HeaderMap::new();
+    if let Some(token) = headers.get("x-api-token").and_then(|v| v.to_str().ok())
+        && let Ok(value) = format!("Bearer {token}").parse()
+    {
+        bearer.insert(header::AUTHORIZATION, value);
+    }
+    state.tokens.check(&bearer, Role::Proxy).is_ok()
+}
+
+#[derive(Deserialize)]
+struct NodeAddressQuery {
+    /// `ipv4` or `ipv6` (the default).
+    family: Option<String>,
+    /// Long poll: answer once the address differs from this one (empty: once there is one)...
+    known: Option<String>,
+    /// ...or after this many seconds (at most [`LONG_POLL_MAX`]).
+    wait: Option<u64>,
+}
+
+/// The longest a long poll is held.
+const LONG_POLL_MAX: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// The address a node last reported (seed 001's shared detection result, read by the other nodes'
+/// reporters): `{"node", "ipAddress", "reportedAt"}`, or 404 when it has reported none of the family.
+/// With `known`, the answer waits until the address differs from it, up to `wait` seconds.
+async fn node_public_ip(
+    Shared(state): Shared<Arc<State>>,
+    Path(node): Path<String>,
+    Query(query): Query<NodeAddressQuery>,
+    headers: HeaderMap,
+) -> Response {
+    if !api_token_valid(&state, &headers) {
+        return (StatusCode::UNAUTHORIZED, [(header::CONTENT_TYPE, "text/plain")], "Invalid API token")
+            .into_response();
+    }
+    let ipv6 = match query.family.as_deref() {
+        None | Some("ipv6") => true,
+        Some("ipv4") => false,
+        Some(other) => {
+            let message = format!("family {other:?}: give ipv4 or ipv6");
+            return Failure::new(StatusCode::BAD_REQUEST, "BadRequest", &message).into_response();
+        }
+    };
+    let known = match query.known.as_deref().map(str::trim) {
+        None => None,
+        Some("") => Some(None),
+        Some(text) => match text.parse::<std::net::IpAddr>() {
+            Ok(address) => Some(Some(address.to_string())),
+            Err(_) => {
+                let message = format!("known {text:?} is not an address");
+                return Failure::new(StatusCode::BAD_REQUEST, "BadRequest", &message).into_response();
+            }
+        },
+    };
+    let deadline = tokio::time::Instant::now()
+        + std::time::Duration::from_secs(query.wait.unwrap_or(0)).min(LONG_POLL_MAX);
+    let mut reports = state.address_reports.subscribe();
+    let current = loop {
+        let current = match state.store.lock().await.current_address_of(&node, ipv6) {
+            Ok(current) => current,
+            Err(error) => return Failure::from(error).into_response(),
+        };
+        let unchanged = known.as_ref().is_some_and(|known| *known == current.as_ref().map(|c| c.0.clone()));
+        if !unchanged {
+            break current;
+        }
+        tokio::select! {
+            changed = reports.changed() => if changed.is_err() { break current },
+            () = tokio::time::sleep_until(deadline) => break current,
+            () = state.stop.cancelled() => break current,
+        }
+    };
+    match current {
+        Some((address, at)) => {
+            axum::Json(json!({"node": node, "ipAddress": address, "reportedAt": at})).into_response()
+        }
+        None => {
+            let family = if ipv6 { "IPv6" } else { "IPv4" };
+            let message = format!("node {node:?} has reported no {family} address");
+            Failure::new(StatusCode::NOT_FOUND, "NotFound", &message).into_response()
         }
     }
 }

@@ -56,6 +56,8 @@ pub struct State {
     writes: Notify,
     /// Wakes the DNS outbox worker when an update is queued.
     pub ddns_wakeup: Notify,
+    /// Bumped at every address report: wakes the long polls of `GET /api/v1/public-ip/{node}`.
+    pub address_reports: watch::Sender<u64>,
     pub stop: CancellationToken,
 }
 
@@ -91,6 +93,7 @@ impl ControlPlane {
             worlds: watch::channel(Arc::new(world)).0,
             writes: Notify::new(),
             ddns_wakeup: Notify::new(),
+            address_reports: watch::Sender::new(0),
             stop: CancellationToken::new(),
         });
         let acceptor = match &settings.tls {

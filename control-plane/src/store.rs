@@ -312,6 +312,19 @@ impl Store {
             .optional()?)
     }
 
+    /// The address of one family a node last reported, with when: (address, reported_at).
+    pub fn current_address_of(&self, node: &str, ipv6: bool) -> Result<Option<(String, String)>, StoreError> {
+        Ok(self
+            .connection
+            .query_row(
+                "SELECT address, reported_at FROM public_ips WHERE node = ?1 AND (instr(address, ':') > 0) = ?2
+                 ORDER BY id DESC LIMIT 1",
+                params![node, ipv6],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .optional()?)
+    }
+
     /// Every node's reports, newest first: (node, address, reported_at).
     pub fn address_history(&self) -> Result<Vec<(String, String, String)>, StoreError> {
         let mut statement = self

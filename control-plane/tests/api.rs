@@ -2,6 +2,8 @@
 
 mod support;
 
+use std::time::Duration;
+
 use serde_json::{Value, json};
 use support::*;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -287,5 +289,57 @@ async fn public_ip_reports_speak_seed_000s_api() {
     assert_eq!(gw["history"].as_array().unwrap().len(), 2);
     // The seed's agents send no node name: they are known by their source address.
     assert!(nodes.iter().any(|n| n["node"] == "127.0.0.1" && n["address"] == "203.0.113.9"), "{body}");
+    cp.stop().await;
+}
+
+/// `GET /api/v1/public-ip/{node}`: the address of a family a node last reported, for the other nodes'
+/// reporters; with `known`, held until it changes.
+#[tokio::test]
+async fn a_nodes_address_can_be_read_and_waited_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = start(&database(&dir)).await;
+    let addr = cp.local_addr;
+    let get = |path: &'static str, token: &'static str| async move {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let request =
+            format!("GET {path} HTTP/1.1\r\nHost: cp\r\nX-API-Token: {token}\r\nConnection: close\r\n\r\n");
+        tokio::io::AsyncWriteExt::write_all(&mut stream, request.as_bytes()).await.unwrap();
+        let mut response = String::new();
+        tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut response).await.unwrap();
+        let status: u16 = response[9..12].parse().unwrap();
+        let body = response.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default();
+        (status, serde_json::from_str::<Value>(&body).unwrap_or(Value::String(body)))
+    };
+    assert_eq!(
+        get("/api/v1/public-ip/gw-1", "wrong").await,
+        (401, Value::String("Invalid API token".into()))
+    );
+    assert_eq!(get("/api/v1/public-ip/gw-1?family=ipv4", PROXY).await.0, 404);
+    assert_eq!(get("/api/v1/public-ip/gw-1?family=ip5", PROXY).await.0, 400);
+    assert_eq!(get("/api/v1/public-ip/gw-1?known=nonsense", PROXY).await.0, 400);
+
+    report_address(addr, "203.0.113.5").await;
+    report_address(addr, "2001:db8::5").await;
+    let (status, body) = get("/api/v1/public-ip/gw-1?family=ipv4", PROXY).await;
+    assert_eq!((status, &body["ipAddress"], &body["node"]), (200, &json!("203.0.113.5"), &json!("gw-1")));
+    assert!(body["reportedAt"].is_string());
+    assert_eq!(get("/api/v1/public-ip/gw-1", PROXY).await.1["ipAddress"], "2001:db8::5");
+
+    // Known and unchanged: held until the wait runs out, then the same address.
+    let started = std::time::Instant::now();
+    let (_, body) = get("/api/v1/public-ip/gw-1?family=ipv4&known=203.0.113.5&wait=1", PROXY).await;
+    assert_eq!(body["ipAddress"], "203.0.113.5");
+    assert!(started.elapsed() >= Duration::from_millis(900), "{:?}", started.elapsed());
+    // A report of the other family does not end it; one of this family does, at once.
+    let waiting = tokio::spawn(get("/api/v1/public-ip/gw-1?family=ipv4&known=203.0.113.5&wait=30", PROXY));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    report_address(addr, "2001:db8::6").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!waiting.is_finished());
+    let reported = std::time::Instant::now();
+    report_address(addr, "203.0.113.6").await;
+    let (status, body) = waiting.await.unwrap();
+    assert_eq!((status, body["ipAddress"].as_str()), (200, Some("203.0.113.6")));
+    assert!(reported.elapsed() < Duration::from_millis(500), "{:?}", reported.elapsed());
     cp.stop().await;
 }

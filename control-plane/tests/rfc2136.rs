@@ -228,3 +228,67 @@ async fn records_follow_reported_addresses_through_bind_and_no_update_is_lost() 
     eventually_long("the update with the right key", async || bind.lookup() == "2001:db8::4").await;
     cp.stop().await;
 }
+
+/// Seed 001's split: one detector reports the address to the control plane; a follower reads it from
+/// there (long poll) and changes the zone itself, straight through RFC 2136, with no DnsRecord in the
+/// control plane. A new detection reaches BIND through the follower within a second.
+#[tokio::test]
+async fn a_follower_takes_the_detected_address_from_the_control_plane_to_bind() {
+    if !can_run() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut bind = Bind::configure(dir.path(), free_port());
+    bind.start().await;
+    let secret_file = dir.path().join("tsig.secret");
+    std::fs::write(&secret_file, format!("{SECRET}\n")).unwrap();
+    let cp = start(&database(&dir)).await;
+    let listen = cp.local_addr;
+
+    let text = format!(
+        r#"reporters:
+  - name: follow-detector
+    source: {{control_plane: {{url: "http://{listen}", token: {PROXY}, node: gw-1, family: ipv6}}}}
+    sink:
+      dns:
+        zone: example.test
+        name: gw
+        ttl: 60s
+        provider: {{rfc2136: {{server: "127.0.0.1:{port}", key_name: keel, secret_file: "{secret}"}}}}
+    interval: 60s
+"#,
+        port = bind.port,
+        secret = secret_file.display()
+    );
+    let env = keel_schemas::MapEnvironment::default().with_file(secret_file.to_str().unwrap(), SECRET);
+    let config = keel_schemas::load(&text, "follower.yaml", &env).unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let metrics = std::sync::Arc::new(keel_proxy::metrics::Metrics::new());
+    tokio::spawn(keel_proxy::reporter::run(
+        config.reporters[0].clone(),
+        "edge-2".into(),
+        metrics,
+        stop.clone(),
+    ));
+
+    // Nothing detected yet: the follower waits (its long poll is held), BIND has nothing.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(bind.lookup(), "");
+
+    report_address(listen, "2001:db8::71").await;
+    eventually_long("the first detection in BIND", async || bind.lookup() == "2001:db8::71").await;
+    for (i, address) in ["2001:db8::72", "2001:db8::73"].into_iter().enumerate() {
+        let started = std::time::Instant::now();
+        report_address(listen, address).await;
+        eventually_long("the new detection in BIND", async || bind.lookup() == address).await;
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(1), "change {i} took {took:?}: the long poll should carry it");
+    }
+    // The follower's own report went to BIND only: the control plane holds just the detector's.
+    let (_, addresses) = call(listen, "GET", "/api/v1/public-ip", Some(OPERATOR), None).await;
+    let nodes: Vec<&str> =
+        addresses["nodes"].as_array().unwrap().iter().map(|n| n["node"].as_str().unwrap()).collect();
+    assert_eq!(nodes, ["gw-1"]);
+    stop.cancel();
+    cp.stop().await;
+}

@@ -1,6 +1,8 @@
-//! A small HTTP/1.1 client for the DNS providers' APIs: one request per connection, HTTPS with the
-//! Mozilla roots (webpki-roots) or plain HTTP (for tests against a local server).
+//! A small HTTP/1.1 client for the DNS providers' APIs (and the proxy's HTTP echo sources): one request
+//! per connection, HTTPS with the Mozilla roots (webpki-roots) or plain HTTP (for tests against a local
+//! server).
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -48,12 +50,27 @@ pub async fn request(
     headers: &[(&str, &str)],
     body: Option<Vec<u8>>,
 ) -> Result<Answer, String> {
-    tokio::time::timeout(TIMEOUT, request_inner(method, url, headers, body))
+    tokio::time::timeout(TIMEOUT, request_inner(None, method, url, headers, body))
+        .await
+        .map_err(|_| format!("{url}: no answer within {TIMEOUT:?}"))?
+}
+
+/// Sends one request to `url`, dialling `dial` rather than what the URL's host resolves to (to choose
+/// the address family); the TLS name and `Host` are still the URL's.
+pub async fn request_at(
+    dial: SocketAddr,
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Option<Vec<u8>>,
+) -> Result<Answer, String> {
+    tokio::time::timeout(TIMEOUT, request_inner(Some(dial), method, url, headers, body))
         .await
         .map_err(|_| format!("{url}: no answer within {TIMEOUT:?}"))?
 }
 
 async fn request_inner(
+    dial: Option<SocketAddr>,
     method: &str,
     url: &str,
     headers: &[(&str, &str)],
@@ -67,9 +84,11 @@ async fn request_inner(
     };
     let host = uri.host().ok_or_else(|| format!("{url}: no host"))?.trim_matches(['[', ']']).to_string();
     let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
-    let tcp = TcpStream::connect((host.as_str(), port))
-        .await
-        .map_err(|error| format!("cannot reach {host}:{port}: {error}"))?;
+    let tcp = match dial {
+        Some(address) => TcpStream::connect(address).await,
+        None => TcpStream::connect((host.as_str(), port)).await,
+    }
+    .map_err(|error| format!("cannot reach {host}:{port}: {error}"))?;
     let _ = tcp.set_nodelay(true);
     let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
     let authority = uri.authority().map(|a| a.to_string()).unwrap_or_else(|| host.clone());

@@ -275,7 +275,7 @@ mod tests {
         let AddressSource::Interface(interface) = &reporter.source else { panic!("{reporter:?}") };
         assert_eq!((interface.name.as_str(), interface.policy), ("eth0", AddressPolicy::Temporary));
         assert_eq!(reporter.interval.get(), std::time::Duration::from_secs(10));
-        let AddressSink::ControlPlane(sink) = &reporter.sink;
+        let AddressSink::ControlPlane(sink) = &reporter.sink else { panic!("{reporter:?}") };
         assert_eq!(sink.url, "http://autodns:8080");
         assert_eq!(sink.token.as_ref().unwrap().expose(), "secure-token-123");
 

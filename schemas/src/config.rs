@@ -86,8 +86,32 @@ pub enum AddressSource {
     Stun(StunSource),
     /// The address HTTP echo services see: each URL's body is the caller's address.
     Http(HttpSource),
+    /// The address the control plane holds for another node (seed 001's centralized detection: one
+    /// reporter detects, every other node follows its result). Changes arrive by long poll.
+    ControlPlane(ControlPlaneSource),
     /// A fixed address, for tests and dry runs.
     Static(std::net::IpAddr),
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ControlPlaneSource {
+    /// `http://host:port`, as for the `control_plane` sink.
+    pub url: String,
+    /// A proxy token of the control plane.
+    #[serde(
+        default,
+        deserialize_with = "crate::types::present_secret",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub token: Option<Secret>,
+    /// File holding the token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<String>,
+    /// The node whose reports to follow (the detector's `node.id`).
+    pub node: String,
+    #[serde(default)]
+    pub family: AddressFamily,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -149,6 +173,23 @@ pub enum AddressSink {
     /// A server speaking seed 000's API (Keel's control plane does): `POST {url}/api/v1/public-ip` with
     /// `X-API-Token` and `{"ipAddress": "..."}`.
     ControlPlane(ReportEndpoint),
+    /// A DNS provider directly, for users without a control plane: the record (A for an IPv4 address,
+    /// AAAA for IPv6) is changed, then read back; only a read-back showing the address counts.
+    Dns(DnsSink),
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DnsSink {
+    /// The zone the record is in (`example.com`).
+    pub zone: String,
+    /// The record's name relative to the zone (`gw`; `@` for the apex), or absolute with a final dot.
+    pub name: String,
+    #[serde(default = "defaults::record_ttl")]
+    pub ttl: Duration,
+    /// The provider and its settings, as in the control plane's DnsProvider `spec`; credentials are
+    /// read from their files at each update.
+    pub provider: crate::resource::DnsProviderSpec,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -660,6 +701,10 @@ pub mod defaults {
 
     pub fn report_debounce() -> Duration {
         Duration::from_millis(200)
+    }
+
+    pub fn record_ttl() -> Duration {
+        Duration::from_secs(300)
     }
 
     pub fn connect_timeout() -> Duration {

@@ -10,7 +10,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::config::{
-    AddressSink, Admin, Cluster, Config, ControlPlane, Dns, Listener, Node, Reporter, Tunnels,
+    AddressSink, AddressSource, Admin, Cluster, Config, ControlPlane, Dns, Listener, Node, Reporter, Tunnels,
 };
 use crate::diagnostic::{ConfigErrors, ConfigPath, Diagnostic, SourceMap};
 use crate::interpolate::Environment;
@@ -221,9 +221,26 @@ fn resolve_secrets(config: &mut Config, env: &dyn Environment) -> Vec<Diagnostic
         &mut out,
     );
     for (i, reporter) in config.reporters.iter_mut().enumerate() {
-        let AddressSink::ControlPlane(endpoint) = &mut reporter.sink;
-        let at = root.key("reporters").index(i).key("sink").key("control_plane").key("token_file");
-        read_secret(env, &at, endpoint.token_file.as_deref(), &mut endpoint.token, &mut out);
+        let path = root.key("reporters").index(i);
+        if let AddressSource::ControlPlane(source) = &mut reporter.source {
+            let at = path.key("source").key("control_plane").key("token_file");
+            read_secret(env, &at, source.token_file.as_deref(), &mut source.token, &mut out);
+        }
+        match &mut reporter.sink {
+            AddressSink::ControlPlane(endpoint) => {
+                let at = path.key("sink").key("control_plane").key("token_file");
+                read_secret(env, &at, endpoint.token_file.as_deref(), &mut endpoint.token, &mut out);
+            }
+            AddressSink::Dns(dns) => {
+                // Credentials are read again at each update (so they can be rotated); here only whether
+                // they can be read at all, so a wrong path is a config error, not a failed update later.
+                let at = path.key("sink").key("dns").key("provider");
+                for (field, file) in dns.provider.secret_files() {
+                    let mut unused = None;
+                    read_secret(env, &at.key(field.0).key(field.1), Some(file), &mut unused, &mut out);
+                }
+            }
+        }
     }
     if let Some(control_plane) = &mut config.control_plane {
         let at = root.key("control_plane").key("token_file");

@@ -254,7 +254,7 @@ pub struct DnsRecordSpec {
     pub name: String,
     #[serde(rename = "type")]
     pub record_type: RecordType,
-    #[serde(default = "default_record_ttl")]
+    #[serde(default = "crate::config::defaults::record_ttl")]
     pub ttl: Duration,
     /// Whose address: the node that reports it (its `node.id`, or its source address for seed 000's
     /// agents, which send no name).
@@ -286,15 +286,31 @@ impl RecordType {
     }
 }
 
-fn default_record_ttl() -> Duration {
-    Duration::from(std::time::Duration::from_secs(300))
-}
-
 impl DnsRecordSpec {
     /// The record's fully qualified name, lowercase, with the final dot.
     pub fn fqdn(&self) -> String {
         record_fqdn(&self.zone, &self.name)
     }
+}
+
+/// What is wrong with a record's `zone`, `name` and `ttl`: (field, why) for each problem.
+pub fn record_problems(zone: &str, name: &str, ttl: Duration) -> Vec<(&'static str, String)> {
+    let mut problems = Vec::new();
+    let fqdn = record_fqdn(zone, name);
+    if !crate::dns::is_valid_name(zone.trim_end_matches('.')) {
+        problems.push(("zone", format!("invalid zone name {zone:?}")));
+    } else if name != "@" && !crate::dns::is_valid_name(fqdn.trim_end_matches('.')) {
+        problems.push(("name", format!("invalid record name {name:?}")));
+    } else {
+        let zone = format!("{}.", zone.trim_end_matches('.').to_ascii_lowercase());
+        if fqdn != zone && !fqdn.ends_with(&format!(".{zone}")) {
+            problems.push(("name", format!("{fqdn} is not in zone {zone}")));
+        }
+    }
+    if ttl.is_zero() {
+        problems.push(("ttl", "must be longer than 0s".to_string()));
+    }
+    problems
 }
 
 /// A record's fully qualified name, lowercase, with the final dot: `name` relative to `zone` (`gw`, `@`
@@ -327,6 +343,20 @@ pub enum DnsProviderSpec {
 }
 
 impl DnsProviderSpec {
+    /// The files holding credentials: ((provider key, field), path).
+    pub fn secret_files(&self) -> Vec<((&'static str, &'static str), &str)> {
+        match self {
+            DnsProviderSpec::Rfc2136(p) => vec![(("rfc2136", "secret_file"), p.secret_file.as_str())],
+            DnsProviderSpec::Cloudflare(p) => {
+                vec![(("cloudflare", "api_token_file"), p.api_token_file.as_str())]
+            }
+            DnsProviderSpec::Alibaba(p) => {
+                vec![(("alibaba", "access_key_secret_file"), p.access_key_secret_file.as_str())]
+            }
+            DnsProviderSpec::Gandi(p) => vec![(("gandi", "api_token_file"), p.api_token_file.as_str())],
+        }
+    }
+
     /// What is wrong with these settings, if anything: the field (dotted, from the provider's key, as in
     /// `rfc2136.algorithm`) and why.
     pub fn problem(&self) -> Option<(String, String)> {
@@ -494,21 +524,10 @@ pub fn check_spec(
         Kind::Node => Ok(Spec::Node),
         Kind::DnsRecord => {
             let record: DnsRecordSpec = deserialize(spec.clone(), "spec")?;
-            let mut errors = Vec::new();
-            if !crate::dns::is_valid_name(record.zone.trim_end_matches('.')) {
-                errors.push(FieldError::new("spec.zone", format!("invalid zone name {:?}", record.zone)));
-            }
-            let fqdn = record.fqdn();
-            if record.name != "@" && !crate::dns::is_valid_name(fqdn.trim_end_matches('.')) {
-                errors.push(FieldError::new("spec.name", format!("invalid record name {:?}", record.name)));
-            }
-            let zone = format!("{}.", record.zone.trim_end_matches('.').to_ascii_lowercase());
-            if fqdn != zone && !fqdn.ends_with(&format!(".{zone}")) {
-                errors.push(FieldError::new("spec.name", format!("{fqdn} is not in zone {zone}")));
-            }
-            if record.ttl.is_zero() {
-                errors.push(FieldError::new("spec.ttl", "must be longer than 0s"));
-            }
+            let mut errors: Vec<FieldError> = record_problems(&record.zone, &record.name, record.ttl)
+                .into_iter()
+                .map(|(field, message)| FieldError::new(format!("spec.{field}"), message))
+                .collect();
             if record.address_from.node.is_empty() {
                 errors.push(FieldError::new(
                     "spec.address_from.node",

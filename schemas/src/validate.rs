@@ -133,16 +133,43 @@ fn check_reporter(problems: &mut Problems, path: &ConfigPath, reporter: &crate::
             }
         }
     }
-    let AddressSink::ControlPlane(endpoint) = &reporter.sink;
-    let at = path.key("sink").key("control_plane");
-    match crate::stream::Endpoint::parse(&endpoint.url) {
+    if let AddressSource::ControlPlane(source) = &reporter.source {
+        let at = path.key("source").key("control_plane");
+        check_report_url(problems, &at.key("url"), &source.url);
+        check_secret(problems, &at, "token", source.token.as_ref(), source.token_file.is_some());
+        let path_safe = |c: char| c.is_ascii_graphic() && !matches!(c, '/' | '?' | '#' | '%');
+        if source.node.is_empty() || source.node.len() > 253 || !source.node.chars().all(path_safe) {
+            problems.push(&at.key("node"), format!("invalid node name {:?}", source.node));
+        }
+    }
+    match &reporter.sink {
+        AddressSink::ControlPlane(endpoint) => {
+            let at = path.key("sink").key("control_plane");
+            check_report_url(problems, &at.key("url"), &endpoint.url);
+            check_secret(problems, &at, "token", endpoint.token.as_ref(), endpoint.token_file.is_some());
+        }
+        AddressSink::Dns(dns) => {
+            let at = path.key("sink").key("dns");
+            for (field, message) in crate::resource::record_problems(&dns.zone, &dns.name, dns.ttl) {
+                problems.push(&at.key(field), message);
+            }
+            if let Some((field, message)) = dns.provider.problem() {
+                let field_path = field.split('.').fold(at.key("provider"), |path, key| path.key(key));
+                problems.push(&field_path, message);
+            }
+        }
+    }
+}
+
+/// A seed-000 API URL: `http://host:port`.
+fn check_report_url(problems: &mut Problems, at: &ConfigPath, url: &str) {
+    match crate::stream::Endpoint::parse(url) {
         Ok(parsed) if parsed.tls => {
-            problems.push(&at.key("url"), "https is not supported for reports yet: give http://host:port")
+            problems.push(at, "https is not supported for reports yet: give http://host:port")
         }
         Ok(_) => {}
-        Err(problem) => problems.push(&at.key("url"), problem),
+        Err(problem) => problems.push(at, problem),
     }
-    check_secret(problems, &at, "token", endpoint.token.as_ref(), endpoint.token_file.is_some());
 }
 
 /// The control plane's address, token, and the sections it owns: a file that follows a control plane

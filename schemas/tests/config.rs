@@ -433,3 +433,52 @@ tunnels:
     let dumped = serde_json::to_string(config.config()).unwrap();
     assert!(!dumped.contains("router-token") && !dumped.contains("\"s\""), "{dumped}");
 }
+
+#[test]
+fn reporter_source_and_sink_errors_are_located() {
+    let text = r#"
+reporters:
+  - name: follow
+    source: {control_plane: {url: "https://cp:7080", token_file: /run/secrets/admin-token, node: "a/b"}}
+    sink: {control_plane: {url: "http://cp:7080"}}
+  - name: direct
+    source: {static: 192.0.2.1}
+    sink:
+      dns:
+        zone: "example..com"
+        name: "gw"
+        ttl: 0s
+        provider: {alibaba: {access_key_id: "LTAI-5t", access_key_secret_file: /run/secrets/missing}}
+  - name: bind
+    source: {static: 192.0.2.1}
+    sink:
+      dns:
+        zone: example.com
+        name: gw.example.org.
+        provider: {rfc2136: {server: "127.0.0.1:53", key_name: keel, algorithm: hmac-md5, secret_file: /run/secrets/admin-token}}
+"#;
+    let lines = errors(text);
+    let expected = [
+        "keel.yaml:4:35: reporters[0].source.control_plane.url: https is not supported for reports yet",
+        "keel.yaml:4:98: reporters[0].source.control_plane.node: invalid node name \"a/b\"",
+        "keel.yaml:5:27: reporters[0].sink.control_plane: give token or token_file",
+        "keel.yaml:10:15: reporters[1].sink.dns.zone: invalid zone name \"example..com\"",
+        "keel.yaml:12:14: reporters[1].sink.dns.ttl: must be longer than 0s",
+        "keel.yaml:13:45: reporters[1].sink.dns.provider.alibaba.access_key_id: an AccessKey ID is letters and digits",
+        "keel.yaml:19:15: reporters[2].sink.dns.name: gw.example.org. is not in zone example.com.",
+        "keel.yaml:20:81: reporters[2].sink.dns.provider.rfc2136.algorithm: only hmac-sha256 is supported",
+    ];
+    for line in expected {
+        assert!(lines.iter().any(|l| l.starts_with(line)), "missing {line:?} in {lines:#?}");
+    }
+    assert_eq!(lines.len(), expected.len(), "{lines:#?}");
+    // Once the rest is valid, the provider's credential files must be readable (they are read again at
+    // each update, so they can be rotated).
+    let text = "reporters:\n  - name: direct\n    source: {static: 192.0.2.1}\n    sink: {dns: {zone: example.com, name: gw, provider: {gandi: {api_token_file: /run/secrets/missing}}}}\n";
+    assert_eq!(
+        errors(text),
+        [
+            "keel.yaml:4:82: reporters[0].sink.dns.provider.gandi.api_token_file: cannot read /run/secrets/missing: No such file or directory"
+        ]
+    );
+}

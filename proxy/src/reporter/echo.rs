@@ -2,14 +2,9 @@
 //! the wanted family (the server's address of that family is dialled), whose body is the address.
 
 use std::net::IpAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
-use hyper_util::rt::TokioIo;
 use keel_schemas::config::AddressFamily;
-use tokio::net::TcpStream;
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -43,32 +38,13 @@ async fn ask(url: &str, family: AddressFamily) -> Result<IpAddr, String> {
         .into_iter()
         .find(|address| address.is_ipv6() == (family == AddressFamily::Ipv6))
         .ok_or_else(|| format!("{host} has no {family:?} address"))?;
-    let tcp = TcpStream::connect(target).await.map_err(|error| error.to_string())?;
-    let request = hyper::Request::get(uri.path_and_query().map_or("/", |p| p.as_str()))
-        .header(hyper::header::HOST, uri.authority().map_or(host.clone(), |a| a.to_string()))
-        .header(hyper::header::USER_AGENT, concat!("keel/", env!("CARGO_PKG_VERSION")))
-        .header(hyper::header::ACCEPT, "text/plain")
-        .body(Empty::<Bytes>::new())
-        .map_err(|error| error.to_string())?;
-    let body = if https {
-        let roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
-        let config =
-            rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-                .with_safe_default_protocol_versions()
-                .map_err(|error| error.to_string())?
-                .with_root_certificates(roots)
-                .with_no_client_auth();
-        let name = rustls_pki_types::ServerName::try_from(host.clone())
-            .map_err(|_| format!("{host}: not a server name"))?;
-        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-            .connect(name, tcp)
-            .await
-            .map_err(|e| e.to_string())?;
-        get(TokioIo::new(tls), request).await?
-    } else {
-        get(TokioIo::new(tcp), request).await?
-    };
-    let text = String::from_utf8_lossy(&body);
+    let user_agent = concat!("keel/", env!("CARGO_PKG_VERSION"));
+    let headers = [("User-Agent", user_agent), ("Accept", "text/plain")];
+    let answer = keel_ddns::http::request_at(target, "GET", url, &headers, None).await?;
+    if !(200..300).contains(&answer.status) {
+        return Err(format!("answered {}", answer.status));
+    }
+    let text = String::from_utf8_lossy(&answer.body);
     let address: IpAddr = text.trim().parse().map_err(|_| {
         format!("the answer is not an address: {:?}", text.chars().take(64).collect::<String>())
     })?;
@@ -76,24 +52,6 @@ async fn ask(url: &str, family: AddressFamily) -> Result<IpAddr, String> {
         return Err(format!("asked over {family:?}, answered {address}"));
     }
     Ok(address)
-}
-
-async fn get<S>(io: TokioIo<S>, request: hyper::Request<Empty<Bytes>>) -> Result<Bytes, String>
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(io).await.map_err(|e| e.to_string())?;
-    tokio::spawn(connection);
-    let response = sender.send_request(request).await.map_err(|e| e.to_string())?;
-    if !response.status().is_success() {
-        return Err(format!("answered {}", response.status()));
-    }
-    let body = http_body_util::Limited::new(response.into_body(), 4096)
-        .collect()
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(body.to_bytes())
 }
 
 #[cfg(test)]

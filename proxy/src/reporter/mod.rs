@@ -12,15 +12,14 @@
 
 pub mod echo;
 pub mod netlink;
+pub mod seed_api;
 pub mod stun;
 
 use std::io;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use keel_schemas::config::{
-    AddressFamily, AddressPolicy, AddressSink, AddressSource, ReportEndpoint, Reporter,
-};
+use keel_schemas::config::{AddressFamily, AddressPolicy, AddressSink, AddressSource, Reporter};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
@@ -32,8 +31,8 @@ use netlink::{
 /// Delivery retries start here and double up to [`RETRY_MAX`].
 const RETRY_FIRST: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(60);
-/// How long one report may take.
-const REPORT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one DNS update (change and read-back, several requests) may take.
+const DNS_UPDATE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Picks the address `policy` wants among `addresses` of interface `index` in `family`.
 ///
@@ -91,6 +90,8 @@ pub enum DetectError {
     Stun(String),
     #[error("HTTP echo: {0}")]
     Echo(String),
+    #[error("control plane: {0}")]
+    ControlPlane(#[from] seed_api::CallError),
 }
 
 /// The address the source gives now, if it has one.
@@ -106,6 +107,10 @@ pub async fn detect(source: &AddressSource) -> Result<Option<IpAddr>, DetectErro
                 .map(Some)
                 .map_err(DetectError::Stun)
         }
+        AddressSource::ControlPlane(source) => {
+            Ok(seed_api::read_public_ip(&source.url, source.token.as_ref(), &source.node, source.family)
+                .await?)
+        }
         AddressSource::Interface(interface) => {
             let index = netlink::interface_index(&interface.name)
                 .ok_or_else(|| DetectError::NoInterface(interface.name.clone()))?;
@@ -118,61 +123,45 @@ pub async fn detect(source: &AddressSource) -> Result<Option<IpAddr>, DetectErro
 /// Why a report was not confirmed.
 #[derive(Debug, thiserror::Error)]
 pub enum ReportError {
-    #[error("cannot reach {url}: {error}")]
-    Connect { url: String, error: String },
-    #[error("{url} answered {status}: {body}")]
-    Refused { url: String, status: u16, body: String },
-    #[error("{url} did not answer within {REPORT_TIMEOUT:?}")]
-    Timeout { url: String },
+    #[error(transparent)]
+    ControlPlane(#[from] seed_api::CallError),
+    #[error("DNS update: {message}")]
+    Dns { message: String, retry_after: Option<Duration> },
+    #[error("DNS update: no confirmation within {DNS_UPDATE_TIMEOUT:?}")]
+    DnsTimeout,
 }
 
-/// Sends `address` to `sink`; `Ok` only when the sink confirmed it.
+impl ReportError {
+    /// How long the sink asked us to wait before trying again, if it did.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ReportError::Dns { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+}
+
+/// Sends `address` to `sink`; `Ok` only when the sink confirmed it (for a DNS provider: when reading the
+/// record back shows exactly the address).
 pub async fn report(sink: &AddressSink, node: &str, address: IpAddr) -> Result<(), ReportError> {
-    let AddressSink::ControlPlane(endpoint) = sink;
-    let url = endpoint.url.trim_end_matches('/').to_string();
-    match tokio::time::timeout(REPORT_TIMEOUT, post_public_ip(endpoint, &url, node, address)).await {
-        Ok(result) => result,
-        Err(_) => Err(ReportError::Timeout { url }),
+    match sink {
+        AddressSink::ControlPlane(endpoint) => {
+            Ok(seed_api::post_public_ip(&endpoint.url, endpoint.token.as_ref(), node, address).await?)
+        }
+        AddressSink::Dns(dns) => {
+            let fqdn = keel_schemas::resource::record_fqdn(&dns.zone, &dns.name);
+            let target = keel_ddns::Target { zone: &dns.zone, fqdn: &fqdn, ttl: dns.ttl.get() };
+            match tokio::time::timeout(DNS_UPDATE_TIMEOUT, keel_ddns::update(&dns.provider, &target, address))
+                .await
+            {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(failure)) => {
+                    Err(ReportError::Dns { message: failure.message, retry_after: failure.retry_after })
+                }
+                Err(_) => Err(ReportError::DnsTimeout),
+            }
+        }
     }
-}
-
-/// Seed 000's request: `POST /api/v1/public-ip`, `X-API-Token`, `{"ipAddress": "..."}`. Keel adds
-/// `X-Keel-Node` so the control plane can keep addresses per node.
-async fn post_public_ip(
-    endpoint: &ReportEndpoint,
-    url: &str,
-    node: &str,
-    address: IpAddr,
-) -> Result<(), ReportError> {
-    let connect = |error: String| ReportError::Connect { url: url.to_string(), error };
-    let parsed = keel_schemas::stream::Endpoint::parse(url).map_err(connect)?;
-    let target: keel_schemas::types::HostPort = parsed.authority().parse().map_err(connect)?;
-    let stream = crate::cluster::connect_to(&target).await.map_err(|e| connect(e.to_string()))?;
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .map_err(|e| connect(e.to_string()))?;
-    tokio::spawn(connection);
-    let body = serde_json::json!({ "ipAddress": address.to_string() }).to_string();
-    let mut request = hyper::Request::post("/api/v1/public-ip")
-        .header(hyper::header::HOST, parsed.authority())
-        .header(hyper::header::CONTENT_TYPE, "application/json")
-        .header("X-Keel-Node", node);
-    if let Some(token) = &endpoint.token {
-        request = request.header("X-API-Token", token.expose());
-    }
-    let request = request
-        .body(http_body_util::Full::new(bytes::Bytes::from(body)))
-        .map_err(|e| connect(e.to_string()))?;
-    let response = sender.send_request(request).await.map_err(|e| connect(e.to_string()))?;
-    let status = response.status();
-    use http_body_util::BodyExt;
-    let body = response.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-    if status.is_success() {
-        return Ok(());
-    }
-    let body = String::from_utf8_lossy(&body[..body.len().min(256)]).trim().to_string();
-    Err(ReportError::Refused { url: url.to_string(), status: status.as_u16(), body })
 }
 
 /// What a reporter keeps across restarts.
@@ -248,6 +237,24 @@ pub async fn report_once(reporter: &Reporter, node: &str, dry_run: bool) -> Resu
     Ok(address)
 }
 
+/// What, besides the poll `interval` and due retries, makes a reporter look again.
+enum Wakeups {
+    /// Netlink address events (an interface source).
+    Netlink(netlink::AddressEvents),
+    /// The control plane's long poll (a control-plane source).
+    LongPoll,
+    None,
+}
+
+enum Wakeup {
+    /// An event of a burst: wait for the debounce first.
+    Settle,
+    /// Look now.
+    Now,
+    /// The event source broke: poll only from now on.
+    Lost,
+}
+
 /// Runs one reporter until `stop`.
 pub async fn run(
     reporter: Reporter,
@@ -263,22 +270,26 @@ pub async fn run(
         metrics.counter("keel_reporter_reports_total", &[("reporter", name), ("result", "delivered")]);
     let failed = metrics.counter("keel_reporter_reports_total", &[("reporter", name), ("result", "failed")]);
     let pending_gauge = metrics.gauge("keel_reporter_pending", &[("reporter", name)]);
-    let mut events = match &reporter.source {
+    let mut wakeups = match &reporter.source {
         AddressSource::Interface(_) => match netlink::AddressEvents::subscribe() {
-            Ok(events) => Some(events),
+            Ok(events) => Wakeups::Netlink(events),
             Err(error) => {
                 tracing::warn!(reporter = name, %error, "no netlink address events; polling only");
-                None
+                Wakeups::None
             }
         },
-        AddressSource::Static(_) | AddressSource::Stun(_) | AddressSource::Http(_) => None,
+        AddressSource::ControlPlane(_) => Wakeups::LongPoll,
+        AddressSource::Static(_) | AddressSource::Stun(_) | AddressSource::Http(_) => Wakeups::None,
     };
+    // The address last read, for the control plane's long poll.
+    let mut seen: Option<IpAddr> = None;
     let mut retry_delay = RETRY_FIRST;
     let mut retry_at: Option<tokio::time::Instant> = None;
     let mut last_detect_error = String::new();
     loop {
         match detect(&reporter.source).await {
             Ok(Some(address)) => {
+                seen = Some(address);
                 last_detect_error.clear();
                 let previous = state.pending.or(state.delivered);
                 if state.observe(address) {
@@ -290,6 +301,7 @@ pub async fn run(
                 }
             }
             Ok(None) => {
+                seen = None;
                 if last_detect_error != "none" {
                     tracing::warn!(reporter = name, "no usable address right now");
                     last_detect_error = "none".to_string();
@@ -322,7 +334,9 @@ pub async fn run(
                     }
                     Err(error) => {
                         failed.increment(1);
-                        let delay = retry_delay.mul_f64(0.8 + fastrand::f64() * 0.4);
+                        let backoff = retry_delay.mul_f64(0.8 + fastrand::f64() * 0.4);
+                        // A provider that said when to come back (429, throttling) is not asked sooner.
+                        let delay = error.retry_after().map_or(backoff, |asked| asked.max(backoff));
                         tracing::warn!(reporter = name, %address, %error, retry_in = ?delay, "report failed; will retry");
                         retry_at = Some(tokio::time::Instant::now() + delay);
                         retry_delay = (retry_delay * 2).min(RETRY_MAX);
@@ -340,28 +354,42 @@ pub async fn run(
             }
         };
         let event = async {
-            match events.as_mut() {
-                Some(events) => {
-                    if let Err(error) = events.changed().await {
+            match &mut wakeups {
+                Wakeups::Netlink(events) => match events.changed().await {
+                    Ok(()) => Wakeup::Settle,
+                    Err(error) => {
                         tracing::warn!(reporter = name, %error, "netlink events failed; polling only");
-                        return false;
+                        Wakeup::Lost
                     }
-                    true
+                },
+                Wakeups::LongPoll => {
+                    let AddressSource::ControlPlane(source) = &reporter.source else {
+                        return Wakeup::Lost;
+                    };
+                    let token = source.token.as_ref();
+                    match seed_api::next_public_ip(&source.url, token, &source.node, source.family, seen)
+                        .await
+                    {
+                        Ok(_) => Wakeup::Now,
+                        Err(_) => {
+                            // Down: detect() says so at the next look; do not spin meanwhile.
+                            tokio::time::sleep(RETRY_FIRST * 5).await;
+                            Wakeup::Now
+                        }
+                    }
                 }
-                None => std::future::pending().await,
+                Wakeups::None => std::future::pending().await,
             }
         };
         tokio::select! {
             () = next_poll => {}
             () = retry => {}
-            ok = event => {
-                if ok {
-                    // Let the burst settle, then read whatever else queued up meanwhile.
-                    tokio::time::sleep(reporter.debounce.get()).await;
-                } else {
-                    events = None;
-                }
-            }
+            wakeup = event => match wakeup {
+                // Let the burst settle, then read whatever else queued up meanwhile.
+                Wakeup::Settle => tokio::time::sleep(reporter.debounce.get()).await,
+                Wakeup::Now => {}
+                Wakeup::Lost => wakeups = Wakeups::None,
+            },
             () = stop.cancelled() => return,
         }
     }
