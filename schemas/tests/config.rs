@@ -287,7 +287,8 @@ fn every_example_validates() {
         let env = MapEnvironment::default()
             .with_file("/run/secrets/router-token", "router-token\n")
             .with_file("/run/secrets/mysql-tunnel", "mysql-secret\n")
-            .with_file("/run/secrets/api-token", "api-token\n");
+            .with_file("/run/secrets/api-token", "api-token\n")
+            .with_file("/run/secrets/tsig", "a2VlbC10ZXN0LWtleS0zMi1ieXRlcy1sb25nLi4uLi4=\n");
         if let Err(errors) = load(&text, &path.display().to_string(), &env) {
             panic!("{errors}");
         }
