@@ -143,8 +143,17 @@ impl From<StoreError> for Failure {
 pub fn denied(why: Denied) -> Response {
     match why {
         Denied::Unauthenticated => {
-            Failure::new(StatusCode::UNAUTHORIZED, "Unauthorized", "a valid bearer token is required")
-                .into_response()
+            let mut response =
+                Failure::new(StatusCode::UNAUTHORIZED, "Unauthorized", "a valid bearer token is required")
+                    .into_response();
+            // Browsers then ask for a login; the token goes in as the password (the state page).
+            let headers = response.headers_mut();
+            headers.append(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+            headers.append(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Basic realm=\"Keel control plane\""),
+            );
+            response
         }
         Denied::Forbidden => {
             Failure::new(StatusCode::FORBIDDEN, "Forbidden", "this token's role may not use this endpoint")

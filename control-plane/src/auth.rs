@@ -1,4 +1,5 @@
-//! Bearer tokens: operator tokens for the REST API and `/debug`, proxy tokens for the snapshot stream.
+//! Bearer tokens: operator tokens for the REST API, `/debug` and the state page, proxy tokens for the
+//! snapshot stream and address reports. A browser may give an operator token as a Basic password.
 //!
 //! Tokens come from files or the environment at start, never from the database. With no token of a
 //! role configured, that role's endpoints are open; the binary allows that only on a loopback address.
@@ -67,9 +68,9 @@ impl Tokens {
         let presented = headers
             .get(axum::http::header::AUTHORIZATION)
             .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.strip_prefix("Bearer "))
-            .map(str::trim)
+            .and_then(presented_token)
             .ok_or(Denied::Unauthenticated)?;
+        let presented = presented.as_str();
         let matches = |tokens: &[String]| {
             tokens.iter().any(|token| same_secret(token.as_bytes(), presented.as_bytes()))
         };
@@ -82,6 +83,18 @@ impl Tokens {
         };
         if matches(self.of(other)) { Err(Denied::Forbidden) } else { Err(Denied::Unauthenticated) }
     }
+}
+
+/// The token in an `Authorization` header: `Bearer <token>`, or `Basic` with the token as the password
+/// (any user name), which is what a browser sends for the state page after its login prompt.
+fn presented_token(value: &str) -> Option<String> {
+    if let Some(token) = value.strip_prefix("Bearer ") {
+        return Some(token.trim().to_string());
+    }
+    let encoded = value.strip_prefix("Basic ")?.trim();
+    let decoded = data_encoding::BASE64.decode(encoded.as_bytes()).ok()?;
+    let (_user, password) = std::str::from_utf8(&decoded).ok()?.split_once(':')?;
+    Some(password.to_string())
 }
 
 /// Compares in constant time, so response timing says nothing about how much of a guess was right.
@@ -111,5 +124,11 @@ mod tests {
         assert_eq!(tokens.check(&bearer(""), Role::Operator), Err(Denied::Unauthenticated));
         assert_eq!(Tokens::default().check(&HeaderMap::new(), Role::Operator), Ok(()));
         assert!(!format!("{tokens:?}").contains("op\""));
+        let mut basic = HeaderMap::new();
+        // "admin:op", as a browser sends it after the login prompt.
+        basic.insert("authorization", HeaderValue::from_static("Basic YWRtaW46b3A="));
+        assert_eq!(tokens.check(&basic, Role::Operator), Ok(()));
+        basic.insert("authorization", HeaderValue::from_static("Basic YWRtaW46bm9wZQ=="));
+        assert_eq!(tokens.check(&basic, Role::Operator), Err(Denied::Unauthenticated));
     }
 }

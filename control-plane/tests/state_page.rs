@@ -1,0 +1,102 @@
+//! The state page (seed 001's `/`) as a browser shows it: headless Chromium renders it from a running
+//! control plane, logged in with an operator token as the Basic password. Names that nodes send are
+//! text, never markup.
+//!
+//! Needs `chromium` (`.ci/install-test-deps` installs it). Elsewhere the test says why it did not run,
+//! unless `CI` is set, where not running is a failure.
+
+mod support;
+
+use std::process::Command;
+
+use serde_json::json;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn chromium() -> Option<&'static str> {
+    let found = ["chromium", "chromium-browser"]
+        .into_iter()
+        .find(|name| Command::new(name).arg("--version").output().is_ok_and(|out| out.status.success()));
+    if found.is_none() {
+        assert!(std::env::var_os("CI").is_none(), "CI must render the state page: install chromium");
+        eprintln!("skipping the browser test: chromium is not installed (run .ci/install-test-deps)");
+    }
+    found
+}
+
+/// The DOM Chromium builds for `url`.
+async fn render(browser: &'static str, url: String) -> String {
+    let profile = tempfile::tempdir().unwrap();
+    let user_data = format!("--user-data-dir={}", profile.path().display());
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new(browser)
+            .args(["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", &user_data, "--dump-dom"])
+            .arg(url)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(output.status.success(), "chromium: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8_lossy(&output.stdout).to_string()
+}
+
+#[tokio::test]
+async fn a_browser_shows_records_addresses_and_errors_as_text() {
+    let Some(browser) = chromium() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let cp = start(&database(&dir)).await;
+    let addr = cp.local_addr;
+    let token_file = dir.path().join("gandi.token");
+    std::fs::write(&token_file, "t\n").unwrap();
+    let v1 = "/apis/edge.example.com/v1";
+    // A provider nobody answers for: the record stays pending with its error.
+    let provider = json!({
+        "apiVersion": "edge.example.com/v1", "kind": "DnsProvider", "metadata": {"name": "gandi"},
+        "spec": {"gandi": {"api_token_file": token_file.display().to_string(), "api_url": "http://127.0.0.1:1/v5/livedns"}}
+    });
+    assert_eq!(operator(addr, "POST", &format!("{v1}/dnsproviders"), Some(&provider)).await.0, 201);
+    let record = json!({
+        "apiVersion": "edge.example.com/v1", "kind": "DnsRecord", "metadata": {"name": "home"},
+        "spec": {"zone": "example.org", "name": "home", "type": "A", "address_from": {"node": "gw-1"}, "provider": "gandi"}
+    });
+    assert_eq!(operator(addr, "POST", &format!("{v1}/dnsrecords"), Some(&record)).await.0, 201);
+    report_address(addr, "203.0.113.7").await;
+    // A node name that is markup (seed 000's agents are named by whatever they send).
+    let hostile = "<img src=x onerror=alert(1)>";
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let body = r#"{"ipAddress": "198.51.100.9"}"#;
+    let request = format!(
+        "POST /api/v1/public-ip HTTP/1.1\r\nHost: cp\r\nX-API-Token: {PROXY}\r\nX-Keel-Node: {hostile}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    stream.read_to_end(&mut Vec::new()).await.unwrap();
+    eventually("the failed update in the status", || async {
+        let (_, record) = operator(addr, "GET", &format!("{v1}/dnsrecords/home"), None).await;
+        record["status"]["lastError"].is_string()
+    })
+    .await;
+
+    // Without a token the browser gets the 401 and its login prompt (which headless cancels): no data.
+    let refused = render(browser, format!("http://{addr}/")).await;
+    assert!(!refused.contains("203.0.113.7") && !refused.contains("<h1>"), "{refused}");
+
+    let page = render(browser, format!("http://admin:{OPERATOR}@{addr}/")).await;
+    assert!(page.contains("<h1>Keel control plane</h1>"), "{page}");
+    let records = page.split("<table id=\"records\">").nth(1).unwrap().split("</table>").next().unwrap();
+    assert!(
+        records.contains("<td>home.example.org.</td><td>A</td><td>gw-1</td><td>203.0.113.7</td>"),
+        "{records}"
+    );
+    assert!(records.contains("<td class=\"bad\">pending</td>"), "{records}");
+    assert!(records.contains("cannot reach 127.0.0.1:1"), "{records}");
+    let addresses = page.split("<table id=\"addresses\">").nth(1).unwrap().split("</table>").next().unwrap();
+    assert!(addresses.contains("<td>gw-1</td><td>203.0.113.7</td>"), "{addresses}");
+    assert!(
+        addresses.contains("<td>&lt;img src=x onerror=alert(1)&gt;</td><td>198.51.100.9</td>"),
+        "{addresses}"
+    );
+    assert!(!page.contains("<img"), "a node's name became markup: {page}");
+    cp.stop().await;
+}
