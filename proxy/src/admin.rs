@@ -51,6 +51,7 @@ pub fn router(proxy: Proxy) -> Router {
         .route("/clusters", get(clusters))
         .route("/listeners", get(listeners))
         .route("/tunnels", get(tunnels))
+        .route("/probes", get(probes))
         .merge(guarded)
         .with_state(proxy)
 }
@@ -244,4 +245,9 @@ async fn drain(State(proxy): State<Proxy>) -> Response {
 async fn quit(State(proxy): State<Proxy>) -> Response {
     proxy.shutdown(Shutdown::Fast);
     (StatusCode::OK, "OK\n").into_response()
+}
+
+/// Every probe target's latest result.
+async fn probes(State(proxy): State<Proxy>) -> Response {
+    axum::Json(json!({"probes": proxy.probe_results().await})).into_response()
 }

@@ -1,9 +1,10 @@
 //! The control-plane config source: follow a Keel control plane's snapshot stream.
 //!
-//! With `control_plane:` in keel.yaml, the file is a bootstrap (node, admin, drain_timeout, how to reach
-//! the control plane) and the control plane sends the rest. Each snapshot is merged with the bootstrap
-//! and goes through the same load, validation and [`Proxy::apply`] as a file reload, so it has the same
-//! no-drop guarantees; the proxy answers ACK, or NACK with the errors and keeps its last good config.
+//! With `control_plane:` in keel.yaml, the file is a bootstrap (node, admin, drain_timeout, its own
+//! reporters and probes, how to reach the control plane) and the control plane sends the rest. Each
+//! snapshot is merged with the bootstrap and goes through the same load, validation and
+//! [`Proxy::apply`] as a file reload, so it has the same no-drop guarantees; the proxy answers ACK, or
+//! NACK with the errors and keeps its last good config.
 //! An accepted snapshot is written to `cache_file`, from which a restart comes up while the control plane
 //! is away. Disconnected, the proxy keeps serving and reconnects with jittered backoff; its hello names
 //! the version it runs and the one it last refused, so the control plane sends only what is new.
@@ -73,6 +74,11 @@ pub fn load_snapshot(
         config.admin = bootstrap.admin.clone();
         config.drain_timeout = bootstrap.drain_timeout;
         config.control_plane = None;
+        // The file's own reporters and probes run beside what the control plane sends (a probe name
+        // given by both is a validation error, reported like any other).
+        config.reporters = bootstrap.reporters.clone();
+        let sent = std::mem::take(&mut config.probes);
+        config.probes = bootstrap.probes.iter().cloned().chain(sent).collect();
         Ok(())
     };
     keel_schemas::load_with(text, &origin, env, &prepare)

@@ -19,6 +19,7 @@ pub mod dns;
 mod env;
 pub mod listener;
 pub mod metrics;
+pub mod probe;
 pub mod relay;
 pub mod reporter;
 pub mod runtime;

@@ -124,6 +124,9 @@ struct Inner {
     tunnels: Mutex<TunnelSet>,
     /// Running address reporters by name, with the config each runs and its stop token.
     reporters: Mutex<HashMap<String, (keel_schemas::config::Reporter, CancellationToken)>>,
+    /// Running probes by name, with the config each runs and its stop token; their states.
+    probes: Mutex<HashMap<String, (keel_schemas::config::Probe, CancellationToken)>>,
+    probe_states: Arc<crate::probe::Registry>,
     draining: AtomicBool,
     /// With `control_plane:` set: the bootstrap file's config, the snapshot running, and when the
     /// control plane was last heard from.
@@ -169,6 +172,8 @@ impl Proxy {
                 dns: Mutex::new(None),
                 tunnels: Mutex::new(TunnelSet::new(tunnel_context)),
                 reporters: Mutex::new(HashMap::new()),
+                probes: Mutex::new(HashMap::new()),
+                probe_states: Arc::new(crate::probe::Registry::default()),
                 draining: AtomicBool::new(false),
                 bootstrap: ArcSwapOption::empty(),
                 snapshot: ArcSwapOption::empty(),
@@ -259,6 +264,7 @@ impl Proxy {
             listeners: listeners.len(),
             active_connections: listeners.iter().map(|listener| listener.active_connections).sum(),
             router,
+            probes: self.probe_results().await,
         }
     }
 
@@ -501,6 +507,7 @@ impl Proxy {
         tunnels.commit(tunnel_plan);
         drop(tunnels);
         self.update_reporters(config.config()).await;
+        self.update_probes(config.config()).await;
 
         let changed = !changes.is_empty();
         inner.applied.store(Some(Arc::new(Applied {
@@ -598,6 +605,40 @@ impl Proxy {
             ));
             running.insert(reporter.name.clone(), (reporter.clone(), stop));
         }
+    }
+
+    /// Starts, restarts (when their config changed) and stops probes to match `config`. A restarted
+    /// probe starts its targets afresh (unjudged) and its old task's last writes go nowhere.
+    async fn update_probes(&self, config: &keel_schemas::Config) {
+        let mut running = self.inner.probes.lock().await;
+        running.retain(|name, (current, stop)| {
+            let keep = config.probes.iter().any(|wanted| wanted == current);
+            if !keep {
+                tracing::info!(probe = %name, "probe stopped");
+                stop.cancel();
+                self.inner.probe_states.remove(name);
+            }
+            keep
+        });
+        for probe in &config.probes {
+            if running.contains_key(&probe.name) {
+                continue;
+            }
+            let stop = self.inner.close_all.child_token();
+            tracing::info!(probe = %probe.name, targets = probe.targets().len(), "probe started");
+            tokio::spawn(crate::probe::run(
+                probe.clone(),
+                Arc::clone(&self.inner.probe_states),
+                Arc::clone(&self.inner.metrics),
+                stop.clone(),
+            ));
+            running.insert(probe.name.clone(), (probe.clone(), stop));
+        }
+    }
+
+    /// Every probe target's latest result, for `/probes` and the control plane.
+    pub async fn probe_results(&self) -> Vec<keel_schemas::stream::ProbeResult> {
+        self.inner.probe_states.results().await
     }
 
     /// Routers, publishers and visitors, for `/tunnels`.

@@ -44,10 +44,134 @@ pub struct Config {
     /// Address reporters (the DDNS agent): watch an address and report each change to a sink.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub reporters: Vec<Reporter>,
+    /// Network probes (seed 002's checks): reachability and latency of targets, as metrics and, with a
+    /// control plane, in its connectivity matrix.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub probes: Vec<Probe>,
     /// Follow a Keel control plane: it sends `listeners`, `clusters`, `dns` and `tunnels` (which the file
     /// then leaves out), chosen for this node by `node.id` and `node.labels`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub control_plane: Option<ControlPlane>,
+}
+
+/// One probe: a kind of check (exactly one of `icmp`, `tcp`, `http`, `dns`, `udp`) run against its
+/// targets every `interval`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Probe {
+    /// Unique name, used in metrics, the admin API and the control plane's matrix.
+    pub name: String,
+    /// ICMP echo: are the hosts up, and how far. Unprivileged ping sockets where
+    /// `net.ipv4.ping_group_range` allows, raw sockets with CAP_NET_RAW otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub icmp: Option<IcmpProbe>,
+    /// TCP connect: is the port open (seed 002's SSH port and health port checks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<TcpProbe>,
+    /// HTTP(S) GET with an expected status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpProbe>,
+    /// Resolve a name, then connect to what it resolved to (seed 002's custom service check).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<DnsProbe>,
+    /// UDP echo: datagrams sent to an echo service and counted back, for packet loss.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub udp: Option<UdpProbe>,
+    /// How often each target is checked; each round starts up to 10% early or late, so that a fleet
+    /// started together does not probe in lockstep.
+    #[serde(default = "defaults::probe_interval")]
+    pub interval: Duration,
+    /// How long one check may take.
+    #[serde(default = "defaults::probe_timeout")]
+    pub timeout: Duration,
+    /// Consecutive failed checks before a target counts as down (and successes before it is up again).
+    #[serde(default = "defaults::probe_threshold")]
+    pub failure_threshold: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct IcmpProbe {
+    /// IPv4 or IPv6 addresses.
+    pub targets: Vec<std::net::IpAddr>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TcpProbe {
+    /// `host:port` to connect to; names are resolved at each check.
+    pub targets: Vec<HostPort>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HttpProbe {
+    /// `http://` or `https://` URLs (HTTPS checked against the Mozilla roots).
+    pub targets: Vec<String>,
+    /// Statuses that count as success; any 2xx or 3xx when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub expected_status: Vec<u16>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DnsProbe {
+    /// Names to resolve (`mysql.default.svc.cluster.local`), through the host's resolver configuration.
+    pub targets: Vec<String>,
+    /// After resolving, connect to this TCP port of the first address; resolving alone when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UdpProbe {
+    /// `host:port` of UDP echo services (RFC 862: each datagram is sent back as it came).
+    pub targets: Vec<HostPort>,
+    /// Datagrams per check; the share that does not come back within `timeout` is the loss.
+    #[serde(default = "defaults::udp_probe_packets")]
+    pub packets: u32,
+}
+
+impl Probe {
+    /// The kind's name (`icmp`, `tcp`, ...), or `None` when not exactly one kind is given.
+    pub fn kind(&self) -> Option<&'static str> {
+        let kinds: Vec<&'static str> = [
+            ("icmp", self.icmp.is_some()),
+            ("tcp", self.tcp.is_some()),
+            ("http", self.http.is_some()),
+            ("dns", self.dns.is_some()),
+            ("udp", self.udp.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(kind, given)| given.then_some(kind))
+        .collect();
+        match kinds.as_slice() {
+            [kind] => Some(kind),
+            _ => None,
+        }
+    }
+
+    /// The targets, as text (what metrics and results name them by).
+    pub fn targets(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        if let Some(icmp) = &self.icmp {
+            out.extend(icmp.targets.iter().map(ToString::to_string));
+        }
+        if let Some(tcp) = &self.tcp {
+            out.extend(tcp.targets.iter().map(ToString::to_string));
+        }
+        if let Some(http) = &self.http {
+            out.extend(http.targets.iter().cloned());
+        }
+        if let Some(dns) = &self.dns {
+            out.extend(dns.targets.iter().cloned());
+        }
+        if let Some(udp) = &self.udp {
+            out.extend(udp.targets.iter().map(ToString::to_string));
+        }
+        out
+    }
 }
 
 /// One address reporter: where the address comes from and where it goes.
@@ -705,6 +829,22 @@ pub mod defaults {
 
     pub fn record_ttl() -> Duration {
         Duration::from_secs(300)
+    }
+
+    pub fn probe_interval() -> Duration {
+        Duration::from_secs(5)
+    }
+
+    pub fn probe_timeout() -> Duration {
+        Duration::from_secs(1)
+    }
+
+    pub fn probe_threshold() -> u32 {
+        3
+    }
+
+    pub fn udp_probe_packets() -> u32 {
+        5
     }
 
     pub fn connect_timeout() -> Duration {

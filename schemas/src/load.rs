@@ -10,7 +10,8 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::config::{
-    AddressSink, AddressSource, Admin, Cluster, Config, ControlPlane, Dns, Listener, Node, Reporter, Tunnels,
+    AddressSink, AddressSource, Admin, Cluster, Config, ControlPlane, Dns, Listener, Node, Probe, Reporter,
+    Tunnels,
 };
 use crate::diagnostic::{ConfigErrors, ConfigPath, Diagnostic, SourceMap};
 use crate::interpolate::Environment;
@@ -127,6 +128,7 @@ fn structural_errors(value: &Value, source_map: &SourceMap) -> Vec<Diagnostic> {
             "tunnels" => check::<Tunnels>(value, &path, source_map, &mut out),
             "control_plane" => check::<ControlPlane>(value, &path, source_map, &mut out),
             "reporters" => check_each::<Reporter>(value, &path, source_map, &mut out),
+            "probes" => check_each::<Probe>(value, &path, source_map, &mut out),
             _ => out.push(
                 Diagnostic::new(
                     path.clone(),
@@ -141,7 +143,7 @@ fn structural_errors(value: &Value, source_map: &SourceMap) -> Vec<Diagnostic> {
 
 /// The top-level keys of keel.yaml, as [`structural_errors`] knows them. A test checks this list against
 /// the fields of [`Config`].
-pub(crate) const SECTIONS: [&str; 9] = [
+pub(crate) const SECTIONS: [&str; 10] = [
     "node",
     "admin",
     "listeners",
@@ -150,6 +152,7 @@ pub(crate) const SECTIONS: [&str; 9] = [
     "dns",
     "tunnels",
     "reporters",
+    "probes",
     "control_plane",
 ];
 

@@ -105,6 +105,37 @@ pub struct ProxyStatus {
     /// when this proxy runs a router.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub router: Option<RouterReport>,
+    /// The latest result of every probe target.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub probes: Vec<ProbeResult>,
+}
+
+/// One probe target's state: the outcome of its last check and what the checks before it add up to.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProbeResult {
+    pub probe: String,
+    /// `icmp`, `tcp`, `http`, `dns` or `udp`.
+    pub kind: String,
+    pub target: String,
+    /// Up after a successful check, down after `failure_threshold` failed ones in a row; absent before
+    /// the first check ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub up: Option<bool>,
+    /// The last successful check's round trip (connect time for TCP, time to the status for HTTP).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_ms: Option<f64>,
+    /// Lost share (0 to 1): of the last check's datagrams for UDP, of the recent checks otherwise.
+    #[serde(default)]
+    pub loss: f64,
+    #[serde(default)]
+    pub consecutive_failures: u32,
+    /// Why the last check failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// When the last check ended (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checked_at: Option<String>,
 }
 
 /// A router's view, named by the router (`tunnels.server`) it belongs to. Its JSON is the `status` of

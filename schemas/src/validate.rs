@@ -100,10 +100,88 @@ pub fn validate(config: &Config) -> Vec<Diagnostic> {
         }
         check_reporter(&mut problems, &path, reporter);
     }
+    let mut probe_names: HashMap<&str, usize> = HashMap::new();
+    for (i, probe) in config.probes.iter().enumerate() {
+        let path = root.key("probes").index(i);
+        problems.check_name(&path.key("name"), &probe.name);
+        if let Some(first) = probe_names.insert(&probe.name, i) {
+            problems.push(
+                &path.key("name"),
+                format!("duplicate probe name {:?} (also probes[{first}])", probe.name),
+            );
+        }
+        check_probe(&mut problems, &path, probe);
+    }
     if let Some(control_plane) = &config.control_plane {
         check_control_plane(&mut problems, &root, control_plane, config);
     }
     problems.0
+}
+
+/// Most targets one probe may have: a full mesh of 1,000 nodes.
+const MAX_PROBE_TARGETS: usize = 1000;
+
+fn check_probe(problems: &mut Problems, path: &ConfigPath, probe: &crate::config::Probe) {
+    problems.check_positive(&path.key("interval"), probe.interval);
+    problems.check_positive(&path.key("timeout"), probe.timeout);
+    if probe.timeout > probe.interval {
+        problems.push(
+            &path.key("timeout"),
+            format!("timeout {} is longer than interval {}", probe.timeout, probe.interval),
+        );
+    }
+    if probe.failure_threshold == 0 {
+        problems.push(&path.key("failure_threshold"), "must be at least 1");
+    }
+    let Some(kind) = probe.kind() else {
+        problems.push(path, "give exactly one of icmp, tcp, http, dns, udp");
+        return;
+    };
+    let at = path.key(kind).key("targets");
+    let targets = probe.targets();
+    if targets.is_empty() {
+        problems.push(&at, "give at least one target");
+    }
+    if targets.len() > MAX_PROBE_TARGETS {
+        problems.push(&at, format!("{} targets; at most {MAX_PROBE_TARGETS}", targets.len()));
+    }
+    if let Some(icmp) = &probe.icmp {
+        for (i, target) in icmp.targets.iter().enumerate() {
+            if target.is_unspecified() || target.is_multicast() {
+                problems.push(&at.index(i), format!("{target} cannot answer an echo request"));
+            }
+        }
+    }
+    if let Some(http) = &probe.http {
+        for (i, url) in http.targets.iter().enumerate() {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                problems.push(&at.index(i), format!("{url:?}: give an http:// or https:// URL"));
+            }
+        }
+        for (i, status) in http.expected_status.iter().enumerate() {
+            if !(100..=599).contains(status) {
+                problems.push(
+                    &path.key("http").key("expected_status").index(i),
+                    format!("{status} is not an HTTP status"),
+                );
+            }
+        }
+    }
+    if let Some(dns) = &probe.dns {
+        for (i, name) in dns.targets.iter().enumerate() {
+            if !crate::dns::is_valid_name(name) {
+                problems.push(&at.index(i), format!("invalid name {name:?}"));
+            }
+        }
+        if dns.port == Some(0) {
+            problems.push(&path.key("dns").key("port"), "port 0 cannot be connected to");
+        }
+    }
+    if let Some(udp) = &probe.udp
+        && !(1..=100).contains(&udp.packets)
+    {
+        problems.push(&path.key("udp").key("packets"), "must be between 1 and 100");
+    }
 }
 
 fn check_reporter(problems: &mut Problems, path: &ConfigPath, reporter: &crate::config::Reporter) {

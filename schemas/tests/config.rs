@@ -252,6 +252,7 @@ fn schema_lists_every_section_the_loader_knows() {
         "dns",
         "tunnels",
         "reporters",
+        "probes",
         "control_plane",
     ];
     sections.sort();
@@ -481,5 +482,58 @@ reporters:
         [
             "keel.yaml:4:82: reporters[0].sink.dns.provider.gandi.api_token_file: cannot read /run/secrets/missing: No such file or directory"
         ]
+    );
+}
+
+#[test]
+fn probe_errors_are_located() {
+    let text = r#"
+probes:
+  - name: none
+  - name: two
+    tcp: {targets: ["127.0.0.1:22"]}
+    icmp: {targets: [127.0.0.1]}
+  - name: slow
+    http: {targets: ["ftp://x"], expected_status: [700]}
+    interval: 1s
+    timeout: 2s
+    failure_threshold: 0
+  - name: slow
+    icmp: {targets: [0.0.0.0]}
+  - name: resolve
+    dns: {targets: ["bad..name"], port: 0}
+  - name: loss
+    udp: {targets: ["127.0.0.1:7"], packets: 0}
+  - name: empty
+    tcp: {targets: []}
+"#;
+    let lines = errors(text);
+    let expected = [
+        "keel.yaml:3:5: probes[0]: give exactly one of icmp, tcp, http, dns, udp",
+        "keel.yaml:4:5: probes[1]: give exactly one of icmp, tcp, http, dns, udp",
+        "keel.yaml:10:14: probes[2].timeout: timeout 2s is longer than interval 1s",
+        "keel.yaml:11:24: probes[2].failure_threshold: must be at least 1",
+        "keel.yaml:8:22: probes[2].http.targets[0]: \"ftp://x\": give an http:// or https:// URL",
+        "keel.yaml:8:52: probes[2].http.expected_status[0]: 700 is not an HTTP status",
+        "keel.yaml:12:11: probes[3].name: duplicate probe name \"slow\" (also probes[2])",
+        "keel.yaml:13:22: probes[3].icmp.targets[0]: 0.0.0.0 cannot answer an echo request",
+        "keel.yaml:15:21: probes[4].dns.targets[0]: invalid name \"bad..name\"",
+        "keel.yaml:15:41: probes[4].dns.port: port 0 cannot be connected to",
+        "keel.yaml:17:46: probes[5].udp.packets: must be between 1 and 100",
+        "keel.yaml:19:20: probes[6].tcp.targets: give at least one target",
+    ];
+    for line in expected {
+        assert!(lines.iter().any(|l| l.starts_with(line)), "missing {line:?} in {lines:#?}");
+    }
+    assert_eq!(lines.len(), expected.len(), "{lines:#?}");
+    // A valid one, with its defaults.
+    let config =
+        load("probes:\n  - name: mesh\n    icmp: {targets: [10.0.0.2, \"fd00::2\"]}\n", "keel.yaml", &env())
+            .unwrap();
+    let probe = &config.probes[0];
+    assert_eq!((probe.kind(), probe.targets().len()), (Some("icmp"), 2));
+    assert_eq!(
+        (probe.interval.to_string(), probe.timeout.to_string(), probe.failure_threshold),
+        ("5s".into(), "1s".into(), 3)
     );
 }
