@@ -51,6 +51,7 @@ pub fn router(state: Arc<State>) -> Router {
             get(read::<true>).put(replace::<true>).patch(patch::<true>),
         )
         .route("/debug/proxies", get(debug_proxies))
+        .route("/matrix", get(crate::netcheck::page::matrix_page))
         .route("/", get(state_page))
         .route("/raw", get(state_raw))
         .route("/metrics", get(metrics))
@@ -61,6 +62,7 @@ pub fn router(state: Arc<State>) -> Router {
         .route("/api/v1/public-ip", post(report_public_ip).get(public_ips))
         .route("/api/v1/public-ip/{node}", get(node_public_ip))
         .route("/healthz", get(|| async { "ok\n" }))
+        .merge(crate::netcheck::seed::routes())
         .fallback(|| async {
             Failure::new(StatusCode::NOT_FOUND, "NotFound", "no such path").into_response()
         })

@@ -23,6 +23,8 @@ pub struct ProxyRecord {
     /// The proxy's address as seen from here.
     pub address: String,
     pub software: String,
+    /// Where it runs (node IP, pod IP, pod name, namespace), as its hello said.
+    pub client: keel_schemas::stream::ClientInfo,
     pub connected: bool,
     pub connected_since: String,
     /// The last snapshot sent on this stream, and how many were sent.
@@ -68,6 +70,16 @@ impl Fleet {
     pub async fn update(&self, id: u64, change: impl FnOnce(&mut ProxyRecord)) {
         if let Some(entry) = self.streams.lock().await.get_mut(&id) {
             change(&mut entry.record);
+            entry.dirty = true;
+        }
+    }
+
+    /// Sets a stream's reported status; only a different one makes the record dirty (to be written).
+    pub async fn set_status(&self, id: u64, status: ProxyStatus) {
+        if let Some(entry) = self.streams.lock().await.get_mut(&id)
+            && entry.record.status.as_ref() != Some(&status)
+        {
+            entry.record.status = Some(status);
             entry.dirty = true;
         }
     }

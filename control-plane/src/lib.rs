@@ -12,6 +12,7 @@ pub mod api;
 pub mod auth;
 pub mod ddns;
 pub mod fleet;
+pub mod netcheck;
 pub mod serve;
 pub mod snapshot;
 pub mod store;
@@ -44,6 +45,31 @@ pub struct Settings {
     pub debounce: Duration,
     /// How often connected proxies' records are written to their `Node` resources.
     pub node_flush_interval: Duration,
+    pub netcheck: NetCheckSettings,
+}
+
+/// Network checking's settings.
+#[derive(Clone, Debug)]
+pub struct NetCheckSettings {
+    /// A seed 002 client without a heartbeat for this long is gone.
+    pub expiry: Duration,
+    /// How often the network health report is logged; zero for never.
+    pub report_interval: Duration,
+    /// Seed 002's endpoints without a token.
+    pub anonymous: bool,
+    /// A metric series per probed pair.
+    pub pair_metrics: bool,
+}
+
+impl Default for NetCheckSettings {
+    fn default() -> Self {
+        Self {
+            expiry: Duration::from_secs(15),
+            report_interval: Duration::from_secs(300),
+            anonymous: false,
+            pair_metrics: false,
+        }
+    }
 }
 
 /// What every request handler shares.
@@ -58,6 +84,10 @@ pub struct State {
     pub ddns_wakeup: Notify,
     /// Bumped at every address report: wakes the long polls of `GET /api/v1/public-ip/{node}`.
     pub address_reports: watch::Sender<u64>,
+    /// Live clients and their probe results (network checking).
+    pub netcheck: netcheck::NetCheck,
+    pub netcheck_anonymous: bool,
+    pub netcheck_pair_metrics: bool,
     pub stop: CancellationToken,
 }
 
@@ -94,6 +124,9 @@ impl ControlPlane {
             writes: Notify::new(),
             ddns_wakeup: Notify::new(),
             address_reports: watch::Sender::new(0),
+            netcheck: netcheck::NetCheck::new(settings.netcheck.expiry),
+            netcheck_anonymous: settings.netcheck.anonymous,
+            netcheck_pair_metrics: settings.netcheck.pair_metrics,
             stop: CancellationToken::new(),
         });
         let acceptor = match &settings.tls {
@@ -106,6 +139,9 @@ impl ControlPlane {
         tokio::spawn(debounce(Arc::clone(&state), settings.debounce));
         tokio::spawn(fleet::flush_nodes(Arc::clone(&state), settings.node_flush_interval));
         tokio::spawn(ddns::run(Arc::clone(&state)));
+        if !settings.netcheck.report_interval.is_zero() {
+            tokio::spawn(netcheck::report::run(Arc::clone(&state), settings.netcheck.report_interval));
+        }
         let app = api::router(Arc::clone(&state));
         let stop = state.stop.clone();
         let task = tokio::spawn(serve::serve(listener, acceptor, app, stop));

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use keel_control_plane::auth::Tokens;
-use keel_control_plane::{ControlPlane, DEFAULT_DEBOUNCE, Settings};
+use keel_control_plane::{ControlPlane, DEFAULT_DEBOUNCE, NetCheckSettings, Settings};
 
 #[derive(Parser)]
 #[command(
@@ -37,6 +37,21 @@ struct Cli {
     /// Allow a non-loopback address without tokens (anyone who reaches it could change every proxy).
     #[arg(long)]
     insecure_no_auth: bool,
+    /// Network checking: a seed 002 client that has not sent a heartbeat for this long is gone, with its
+    /// results (seed 002's CACHE_KEY_SECOND).
+    #[arg(long, default_value = "15s", env = "KEEL_CP_NETCHECK_EXPIRY", value_parser = humantime::parse_duration)]
+    netcheck_expiry: Duration,
+    /// How often the network health report is logged (seed 002's REPORT_INTERVAL); 0s for never.
+    #[arg(long, default_value = "300s", env = "KEEL_CP_NETCHECK_REPORT_INTERVAL", value_parser = humantime::parse_duration)]
+    netcheck_report_interval: Duration,
+    /// Serve seed 002's endpoints (heartbeat, test results, queries) without a token: its clients send
+    /// none. Only on a cluster-internal address.
+    #[arg(long, env = "KEEL_CP_NETCHECK_ANONYMOUS")]
+    netcheck_anonymous: bool,
+    /// Export a series per probed pair (`keel_netcheck_pair_up`, `keel_netcheck_pair_latency_seconds`);
+    /// off by default: a 1,000-node mesh is a million series.
+    #[arg(long)]
+    netcheck_pair_metrics: bool,
     /// Log filter, such as `info` or `keel_control_plane=debug`.
     #[arg(long, default_value = "info", env = "KEEL_LOG")]
     log_level: String,
@@ -104,6 +119,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         tls: cli.tls_cert_file.zip(cli.tls_key_file),
         debounce: DEFAULT_DEBOUNCE,
         node_flush_interval: Duration::from_secs(1),
+        netcheck: NetCheckSettings {
+            expiry: cli.netcheck_expiry,
+            report_interval: cli.netcheck_report_interval,
+            anonymous: cli.netcheck_anonymous,
+            pair_metrics: cli.netcheck_pair_metrics,
+        },
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {

@@ -58,9 +58,9 @@ pub async fn open(
         Ok(Err(problem)) => return Failure::bad_request(problem).into_response(),
         Err(_) => return Failure::bad_request("no hello within 10s").into_response(),
     };
-    let (node, labels, version, rejected_version, software) = match hello {
-        Ok(ProxyMessage::Hello { node, labels, version, rejected_version, software }) => {
-            (node, labels, version, rejected_version, software)
+    let (node, labels, version, rejected_version, software, client) = match hello {
+        Ok(ProxyMessage::Hello { node, labels, version, rejected_version, software, client }) => {
+            (node, labels, version, rejected_version, software, client)
         }
         Ok(_) => return Failure::bad_request("the first message must be a hello").into_response(),
         Err(error) => return Failure::bad_request(format!("invalid hello: {error}")).into_response(),
@@ -73,6 +73,7 @@ pub async fn open(
         labels: labels.clone(),
         address: peer.to_string(),
         software: software.chars().take(64).collect(),
+        client,
         connected: true,
         connected_since: now(),
         sent_version: None,
@@ -197,7 +198,10 @@ async fn report(state: &State, session: &mut Session, mut status: ProxyStatus) {
         router.active_services.truncate(MAX_REPORTED_SERVICES);
     }
     let router = status.router.clone();
-    state.fleet.update(session.id, |record| record.status = Some(status)).await;
+    // Probe results go to the connectivity matrix, not to the Node resource: they change every round.
+    let probes = std::mem::take(&mut status.probes);
+    state.netcheck.proxy_results(&session.node, probes);
+    state.fleet.set_status(session.id, status).await;
     let Some(router) = router else { return };
     if session.last_router_report.as_ref() == Some(&router) {
         return;

@@ -263,6 +263,7 @@ async fn session(
             .filter(|r| r.source.starts_with("control-plane:"))
             .and_then(|r| r.version.clone()),
         software: env!("CARGO_PKG_VERSION").to_string(),
+        client: keel_schemas::stream::ClientInfo::from_env(|name| proxy.env().var(name)),
     };
     send(&lines, &hello).await?;
     let scheme = if endpoint.tls { "https" } else { "http" };

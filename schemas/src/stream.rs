@@ -82,6 +82,9 @@ pub enum ProxyMessage {
         /// The proxy's software version.
         #[serde(default)]
         software: String,
+        /// Where the proxy runs (seed 002's client info), for the connectivity matrix.
+        #[serde(default, skip_serializing_if = "ClientInfo::is_empty")]
+        client: ClientInfo,
     },
     /// The snapshot was applied.
     Ack { version: String, nonce: String },
@@ -108,6 +111,40 @@ pub struct ProxyStatus {
     /// The latest result of every probe target.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub probes: Vec<ProbeResult>,
+}
+
+/// Where a proxy runs, as Kubernetes' downward API gives it (`NODE_IP`, `POD_IP`, `POD_NAME`,
+/// `NAMESPACE`, seed 002's variables); empty fields are unknown.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientInfo {
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub node_ip: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub pod_ip: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub pod_name: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub namespace: String,
+}
+
+impl ClientInfo {
+    pub fn is_empty(&self) -> bool {
+        self.node_ip.is_empty()
+            && self.pod_ip.is_empty()
+            && self.pod_name.is_empty()
+            && self.namespace.is_empty()
+    }
+
+    /// From the process environment (seed 002's variables).
+    pub fn from_env(var: impl Fn(&str) -> Option<String>) -> Self {
+        let get = |name: &str| var(name).map(|value| value.trim().to_string()).unwrap_or_default();
+        Self {
+            node_ip: get("NODE_IP"),
+            pod_ip: get("POD_IP"),
+            pod_name: get("POD_NAME"),
+            namespace: get("NAMESPACE"),
+        }
+    }
 }
 
 /// One probe target's state: the outcome of its last check and what the checks before it add up to.
@@ -197,6 +234,7 @@ mod tests {
             version: None,
             rejected_version: Some("v2".into()),
             software: "0.1.0".into(),
+            client: ClientInfo { node_ip: "192.0.2.1".into(), ..ClientInfo::default() },
         };
         let line = serde_json::to_string(&hello).unwrap();
         assert!(line.starts_with(r#"{"type":"hello","node":"n1""#), "{line}");
