@@ -637,6 +637,53 @@ async fn metrics(Shared(state): Shared<Arc<State>>) -> Response {
         "Proxies with an open snapshot stream.",
         vec![(String::new(), proxies.to_string())],
     );
+    let matrix = crate::netcheck::seed::matrix_view(&state).await;
+    let summary = &matrix["summary"];
+    let versions: Vec<(String, String)> = summary["versions"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(version, count)| (format!("{{version=\"{}\"}}", label(&json!(version))), count.to_string()))
+        .collect();
+    family("keel_netcheck_active_clients", "gauge", "Live network-check clients, by version.", versions);
+    family(
+        "keel_netcheck_probed_pairs",
+        "gauge",
+        "Sender and receiver pairs with probe results.",
+        vec![(String::new(), summary["pairs"].to_string())],
+    );
+    family(
+        "keel_netcheck_unreachable_pairs",
+        "gauge",
+        "Pairs whose probes say down.",
+        vec![(String::new(), summary["unreachablePairs"].to_string())],
+    );
+    if state.netcheck_pair_metrics {
+        let (up, latency) = crate::netcheck::pair_samples(&matrix);
+        let with_labels = |samples: Vec<(String, String, String)>| -> Vec<(String, String)> {
+            samples
+                .into_iter()
+                .map(|(from, to, value)| {
+                    (
+                        format!("{{source=\"{}\",target=\"{}\"}}", label(&json!(from)), label(&json!(to))),
+                        value,
+                    )
+                })
+                .collect()
+        };
+        family(
+            "keel_netcheck_pair_up",
+            "gauge",
+            "1 when the pair's probes say up, 0 when down.",
+            with_labels(up),
+        );
+        family(
+            "keel_netcheck_pair_latency_seconds",
+            "gauge",
+            "The worst latency of the pair's last checks.",
+            with_labels(latency),
+        );
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 

@@ -371,7 +371,7 @@ pub fn matrix(clients: &[LiveClient], pairs: &[PairResult]) -> Value {
     let worst: Vec<Value> = latencies
         .iter()
         .take(5)
-        .map(|(latency, from, to)| json!({"from": from, "to": to, "latencyMs": latency}))
+        .map(|(latency, from, to)| json!({"from": from, "to": to, "latencyMs": (latency * 100.0).round() / 100.0}))
         .collect();
     let mut versions: BTreeMap<&str, usize> = BTreeMap::new();
     for client in clients {
@@ -402,6 +402,39 @@ pub fn matrix(clients: &[LiveClient], pairs: &[PairResult]) -> Value {
             "worstLatencies": worst,
         },
     })
+}
+
+/// Per-pair samples of a [`matrix`]: (source, target, up as 1/0) for judged pairs, (source, target,
+/// latency in seconds) where one was measured.
+pub fn pair_samples(matrix: &Value) -> (Vec<(String, String, String)>, Vec<(String, String, String)>) {
+    let names: Vec<String> = matrix["clients"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|client| client["id"].as_str().unwrap_or_default().to_string())
+        .chain(
+            matrix["absent"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|a| a.as_str().unwrap_or_default().to_string()),
+        )
+        .collect();
+    let (mut up, mut latency) = (Vec::new(), Vec::new());
+    for (row, cells) in matrix["cells"].as_array().into_iter().flatten().enumerate() {
+        for (column, cell) in cells.as_array().into_iter().flatten().enumerate() {
+            let (Some(from), Some(to)) = (names.get(row), names.get(column)) else { continue };
+            match cell[0].as_u64() {
+                Some(1) => up.push((from.clone(), to.clone(), "1".to_string())),
+                Some(2) => up.push((from.clone(), to.clone(), "0".to_string())),
+                _ => {}
+            }
+            if let Some(ms) = cell[1].as_f64() {
+                latency.push((from.clone(), to.clone(), (ms / 1000.0).to_string()));
+            }
+        }
+    }
+    (up, latency)
 }
 
 #[cfg(test)]

@@ -1,0 +1,283 @@
+//! Network checking: seed 002's clients against the control plane (its paths, field names, codes and
+//! expiry), and a live mesh of Keel proxies probing each other, drawn by the matrix page in headless
+//! Chromium with a broken pair marked.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use keel_control_plane::{ControlPlane, NetCheckSettings};
+use keel_proxy::{Proxy, Shutdown};
+use keel_schemas::MapEnvironment;
+use serde_json::{Value, json};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// One request with `X-API-Token` (or none), as seed 002's clients and scripts send them.
+async fn seed_call(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let token = token.map(|t| format!("X-API-Token: {t}\r\n")).unwrap_or_default();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: cp\r\n{token}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let status = response[9..12].parse().unwrap();
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or_default();
+    (status, serde_json::from_str(body).unwrap_or(Value::String(body.to_string())))
+}
+
+fn node_info(pod: &str, node_ip: &str, pod_ip: &str) -> Value {
+    json!({"namespace": "kube-system", "node_ip": node_ip, "pod_ip": pod_ip, "pod_name": pod, "timestamp": "2025-12-12T21:00:00.123+08:00"})
+}
+
+#[tokio::test]
+async fn seed_002_clients_keep_working() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = settings(&database(&dir), "127.0.0.1:0".parse().unwrap());
+    settings.netcheck =
+        NetCheckSettings { expiry: Duration::from_millis(800), ..NetCheckSettings::default() };
+    let cp = ControlPlane::start(settings).await.unwrap();
+    let addr = cp.local_addr;
+    let p = Some(PROXY);
+
+    // With proxy tokens configured, a token is needed (the flag --netcheck-anonymous lifts that).
+    let (status, body) =
+        seed_call(addr, "POST", "/api/v1/heartbeat", None, Some(node_info("p1", "10.0.0.1", "10.1.0.1")))
+            .await;
+    assert_eq!((status, body["code"].as_str()), (401, Some("UNAUTHORIZED")));
+    let (status, body) = seed_call(
+        addr,
+        "POST",
+        "/api/v1/heartbeat",
+        p,
+        Some(json!({"pod_name": "p1", "node_ip": "10.0.0.1"})),
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert_eq!(body["code"], "INVALID_REQUEST");
+    assert!(body["details"].as_str().unwrap().contains("PodIP"), "{body}");
+    let (status, body) = seed_call(addr, "POST", "/api/v1/heartbeat", p, Some(json!("not an object"))).await;
+    assert_eq!((status, body["code"].as_str()), (400, Some("INVALID_REQUEST")));
+
+    for (pod, node_ip, pod_ip) in [("p1", "10.0.0.1", "10.1.0.1"), ("p2", "10.0.0.2", "10.1.0.2")] {
+        let (status, body) =
+            seed_call(addr, "POST", "/api/v1/heartbeat", p, Some(node_info(pod, node_ip, pod_ip))).await;
+        assert_eq!((status, body["status"].as_str()), (200, Some("success")), "{body}");
+    }
+    let result = |target: &str, ping: &str, port: &str| json!({"source_ip": "10.1.0.1", "target_ip": target, "ping_status": ping, "port_status": {"22": port}, "latency": 1_000_000, "test_duration": 2_010_000_000u64, "timestamp": "2025-12-12T21:00:01+08:00"});
+    let hosts = json!({"source_ip": "10.1.0.1", "results": [result("10.0.0.2", "reachable", "open")]});
+    assert_eq!(seed_call(addr, "POST", "/api/v1/test-results/hosts", p, Some(hosts)).await.0, 200);
+    let pods = json!({"source_ip": "10.1.0.1", "results": [result("10.1.0.2", "unreachable", "closed")]});
+    assert_eq!(seed_call(addr, "POST", "/api/v1/test-results/pods", p, Some(pods)).await.0, 200);
+    let service =
+        json!({"source_ip": "10.1.0.1", "result": result("mysql.default.svc", "reachable", "open")});
+    assert_eq!(seed_call(addr, "POST", "/api/v1/test-results/service", p, Some(service)).await.0, 200);
+    assert_eq!(
+        seed_call(addr, "POST", "/api/v1/test-results/hosts", p, Some(json!({"results": []}))).await.0,
+        400
+    );
+
+    assert_eq!(
+        seed_call(addr, "GET", "/api/v1/hosts", p, None).await.1,
+        json!({"host_ips": ["10.0.0.1", "10.0.0.2"], "count": 2})
+    );
+    assert_eq!(
+        seed_call(addr, "GET", "/api/v1/pods", p, None).await.1,
+        json!({"pod_ips": ["10.1.0.1", "10.1.0.2"], "count": 2})
+    );
+    assert_eq!(seed_call(addr, "GET", "/api/v1/clients/count", p, None).await.1["active_client_count"], 2);
+    assert_eq!(seed_call(addr, "GET", "/api/v1/health", None, None).await.1, json!({"status": "healthy"}));
+    assert_eq!(
+        seed_call(addr, "GET", "/api/v1/test-results/hosts", p, None).await.1,
+        json!({"results": {"10.1.0.1": {"10.0.0.2": {"ping": "reachable", "port_status": "open", "test_duration": 2_010_000_000u64}}}})
+    );
+    assert_eq!(
+        seed_call(addr, "GET", "/api/v1/test-results/pods", p, None).await.1["results"]["10.1.0.1"]["10.1.0.2"]
+            ["ping"],
+        "unreachable"
+    );
+    let (_, all) = seed_call(addr, "GET", "/api/v1/results", p, None).await;
+    let mut keys: Vec<&String> = all.as_object().unwrap().keys().collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            "active_client_count",
+            "host_ips",
+            "host_test_results",
+            "pod_ips",
+            "pod_test_results",
+            "service_test_results"
+        ]
+    );
+    assert_eq!(all["service_test_results"]["10.1.0.1"]["target_ip"], "mysql.default.svc");
+
+    // In the matrix: p1 reaches p2's node but not its pod, so the pair is down.
+    let (_, matrix) = seed_call(addr, "GET", "/api/v1/matrix", p, None).await;
+    assert_eq!(matrix["summary"]["unreachablePairs"], 1, "{matrix}");
+    assert_eq!(matrix["cells"][0][1][0], 2);
+    let (_, metrics) = operator(addr, "GET", "/metrics", None).await;
+    let metrics = metrics.as_str().unwrap().to_string();
+    assert!(metrics.contains("keel_netcheck_active_clients{version=\"seed-002\"} 2\n"), "{metrics}");
+    assert!(metrics.contains("keel_netcheck_unreachable_pairs 1\n"), "{metrics}");
+    promtool_check(&metrics);
+
+    // p2 stops heartbeating: gone after the expiry; p1, still heartbeating, stays with its results.
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        seed_call(addr, "POST", "/api/v1/heartbeat", p, Some(node_info("p1", "10.0.0.1", "10.1.0.1"))).await;
+    }
+    assert_eq!(
+        seed_call(addr, "GET", "/api/v1/hosts", p, None).await.1,
+        json!({"host_ips": ["10.0.0.1"], "count": 1})
+    );
+    assert_eq!(seed_call(addr, "GET", "/api/v1/clients/count", p, None).await.1["active_client_count"], 1);
+    assert!(
+        !seed_call(addr, "GET", "/api/v1/test-results/hosts", p, None).await.1["results"]["10.1.0.1"]
+            .is_null()
+    );
+    // Then p1 too: its results go with it.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(seed_call(addr, "GET", "/api/v1/clients/count", p, None).await.1["active_client_count"], 0);
+    assert_eq!(seed_call(addr, "GET", "/api/v1/test-results/hosts", p, None).await.1, json!({"results": {}}));
+    assert_eq!(
+        seed_call(addr, "GET", "/api/v1/test-results/service", p, None).await.1,
+        json!({"results": {}})
+    );
+    cp.stop().await;
+}
+
+fn promtool_check(metrics: &str) {
+    let Ok(mut promtool) = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+    else {
+        assert!(std::env::var_os("CI").is_none(), "CI must check the metrics with promtool");
+        return;
+    };
+    use std::io::Write;
+    promtool.stdin.take().unwrap().write_all(metrics.as_bytes()).unwrap();
+    let output = promtool.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// A proxy on "node" `ip` (a loopback address), following the control plane, probing `probes`.
+async fn mesh_proxy(dir: &std::path::Path, node: &str, ip: &str, cp: SocketAddr, probes: &str) -> Proxy {
+    let bootstrap = format!(
+        "node: {{id: {node}}}\nadmin: {{address: \"127.0.0.1:0\"}}\ndrain_timeout: 1s\ncontrol_plane:\n  address: http://{cp}\n  token: {PROXY}\n  cache_file: {}/{node}.snapshot\nprobes:\n{probes}",
+        dir.display()
+    );
+    let env = MapEnvironment::default()
+        .with_var("NODE_IP", ip)
+        .with_var("POD_NAME", &format!("keel-{node}"))
+        .with_var("NAMESPACE", "edge");
+    let loaded = keel_proxy::source::load_text(&bootstrap, "bootstrap.yaml", &env).unwrap();
+    let bootstrap = loaded.config.config().clone();
+    let proxy = Proxy::new(Arc::new(env), None);
+    proxy.set_bootstrap(bootstrap.clone());
+    tokio::spawn(keel_proxy::control_plane::follow(proxy.clone(), bootstrap));
+    proxy
+}
+
+fn chromium() -> Option<&'static str> {
+    let found = ["chromium", "chromium-browser"]
+        .into_iter()
+        .find(|name| Command::new(name).arg("--version").output().is_ok_and(|out| out.status.success()));
+    if found.is_none() {
+        assert!(std::env::var_os("CI").is_none(), "CI must render the matrix page: install chromium");
+        eprintln!("skipping the browser test: chromium is not installed (run .ci/install-test-deps)");
+    }
+    found
+}
+
+#[tokio::test]
+async fn the_matrix_page_shows_a_live_mesh_and_marks_a_broken_pair() {
+    let Some(browser) = chromium() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let cp = start(&database(&dir)).await;
+    let addr = cp.local_addr;
+    let icmp = |targets: &str| {
+        format!(
+            "  - {{name: mesh, icmp: {{targets: [{targets}]}}, interval: 300ms, timeout: 200ms, failure_threshold: 1}}\n"
+        )
+    };
+    // Three "nodes" on loopback addresses, each pinging the others; a also checks a closed TCP port of c
+    // (its broken pair), and b an address no client has (an absent receiver).
+    let closed = std::net::TcpListener::bind("127.0.0.13:0").unwrap().local_addr().unwrap();
+    let a_probes = icmp("127.0.0.12, 127.0.0.13")
+        + &format!(
+            "  - {{name: ssh, tcp: {{targets: [\"{closed}\"]}}, interval: 300ms, timeout: 200ms, failure_threshold: 1}}\n"
+        );
+    let proxies = vec![
+        mesh_proxy(dir.path(), "a", "127.0.0.11", addr, &a_probes).await,
+        mesh_proxy(dir.path(), "b", "127.0.0.12", addr, &icmp("127.0.0.11, 127.0.0.13, 127.0.0.99")).await,
+        mesh_proxy(dir.path(), "c", "127.0.0.13", addr, &icmp("127.0.0.11, 127.0.0.12")).await,
+    ];
+    let mut matrix = Value::Null;
+    for _ in 0..100 {
+        matrix = operator(addr, "GET", "/api/v1/matrix", None).await.1;
+        if matrix["summary"]["pairs"] == 7 && matrix["summary"]["unreachablePairs"] == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Six pairs among the three, and b's probe of an absent address.
+    assert_eq!(matrix["summary"]["pairs"], 7, "{matrix}");
+    assert_eq!(matrix["summary"]["unreachable"][0]["from"], "a");
+    assert_eq!(matrix["summary"]["unreachable"][0]["to"], "c");
+    assert_eq!(matrix["absent"], json!(["127.0.0.99"]));
+
+    let profile = tempfile::tempdir().unwrap();
+    let url = format!("http://admin:{OPERATOR}@{addr}/matrix");
+    let user_data = format!("--user-data-dir={}", profile.path().display());
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new(browser)
+            .args(["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", &user_data])
+            .args(["--virtual-time-budget=5000", "--dump-dom", &url])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let page = String::from_utf8_lossy(&output.stdout).to_string();
+    let cell = |from: &str, to: &str| -> String {
+        let marker = format!("data-from=\"{from}\" data-to=\"{to}\"");
+        let at = page.find(&marker).unwrap_or_else(|| panic!("no cell {from} -> {to} in {page}"));
+        let start = page[..at].rfind("<td").unwrap();
+        let end = at + page[at..].find('>').unwrap();
+        page[start..end].to_string()
+    };
+    assert!(page.contains("3 live clients"), "{page}");
+    assert!(cell("a", "c").contains("class=\"down\""), "{}", cell("a", "c"));
+    assert!(cell("a", "b").contains("class=\"up"), "{}", cell("a", "b"));
+    assert!(cell("c", "a").contains("class=\"up"), "{}", cell("c", "a"));
+    assert!(cell("a", "a").contains("class=\"self\""), "{}", cell("a", "a"));
+    assert!(page.contains("127.0.0.99 (absent)"), "{page}");
+    assert!(page.contains("updated "), "the script ran: {page}");
+
+    for proxy in &proxies {
+        proxy.shutdown(Shutdown::Fast);
+    }
+    cp.stop().await;
+}
