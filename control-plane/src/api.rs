@@ -660,7 +660,7 @@ async fn metrics(Shared(state): Shared<Arc<State>>) -> Response {
     );
     if state.netcheck_pair_metrics {
         let (up, latency) = crate::netcheck::pair_samples(&matrix);
-        let with_labels = |samples: Vec<(String, String, String)>| -> Vec<(String, String)> {
+        let with_labels = |samples: Vec<crate::netcheck::PairSample>| -> Vec<(String, String)> {
             samples
                 .into_iter()
                 .map(|(from, to, value)| {

@@ -404,9 +404,12 @@ pub fn matrix(clients: &[LiveClient], pairs: &[PairResult]) -> Value {
     })
 }
 
+/// A metric sample of one pair: (source, target, value).
+pub type PairSample = (String, String, String);
+
 /// Per-pair samples of a [`matrix`]: (source, target, up as 1/0) for judged pairs, (source, target,
 /// latency in seconds) where one was measured.
-pub fn pair_samples(matrix: &Value) -> (Vec<(String, String, String)>, Vec<(String, String, String)>) {
+pub fn pair_samples(matrix: &Value) -> (Vec<PairSample>, Vec<PairSample>) {
     let names: Vec<String> = matrix["clients"]
         .as_array()
         .into_iter()
