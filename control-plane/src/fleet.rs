@@ -89,6 +89,20 @@ impl Fleet {
         self.update(id, |record| record.connected = false).await;
     }
 
+    /// Connected proxies as probe peers.
+    pub async fn peers(&self) -> Vec<crate::snapshot::Peer> {
+        self.connected()
+            .await
+            .into_iter()
+            .map(|record| crate::snapshot::Peer {
+                node_ip: record.client.node_ip.parse().ok(),
+                pod_ip: record.client.pod_ip.parse().ok(),
+                node: record.node,
+                labels: record.labels,
+            })
+            .collect()
+    }
+
     /// Connected proxies, by node name.
     pub async fn connected(&self) -> Vec<ProxyRecord> {
         let streams = self.streams.lock().await;

@@ -100,6 +100,13 @@ impl State {
     pub fn worlds(&self) -> watch::Receiver<Arc<World>> {
         self.worlds.subscribe()
     }
+
+    /// A proxy connected or left: snapshots that assign peers must be built again.
+    pub fn fleet_changed(&self) {
+        if self.worlds.borrow().uses_peers() {
+            self.written();
+        }
+    }
 }
 
 /// A running control plane.
@@ -186,6 +193,7 @@ async fn debounce(state: Arc<State>, debounce: Duration) {
             let store = state.store.lock().await;
             World::new(store.revision(), store.all())
         };
+        let world = if world.uses_peers() { world.with_peers(state.fleet.peers().await) } else { world };
         tracing::debug!(revision = world.revision, "snapshots rebuilt");
         state.worlds.send_replace(Arc::new(world));
     }

@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 
-use keel_schemas::config::{Cluster, Dns, Listener, Tunnels};
+use keel_schemas::config::{Cluster, Dns, Listener, Probe, Tunnels};
 use keel_schemas::resource::{Kind, NODE_LABEL, Spec};
 use serde::Serialize;
 
@@ -24,13 +24,42 @@ pub struct Snapshot {
     pub text: String,
 }
 
-/// The store at one revision.
+/// The store at one revision, and the live proxies that probes with `peers` are assigned from.
 pub struct World {
     pub revision: i64,
     objects: BTreeMap<Key, Arc<Stored>>,
     /// Nodes whose snapshot depends on their name.
     named_nodes: HashSet<String>,
+    /// Live proxies, for Probes with `peers`; with any such Probe every snapshot depends on the name.
+    peers: Vec<Peer>,
+    has_peer_probes: bool,
     built: moka::sync::Cache<String, Arc<Snapshot>>,
+}
+
+/// A live proxy a probe can target.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Peer {
+    pub node: String,
+    pub labels: BTreeMap<String, String>,
+    pub node_ip: Option<std::net::IpAddr>,
+    pub pod_ip: Option<std::net::IpAddr>,
+}
+
+/// Rendezvous (highest random weight) score of `peer` for `node`: FNV-1a 64 of both names, mixed.
+/// Each node ranks every peer by it and keeps the best `count`; a peer joining or leaving changes only
+/// the rankings it takes part in.
+fn rendezvous(node: &str, peer: &str) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in node.bytes().chain([0]).chain(peer.bytes()) {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    // A final mix (splitmix64's), so that names differing in their last byte do not rank alike.
+    hash ^= hash >> 30;
+    hash = hash.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    hash ^= hash >> 27;
+    hash = hash.wrapping_mul(0x94d0_49bb_1331_11eb);
+    hash ^ (hash >> 31)
 }
 
 impl std::fmt::Debug for World {
@@ -55,15 +84,64 @@ impl World {
                 Spec::DnsZone(s) => named_nodes.extend(s.node_selector.get(NODE_LABEL).cloned()),
                 Spec::PublishedService(s) => named_nodes.extend(s.node_selector.get(NODE_LABEL).cloned()),
                 Spec::VisitedService(s) => named_nodes.extend(s.node_selector.get(NODE_LABEL).cloned()),
+                Spec::Probe(s) => named_nodes.extend(s.selected.node_selector.get(NODE_LABEL).cloned()),
                 Spec::Node | Spec::DnsRecord(_) | Spec::DnsProvider(_) => {}
             }
         }
-        Self { revision, objects, named_nodes, built: moka::sync::Cache::new(10_000) }
+        let has_peer_probes = objects
+            .values()
+            .any(|stored| matches!(&stored.spec, Spec::Probe(probe) if probe.peers.is_some()));
+        Self {
+            revision,
+            objects,
+            named_nodes,
+            peers: Vec::new(),
+            has_peer_probes,
+            built: moka::sync::Cache::new(10_000),
+        }
+    }
+
+    /// The live proxies probes with `peers` choose from.
+    pub fn with_peers(mut self, peers: Vec<Peer>) -> Self {
+        self.peers = peers;
+        self
+    }
+
+    /// Whether some snapshot depends on the live proxies (a Probe with `peers` exists).
+    pub fn uses_peers(&self) -> bool {
+        self.has_peer_probes
+    }
+
+    /// The targets of a peer probe for `node`: the selected live peers' addresses, all of them or the
+    /// `count` best by rendezvous score.
+    fn peer_targets(&self, node: &str, probe: &keel_schemas::resource::ProbeSpec) -> Vec<String> {
+        let Some(peers) = &probe.peers else { return Vec::new() };
+        let kind = probe.selected.item.kind().unwrap_or_default();
+        let mut candidates: Vec<(u64, std::net::IpAddr)> = self
+            .peers
+            .iter()
+            .filter(|peer| peer.node != node && probe.selected.selects(&with_name(&peer.labels, &peer.node)))
+            .filter_map(|peer| {
+                let address = match peers.address {
+                    keel_schemas::resource::PeerAddress::NodeIp => peer.node_ip,
+                    keel_schemas::resource::PeerAddress::PodIp => peer.pod_ip,
+                }?;
+                Some((rendezvous(node, &peer.node), address))
+            })
+            .collect();
+        candidates.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        if peers.count > 0 {
+            candidates.truncate(peers.count);
+        }
+        let mut targets: Vec<String> = candidates.into_iter().map(|(_, ip)| peers.target(kind, ip)).collect();
+        targets.sort();
+        targets.dedup();
+        targets
     }
 
     /// The snapshot for node `node` with `labels`.
     pub fn snapshot_for(&self, node: &str, labels: &BTreeMap<String, String>) -> Arc<Snapshot> {
-        let by_name = self.named_nodes.contains(node);
+        let by_name = self.has_peer_probes || self.named_nodes.contains(node);
         let mut cache_key = serde_json::to_string(labels).unwrap_or_default();
         if by_name {
             cache_key.push('\n');
@@ -104,6 +182,17 @@ impl World {
                     all_routers |= s.item.routers.is_empty();
                     routers_wanted.extend(s.item.routers.iter().map(String::as_str));
                     tunnels.visit.push(s.item.clone());
+                }
+                Spec::Probe(probe) if probe.selected.selects(&labels) => {
+                    let mut item = probe.selected.item.clone();
+                    if probe.peers.is_some() {
+                        let targets = self.peer_targets(node, probe);
+                        if targets.is_empty() {
+                            continue;
+                        }
+                        fill_targets(&mut item, targets);
+                    }
+                    sections.probes.push(item);
                 }
                 Spec::Router(router) if by_name && router.node_of(&key.name) == node => {
                     if tunnels.server.is_none() {
@@ -149,6 +238,31 @@ struct Sections<'a> {
     dns: Option<Dns>,
     #[serde(skip_serializing_if = "Option::is_none")]
     tunnels: Option<Tunnels>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    probes: Vec<Probe>,
+}
+
+/// `labels` with the implicit node-name label, as selectors see a node.
+fn with_name(labels: &BTreeMap<String, String>, node: &str) -> BTreeMap<String, String> {
+    let mut labels = labels.clone();
+    labels.insert(NODE_LABEL.to_string(), node.to_string());
+    labels
+}
+
+/// Puts `targets` (texts as [`keel_schemas::resource::Peers::target`] makes them) in the probe's kind.
+fn fill_targets(probe: &mut Probe, targets: Vec<String>) {
+    if let Some(icmp) = &mut probe.icmp {
+        icmp.targets = targets.iter().filter_map(|t| t.parse().ok()).collect();
+    }
+    if let Some(tcp) = &mut probe.tcp {
+        tcp.targets = targets.iter().filter_map(|t| t.parse().ok()).collect();
+    }
+    if let Some(udp) = &mut probe.udp {
+        udp.targets = targets.iter().filter_map(|t| t.parse().ok()).collect();
+    }
+    if let Some(http) = &mut probe.http {
+        http.targets = targets;
+    }
 }
 
 #[cfg(test)]
@@ -214,5 +328,83 @@ mod tests {
         // Content decides the version.
         let again = World::new(5, world.objects.clone()).snapshot_for("node-a", &web);
         assert_eq!(again.version, snapshot.version);
+    }
+
+    fn peer(node: &str, ip: &str) -> Peer {
+        Peer {
+            node: node.into(),
+            labels: BTreeMap::from([("mesh".to_string(), "yes".to_string())]),
+            node_ip: ip.parse().ok(),
+            pod_ip: None,
+        }
+    }
+
+    fn targets(world: &World, node: &str) -> Vec<String> {
+        let labels = BTreeMap::from([("mesh".to_string(), "yes".to_string())]);
+        let snapshot = world.snapshot_for(node, &labels);
+        let config: serde_json::Value = serde_json::from_str(&snapshot.text).unwrap();
+        let probe = &config["probes"][0];
+        let kind = ["icmp", "tcp"].into_iter().find(|kind| !probe[*kind].is_null()).unwrap();
+        probe[kind]["targets"].as_array().unwrap().iter().map(|t| t.as_str().unwrap().to_string()).collect()
+    }
+
+    #[test]
+    fn peers_are_assigned_by_rendezvous_and_barely_move() {
+        let objects = BTreeMap::from([
+            object(
+                Kind::Probe,
+                None,
+                "mesh",
+                json!({"icmp": {}, "peers": {"count": 2}, "node_selector": {"mesh": "yes"}}),
+            ),
+            object(
+                Kind::Probe,
+                None,
+                "ssh",
+                json!({"tcp": {}, "peers": {"port": 22}, "interval": "10s", "node_selector": {"mesh": "yes"}}),
+            ),
+        ]);
+        let names: Vec<String> = (1..=8).map(|i| format!("n{i}")).collect();
+        let fleet: Vec<Peer> =
+            names.iter().enumerate().map(|(i, n)| peer(n, &format!("10.0.0.{}", i + 1))).collect();
+        let world = World::new(1, objects.clone()).with_peers(fleet.clone());
+        assert!(world.uses_peers());
+        let before: Vec<Vec<String>> = names.iter().map(|n| targets(&world, n)).collect();
+        for (i, assigned) in before.iter().enumerate() {
+            assert_eq!(assigned.len(), 2, "{assigned:?}");
+            assert!(!assigned.contains(&format!("10.0.0.{}", i + 1)), "a node never probes itself");
+        }
+        // Every other node, with the port, for a probe without a count.
+        let labels = BTreeMap::from([("mesh".to_string(), "yes".to_string())]);
+        let config: serde_json::Value =
+            serde_json::from_str(&world.snapshot_for("n1", &labels).text).unwrap();
+        let ssh = config["probes"].as_array().unwrap().iter().find(|p| p["name"] == "ssh").unwrap();
+        assert_eq!(ssh["tcp"]["targets"].as_array().unwrap().len(), 7);
+        assert_eq!(ssh["tcp"]["targets"][0], "10.0.0.2:22");
+
+        // A ninth node joins: each node's pair changes by at most the newcomer.
+        let mut grown = fleet.clone();
+        grown.push(peer("n9", "10.0.0.9"));
+        let world = World::new(2, objects.clone()).with_peers(grown);
+        let mut moved = 0;
+        for (i, name) in names.iter().enumerate() {
+            let after = targets(&world, name);
+            let kept = after.iter().filter(|t| before[i].contains(t)).count();
+            assert!(kept >= 1, "{name}: {:?} -> {after:?}", before[i]);
+            if kept == 1 {
+                assert!(after.contains(&"10.0.0.9".to_string()));
+                moved += 1;
+            }
+        }
+        assert!(moved < names.len(), "not everything moves");
+        // One leaves: only the nodes that probed it get another peer.
+        let shrunk: Vec<Peer> = fleet.iter().filter(|p| p.node != "n3").cloned().collect();
+        let world = World::new(3, objects).with_peers(shrunk);
+        for (i, name) in names.iter().enumerate().filter(|(_, n)| *n != "n3") {
+            let after = targets(&world, name);
+            if !before[i].contains(&"10.0.0.3".to_string()) {
+                assert_eq!(after, before[i], "{name} did not probe n3 and keeps its peers");
+            }
+        }
     }
 }

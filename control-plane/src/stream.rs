@@ -83,6 +83,7 @@ pub async fn open(
         status: None,
     };
     let id = state.fleet.register(record).await;
+    state.fleet_changed();
     tracing::info!(node, %peer, running = ?version, "proxy connected");
     let (lines, receive) = mpsc::channel(4);
     let skip: Vec<String> = version.into_iter().chain(rejected_version).collect();
@@ -162,6 +163,7 @@ async fn run(state: Arc<State>, mut session: Session, mut reader: LineReader, li
         }
     }
     state.fleet.disconnected(session.id).await;
+    state.fleet_changed();
     tracing::info!(node = %session.node, "proxy disconnected");
 }
 

@@ -93,6 +93,7 @@ pub struct Probe {
 #[serde(deny_unknown_fields)]
 pub struct IcmpProbe {
     /// IPv4 or IPv6 addresses.
+    #[serde(default)]
     pub targets: Vec<std::net::IpAddr>,
 }
 
@@ -100,6 +101,7 @@ pub struct IcmpProbe {
 #[serde(deny_unknown_fields)]
 pub struct TcpProbe {
     /// `host:port` to connect to; names are resolved at each check.
+    #[serde(default)]
     pub targets: Vec<HostPort>,
 }
 
@@ -107,6 +109,7 @@ pub struct TcpProbe {
 #[serde(deny_unknown_fields)]
 pub struct HttpProbe {
     /// `http://` or `https://` URLs (HTTPS checked against the Mozilla roots).
+    #[serde(default)]
     pub targets: Vec<String>,
     /// Statuses that count as success; any 2xx or 3xx when empty.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -117,6 +120,7 @@ pub struct HttpProbe {
 #[serde(deny_unknown_fields)]
 pub struct DnsProbe {
     /// Names to resolve (`mysql.default.svc.cluster.local`), through the host's resolver configuration.
+    #[serde(default)]
     pub targets: Vec<String>,
     /// After resolving, connect to this TCP port of the first address; resolving alone when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -127,6 +131,7 @@ pub struct DnsProbe {
 #[serde(deny_unknown_fields)]
 pub struct UdpProbe {
     /// `host:port` of UDP echo services (RFC 862: each datagram is sent back as it came).
+    #[serde(default)]
     pub targets: Vec<HostPort>,
     /// Datagrams per check; the share that does not come back within `timeout` is the loss.
     #[serde(default = "defaults::udp_probe_packets")]

@@ -51,10 +51,11 @@ pub enum Kind {
     Node,
     DnsRecord,
     DnsProvider,
+    Probe,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 9] = [
+    pub const ALL: [Kind; 10] = [
         Kind::Listener,
         Kind::Cluster,
         Kind::DnsZone,
@@ -64,6 +65,7 @@ impl Kind {
         Kind::Node,
         Kind::DnsRecord,
         Kind::DnsProvider,
+        Kind::Probe,
     ];
 
     pub fn name(self) -> &'static str {
@@ -77,6 +79,7 @@ impl Kind {
             Kind::Node => "Node",
             Kind::DnsRecord => "DnsRecord",
             Kind::DnsProvider => "DnsProvider",
+            Kind::Probe => "Probe",
         }
     }
 
@@ -92,6 +95,7 @@ impl Kind {
             Kind::Node => "nodes",
             Kind::DnsRecord => "dnsrecords",
             Kind::DnsProvider => "dnsproviders",
+            Kind::Probe => "probes",
         }
     }
 
@@ -241,6 +245,58 @@ pub enum Spec {
     Node,
     DnsRecord(DnsRecordSpec),
     DnsProvider(DnsProviderSpec),
+    Probe(ProbeSpec),
+}
+
+/// A Probe: keel.yaml's probe (named by the resource) for the nodes it selects, with fixed targets or
+/// with `peers`, which the control plane fills per node from the live proxies the probe also selects.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProbeSpec {
+    pub selected: Selected<crate::config::Probe>,
+    pub peers: Option<Peers>,
+}
+
+/// Which peers a node probes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Peers {
+    /// Each peer's node IP (the host mesh) or pod IP (the pod mesh), as its hello gave them.
+    #[serde(default)]
+    pub address: PeerAddress,
+    /// The port for `tcp`, `udp` and `http` probes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// The path for `http` probes.
+    #[serde(default = "default_peer_path")]
+    pub path: String,
+    /// Peers per node, chosen by rendezvous hashing (assignments barely move when nodes come and go);
+    /// 0 for every peer.
+    #[serde(default)]
+    pub count: usize,
+}
+
+fn default_peer_path() -> String {
+    "/".to_string()
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PeerAddress {
+    #[default]
+    NodeIp,
+    PodIp,
+}
+
+impl Peers {
+    /// The target text for a peer at `ip`, in the probe's `kind`.
+    pub fn target(&self, kind: &str, ip: std::net::IpAddr) -> String {
+        let socket = |port: u16| std::net::SocketAddr::new(ip, port).to_string();
+        match kind {
+            "tcp" | "udp" => socket(self.port.unwrap_or(0)),
+            "http" => format!("http://{}{}", socket(self.port.unwrap_or(80)), self.path),
+            _ => ip.to_string(),
+        }
+    }
 }
 
 /// A DNS record kept pointing at the address a node reports.
@@ -561,6 +617,57 @@ pub fn check_spec(
                 return Err(vec![FieldError::new("spec.node", format!("invalid node name {node:?}"))]);
             }
             Ok(Spec::Router(router))
+        }
+        Kind::Probe => {
+            let mut spec = spec.clone();
+            let peers: Option<Peers> = match spec.as_object_mut().and_then(|fields| fields.remove("peers")) {
+                Some(peers) => Some(deserialize(peers, "spec.peers")?),
+                None => None,
+            };
+            let (node_selector, item) = piece::<crate::config::Probe>(&spec, name, None)?;
+            let mut checked = item.clone();
+            if let Some(peers) = &peers {
+                let kind = item.kind().unwrap_or_default();
+                if !item.targets().is_empty() {
+                    return Err(vec![FieldError::new(
+                        format!("spec.{kind}.targets"),
+                        "leave them out: with peers, the control plane gives each node its targets",
+                    )]);
+                }
+                let needs_port = matches!(kind, "tcp" | "udp" | "http");
+                if kind == "dns" {
+                    return Err(vec![FieldError::new(
+                        "spec.peers",
+                        "peers are addresses; a dns probe resolves names",
+                    )]);
+                }
+                if needs_port && peers.port.is_none_or(|port| port == 0) {
+                    return Err(vec![FieldError::new(
+                        "spec.peers.port",
+                        format!("a {kind} probe needs the peers' port"),
+                    )]);
+                }
+                if !peers.path.starts_with('/') {
+                    return Err(vec![FieldError::new("spec.peers.path", "a path starts with /")]);
+                }
+                // Validate as the proxy will see it, with one peer in place.
+                let example = peers.target(kind, std::net::IpAddr::from([192, 0, 2, 1]));
+                if let Some(icmp) = &mut checked.icmp {
+                    icmp.targets = vec![std::net::IpAddr::from([192, 0, 2, 1])];
+                }
+                if let Some(tcp) = &mut checked.tcp {
+                    tcp.targets = example.parse().into_iter().collect();
+                }
+                if let Some(udp) = &mut checked.udp {
+                    udp.targets = example.parse().into_iter().collect();
+                }
+                if let Some(http) = &mut checked.http {
+                    http.targets = vec![example];
+                }
+            }
+            let config = fragment(|config| config.probes = vec![checked.clone()]);
+            semantic(&config, "probes[0]", &[])?;
+            Ok(Spec::Probe(ProbeSpec { selected: Selected { node_selector, item }, peers }))
         }
         Kind::Listener => {
             let (node_selector, item) = piece::<Listener>(spec, name, None)?;
