@@ -281,3 +281,193 @@ async fn the_matrix_page_shows_a_live_mesh_and_marks_a_broken_pair() {
     }
     cp.stop().await;
 }
+
+/// Runs a command; panics with its error output when it fails.
+fn run(program: &str, args: &[&str]) {
+    let output = Command::new(program).args(args).output().expect("run a command");
+    assert!(
+        output.status.success(),
+        "{program} {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+fn can_run_namespaces() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let has_ip = Command::new("ip").arg("-V").stdout(Stdio::null()).status().is_ok_and(|s| s.success());
+    if root && has_ip {
+        return true;
+    }
+    assert!(std::env::var_os("CI").is_none(), "CI must run the namespace test: needs root and iproute2");
+    eprintln!("skipping the namespace test: it needs root and iproute2");
+    false
+}
+
+/// A hub namespace with a bridge (the control plane's, 10.78.0.1) and one namespace per node, each on
+/// the bridge by a veth pair (10.78.0.11, .12, ...). Removed when dropped.
+struct Mesh {
+    hub: String,
+    nodes: Vec<(String, String)>,
+}
+
+impl Mesh {
+    fn new(count: usize) -> Self {
+        let tag = std::process::id();
+        let hub = format!("keel-nc-{tag}-hub");
+        run("ip", &["netns", "add", &hub]);
+        let mut mesh = Mesh { hub: hub.clone(), nodes: Vec::new() };
+        run("ip", &["-n", &hub, "link", "set", "lo", "up"]);
+        run("ip", &["-n", &hub, "link", "add", "br0", "type", "bridge"]);
+        run("ip", &["-n", &hub, "addr", "add", "10.78.0.1/24", "dev", "br0"]);
+        run("ip", &["-n", &hub, "link", "set", "br0", "up"]);
+        for i in 0..count {
+            let name = format!("keel-nc-{tag}-{i}");
+            let ip = format!("10.78.0.{}", 11 + i);
+            run("ip", &["netns", "add", &name]);
+            mesh.nodes.push((name.clone(), ip.clone()));
+            let port = format!("p{i}");
+            run(
+                "ip",
+                &["-n", &hub, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &name],
+            );
+            run("ip", &["-n", &hub, "link", "set", &port, "master", "br0"]);
+            run("ip", &["-n", &hub, "link", "set", &port, "up"]);
+            run("ip", &["-n", &name, "link", "set", "lo", "up"]);
+            run("ip", &["-n", &name, "addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
+            run("ip", &["-n", &name, "link", "set", "eth0", "up"]);
+        }
+        mesh
+    }
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        for (name, _) in &self.nodes {
+            let _ = Command::new("ip").args(["netns", "delete", name]).status();
+        }
+        let _ = Command::new("ip").args(["netns", "delete", &self.hub]).status();
+    }
+}
+
+/// Moves this thread into namespace `name` (every socket it opens from now on is there).
+fn enter(name: &str) {
+    use std::os::fd::AsRawFd;
+    let handle = std::fs::File::open(format!("/var/run/netns/{name}")).unwrap();
+    // SAFETY: setns on a namespace file this thread holds open; it changes only this thread's namespace.
+    assert_eq!(unsafe { libc::setns(handle.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+}
+
+/// A proxy in its own namespace and thread (its own runtime), following `cp`, until `stop` fires.
+fn proxy_in(
+    namespace: String,
+    node: String,
+    ip: String,
+    cp: SocketAddr,
+    stop: tokio::sync::oneshot::Receiver<()>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        enter(&namespace);
+        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async move {
+            let bootstrap = format!(
+                "node: {{id: {node}, labels: {{mesh: \"yes\"}}}}\nadmin: {{address: \"127.0.0.1:0\"}}\ndrain_timeout: 1s\ncontrol_plane:\n  address: http://{cp}\n  token: {PROXY}\n"
+            );
+            let env = MapEnvironment::default().with_var("NODE_IP", &ip).with_var("POD_NAME", &format!("keel-{node}"));
+            let loaded = keel_proxy::source::load_text(&bootstrap, "bootstrap.yaml", &env).unwrap();
+            let bootstrap = loaded.config.config().clone();
+            let proxy = Proxy::new(Arc::new(env), None);
+            proxy.set_bootstrap(bootstrap.clone());
+            let follow = tokio::spawn(keel_proxy::control_plane::follow(proxy.clone(), bootstrap));
+            let _ = stop.await;
+            follow.abort();
+            proxy.shutdown(Shutdown::Fast);
+        });
+    })
+}
+
+/// The unreachable pairs of the matrix, as "from->to", sorted; and the number of probed pairs.
+async fn unreachable(cp: SocketAddr) -> (Vec<String>, u64) {
+    let (_, matrix) = operator(cp, "GET", "/api/v1/matrix", None).await;
+    let mut pairs: Vec<String> = matrix["summary"]["unreachable"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|pair| {
+            format!("{}->{}", pair["from"].as_str().unwrap_or("?"), pair["to"].as_str().unwrap_or("?"))
+        })
+        .collect();
+    pairs.sort();
+    (pairs, matrix["summary"]["pairs"].as_u64().unwrap_or(0))
+}
+
+/// Three proxies in namespaces ping each other on the control plane's assignment (a Probe with peers).
+/// A cut link (a blackhole route in a's namespace for b) shows as exactly that pair down, in both
+/// directions (b's echo requests reach a, a's replies do not leave), after the failure threshold; the
+/// link restored, the pair is up again.
+#[test]
+fn a_cut_link_is_exactly_that_pair_down_and_recovers() {
+    if !can_run_namespaces() {
+        return;
+    }
+    let mesh = Mesh::new(3);
+    let hub = mesh.hub.clone();
+    let nodes = mesh.nodes.clone();
+    let scenario = std::thread::spawn(move || {
+        enter(&hub);
+        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async move {
+            let dir = tempfile::tempdir().unwrap();
+            let cp =
+                ControlPlane::start(settings(&database(&dir), "10.78.0.1:0".parse().unwrap())).await.unwrap();
+            let addr = cp.local_addr;
+            let probe = json!({
+                "apiVersion": "edge.example.com/v1", "kind": "Probe", "metadata": {"name": "mesh"},
+                "spec": {"node_selector": {"mesh": "yes"}, "icmp": {}, "peers": {"address": "node_ip"},
+                         "interval": "300ms", "timeout": "200ms", "failure_threshold": 2}
+            });
+            let (status, body) =
+                operator(addr, "POST", "/apis/edge.example.com/v1/probes", Some(&probe)).await;
+            assert_eq!(status, 201, "{body}");
+            let mut stops = Vec::new();
+            let mut threads = Vec::new();
+            for (i, (namespace, ip)) in nodes.iter().enumerate() {
+                let (stop, stopped) = tokio::sync::oneshot::channel();
+                stops.push(stop);
+                let node = ["a", "b", "c"][i].to_string();
+                threads.push(proxy_in(namespace.clone(), node, ip.clone(), addr, stopped));
+            }
+            let settle = |what: &'static str, want: Vec<&'static str>| async move {
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+                loop {
+                    let (down, pairs) = unreachable(addr).await;
+                    if pairs == 6 && down == want {
+                        return;
+                    }
+                    assert!(tokio::time::Instant::now() < deadline, "{what}: {pairs} pairs, down {down:?}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            };
+            settle("the full mesh up", vec![]).await;
+
+            let cut = std::time::Instant::now();
+            run("ip", &["-n", &nodes[0].0, "route", "add", "blackhole", &format!("{}/32", nodes[1].1)]);
+            settle("the cut pair down", vec!["a->b", "b->a"]).await;
+            let took = cut.elapsed();
+            // Two failed checks at 300 ms (+/- 10%), the status's 1 s cadence, and the poll: well under 3 s.
+            assert!(took < Duration::from_secs(3), "reported after {took:?}");
+            assert!(took >= Duration::from_millis(400), "reported after {took:?}: before the threshold");
+            run("ip", &["-n", &nodes[0].0, "route", "del", "blackhole", &format!("{}/32", nodes[1].1)]);
+            settle("the pair up again", vec![]).await;
+
+            for stop in stops {
+                let _ = stop.send(());
+            }
+            for thread in threads {
+                thread.join().unwrap();
+            }
+            cp.stop().await;
+        });
+    });
+    scenario.join().unwrap();
+    drop(mesh);
+}
