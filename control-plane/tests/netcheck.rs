@@ -471,3 +471,82 @@ fn a_cut_link_is_exactly_that_pair_down_and_recovers() {
     scenario.join().unwrap();
     drop(mesh);
 }
+
+/// The ICMP fallback, in a namespace of its own: with `net.ipv4.ping_group_range` closed (the kernel's
+/// default, "1 0") the probe uses a raw socket (this test runs as root, with CAP_NET_RAW); opened to
+/// every group, an unprivileged ping socket. Both get an answer, over IPv4 and IPv6.
+#[test]
+fn icmp_uses_a_ping_socket_where_allowed_and_a_raw_socket_otherwise() {
+    use keel_proxy::probe::icmp::{Method, ping};
+    if !can_run_namespaces() {
+        return;
+    }
+    let name = format!("keel-nc-{}-icmp", std::process::id());
+    run("ip", &["netns", "add", &name]);
+    let mesh = Mesh { hub: name.clone(), nodes: Vec::new() };
+    run("ip", &["-n", &name, "link", "set", "lo", "up"]);
+    let sysctl = |range: &str| {
+        run("ip", &["netns", "exec", &name, "sysctl", "-qw", &format!("net.ipv4.ping_group_range={range}")])
+    };
+    let probe = |namespace: String| {
+        std::thread::spawn(move || {
+            enter(&namespace);
+            tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+                let timeout = Duration::from_secs(2);
+                let v4 = ping("127.0.0.1".parse().unwrap(), 1, timeout).await.unwrap();
+                let v6 = ping("::1".parse().unwrap(), 1, timeout).await.unwrap();
+                assert_eq!(v4.1, v6.1, "one choice for both families");
+                v4.1
+            })
+        })
+        .join()
+        .unwrap()
+    };
+    sysctl("1 0");
+    assert_eq!(probe(name.clone()), Method::Raw);
+    sysctl("0 2147483647");
+    assert_eq!(probe(name.clone()), Method::Datagram);
+
+    // Neither: the range closed again, and CAP_NET_RAW dropped from this thread's effective set
+    // (capabilities are per thread). The error says how to allow either.
+    sysctl("1 0");
+    let namespace = name.clone();
+    let error = std::thread::spawn(move || {
+        enter(&namespace);
+        drop_net_raw();
+        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+            ping("127.0.0.1".parse().unwrap(), 1, Duration::from_secs(1)).await.unwrap_err().to_string()
+        })
+    })
+    .join()
+    .unwrap();
+    assert!(error.contains("net.ipv4.ping_group_range") && error.contains("CAP_NET_RAW"), "{error}");
+    drop(mesh);
+}
+
+/// Clears CAP_NET_RAW from the calling thread's effective capabilities.
+fn drop_net_raw() {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const VERSION_3: u32 = 0x2008_0522;
+    const CAP_NET_RAW: u32 = 13;
+    let mut header = Header { version: VERSION_3, pid: 0 };
+    let mut data = [Data::default(); 2];
+    // SAFETY: capget/capset with a version-3 header and the two data structs that version expects;
+    // pid 0 is the calling thread.
+    unsafe {
+        assert_eq!(libc::syscall(libc::SYS_capget, &mut header as *mut Header, data.as_mut_ptr()), 0);
+        data[0].effective &= !(1 << CAP_NET_RAW);
+        assert_eq!(libc::syscall(libc::SYS_capset, &mut header as *mut Header, data.as_ptr()), 0);
+    }
+}
