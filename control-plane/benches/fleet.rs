@@ -8,6 +8,10 @@
 //!   median of several writes;
 //! - the control plane's RSS per connected proxy: (RSS with the fleet connected − RSS before) / size.
 //!
+//! With `--probe-results K`, every simulated proxy also says where it runs and streams a status with K
+//! probe results (of K peers) every 5 s, as a proxy with a mesh probe does; the benchmark then also
+//! measures the control plane's CPU while it ingests them, and the time to build the matrix.
+//!
 //! Run through benches/control-plane.sh, which builds the binary and raises the file limit.
 
 #![allow(clippy::print_stdout)]
@@ -50,16 +54,29 @@ impl hyper::body::Body for ChannelBody {
 
 /// One simulated proxy: ACKs every snapshot; counts itself in `ready` at its first, and in `acked` at
 /// its first snapshot after each write (`writes` counts them: nothing else changes snapshots here).
+/// What one simulated proxy reports besides ACKs: `results` probe results of peers among `size`.
+#[derive(Clone, Copy)]
+struct Probing {
+    size: usize,
+    results: usize,
+}
+
+/// The node IP a simulated proxy says it has.
+fn node_ip(index: usize) -> String {
+    format!("10.{}.{}.{}", index / 65536 % 256, index / 256 % 256, index % 256)
+}
+
 async fn simulated(
     index: usize,
     cp: SocketAddr,
     writes: watch::Receiver<u64>,
     acked: Arc<AtomicUsize>,
     ready: Arc<AtomicUsize>,
+    probing: Probing,
 ) {
     // Like a proxy, retry a stream that failed before its first snapshot.
     for _ in 0..10 {
-        if stream(index, cp, writes.clone(), &acked, &ready).await {
+        if stream(index, cp, writes.clone(), &acked, &ready, probing).await {
             return;
         }
         tokio::time::sleep(Duration::from_millis(100 + fastrand::u64(..200))).await;
@@ -73,6 +90,7 @@ async fn stream(
     writes: watch::Receiver<u64>,
     acked: &AtomicUsize,
     ready: &AtomicUsize,
+    probing: Probing,
 ) -> bool {
     let tcp = match TcpStream::connect(cp).await {
         Ok(tcp) => tcp,
@@ -90,8 +108,30 @@ async fn stream(
     };
     tokio::spawn(connection);
     let (lines, receive) = mpsc::channel::<Bytes>(4);
-    let hello = json!({"type": "hello", "node": format!("sim-{index}"), "labels": {"fleet": "sim", "group": (index % GROUPS).to_string()}, "software": "bench"});
+    let hello = json!({"type": "hello", "node": format!("sim-{index}"), "labels": {"fleet": "sim", "group": (index % GROUPS).to_string()}, "software": "bench", "client": {"node_ip": node_ip(index)}});
     let _ = lines.send(Bytes::from(format!("{hello}\n"))).await;
+    if probing.results > 0 {
+        let status_lines = lines.clone();
+        tokio::spawn(async move {
+            // Proxies started together still report at their own moments (jittered rounds).
+            tokio::time::sleep(Duration::from_millis(fastrand::u64(..5000))).await;
+            for round in 0u64.. {
+                let probes: Vec<Value> = (1..=probing.results)
+                    .map(|step| {
+                        json!({"probe": "mesh", "kind": "icmp", "target": node_ip((index + step) % probing.size),
+                               "up": true, "latencyMs": 0.2 + (round % 7) as f64 * 0.01, "loss": 0.0,
+                               "consecutiveFailures": 0, "checkedAt": "2026-11-22T05:00:00.000Z"})
+                    })
+                    .collect();
+                let status =
+                    json!({"type": "status", "status": {"ready": true, "listeners": 1, "probes": probes}});
+                if status_lines.send(Bytes::from(format!("{status}\n"))).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+        });
+    }
     let request = hyper::Request::post(format!("http://{cp}/v1/stream"))
         .header("authorization", format!("Bearer {PROXY}"))
         .body(ChannelBody(receive))
@@ -168,6 +208,17 @@ fn rss_kb(child: &KillOnDrop) -> u64 {
         .unwrap_or(0)
 }
 
+/// User plus system CPU time of the process, in seconds.
+fn cpu_seconds(child: &KillOnDrop) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", child.0.id())).unwrap_or_default();
+    let fields: Vec<&str> =
+        stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (ticks(11) + ticks(12)) / per_second
+}
+
 fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
@@ -184,6 +235,7 @@ async fn main() {
         .map(|s| s.parse().expect("--sizes: numbers"))
         .collect();
     let writes: usize = arg("--writes").and_then(|w| w.parse().ok()).unwrap_or(5);
+    let results: usize = arg("--probe-results").and_then(|r| r.parse().ok()).unwrap_or(0);
 
     let dir = tempfile::tempdir().unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
@@ -196,6 +248,8 @@ async fn main() {
             &dir.path().join("bench.db").display().to_string(),
             "--log-level",
             "warn",
+            "--netcheck-report-interval",
+            "0s",
         ])
         .env("KEEL_CP_OPERATOR_TOKENS", OPERATOR)
         .env("KEEL_CP_PROXY_TOKENS", PROXY)
@@ -230,6 +284,7 @@ async fn main() {
                 writes_rx.clone(),
                 Arc::clone(&acked),
                 Arc::clone(&ready),
+                Probing { size, results },
             )));
             if index % 500 == 499 {
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -262,6 +317,24 @@ async fn main() {
             times.push(elapsed);
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
+        let ingest = if results > 0 {
+            // Every proxy has reported at least once (the first report comes within 5 s).
+            tokio::time::sleep(Duration::from_secs(6)).await;
+            let (cpu_before, at) = (cpu_seconds(&child), Instant::now());
+            tokio::time::sleep(Duration::from_secs(20)).await;
+            let cpu = (cpu_seconds(&child) - cpu_before) / at.elapsed().as_secs_f64() * 100.0;
+            let mut matrix_ms = Vec::new();
+            let mut pairs = 0;
+            for _ in 0..5 {
+                let start = Instant::now();
+                let matrix = call(cp, "GET", "/api/v1/matrix", &Value::Null).await;
+                matrix_ms.push(start.elapsed().as_secs_f64() * 1000.0);
+                pairs = matrix["summary"]["pairs"].as_u64().unwrap_or(0);
+            }
+            Some((cpu, rss_kb(&child), median(&mut matrix_ms), pairs))
+        } else {
+            None
+        };
         let per_proxy = (after.saturating_sub(before)) as f64 / size as f64;
         println!(
             "{size:>6}  {:>7.1} MB  {:>7.1} MB  {per_proxy:>6.1} KB   {:.1}",
@@ -269,6 +342,12 @@ async fn main() {
             after as f64 / 1024.0,
             median(&mut times)
         );
+        if let Some((cpu, rss, matrix_ms, pairs)) = ingest {
+            println!(
+                "        ingesting {results} probe results per proxy every 5 s: CPU {cpu:.1} % of one core, RSS {:.1} MB, GET /api/v1/matrix ({pairs} pairs) {matrix_ms:.1} ms",
+                rss as f64 / 1024.0
+            );
+        }
         for task in tasks {
             task.abort();
         }

@@ -550,3 +550,27 @@ fn drop_net_raw() {
         assert_eq!(libc::syscall(libc::SYS_capset, &mut header as *mut Header, data.as_ptr()), 0);
     }
 }
+
+/// docs/netcheck-openapi.yaml describes what is served: every path and method it lists is routed here.
+#[tokio::test]
+async fn the_openapi_file_lists_what_is_served() {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/netcheck-openapi.yaml"))
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cp = start(&database(&dir)).await;
+    let mut path = String::new();
+    let mut checked = 0;
+    for line in text.lines() {
+        if let Some(listed) = line.strip_prefix("  /").and_then(|rest| rest.strip_suffix(':')) {
+            path = format!("/{listed}");
+        } else if let Some(method) = ["get", "post"].into_iter().find(|m| line == format!("    {m}:")) {
+            let body = (method == "post").then(|| json!({}));
+            let (status, answer) =
+                seed_call(cp.local_addr, &method.to_uppercase(), &path, Some(PROXY), body).await;
+            assert!(status != 404 && status != 405, "{method} {path}: {status} {answer}");
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 13, "operations found in the file");
+    cp.stop().await;
+}

@@ -69,11 +69,55 @@ fn open(target: IpAddr) -> Result<(UdpSocket, Method), PingError> {
     match attempt(Type::DGRAM) {
         Ok(socket) => Ok((socket, Method::Datagram)),
         Err(error) if refused(&error) => match attempt(Type::RAW) {
-            Ok(socket) => Ok((socket, Method::Raw)),
+            Ok(socket) => {
+                only_echo_replies(&socket, target.is_ipv6());
+                Ok((socket, Method::Raw))
+            }
             Err(error) if refused(&error) => Err(PingError::NotPermitted),
             Err(error) => Err(PingError::Io(error)),
         },
         Err(error) => Err(PingError::Io(error)),
+    }
+}
+
+/// Asks the kernel to queue only echo replies on a raw socket (every raw ICMP socket otherwise gets
+/// every ICMP packet of the host, our own requests on loopback included, and a busy probe's sockets
+/// overflow). Best effort: without the filter, replies are still matched, only less efficiently.
+fn only_echo_replies(socket: &UdpSocket, ipv6: bool) {
+    use std::os::fd::AsRawFd;
+    const ICMP_FILTER: libc::c_int = 1;
+    const ICMP6_FILTER: libc::c_int = 1;
+    let fd = socket.as_raw_fd();
+    // A set bit blocks that ICMP type.
+    let result = if ipv6 {
+        let mut blocked = [u32::MAX; 8];
+        let reply = usize::from(ECHO_REPLY_V6);
+        blocked[reply / 32] &= !(1 << (reply % 32));
+        // SAFETY: a valid socket and a 32-byte struct icmp6_filter, as the option expects.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::IPPROTO_ICMPV6,
+                ICMP6_FILTER,
+                blocked.as_ptr().cast(),
+                std::mem::size_of_val(&blocked) as libc::socklen_t,
+            )
+        }
+    } else {
+        let blocked: u32 = !(1 << ECHO_REPLY_V4);
+        // SAFETY: a valid socket and a u32 mask, as ICMP_FILTER (level SOL_RAW) expects.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_RAW,
+                ICMP_FILTER,
+                (&blocked as *const u32).cast(),
+                std::mem::size_of::<u32>() as libc::socklen_t,
+            )
+        }
+    };
+    if result != 0 {
+        tracing::debug!(error = %io::Error::last_os_error(), "no ICMP filter on the raw socket");
     }
 }
 

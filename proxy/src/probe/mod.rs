@@ -1,7 +1,7 @@
 //! Network probes (seed 002's checks): every `interval`, check each target of a probe, keep its state
 //! and export it.
 //!
-//! One task per probe ([`run`]). A round checks all targets at once (at most [`CONCURRENCY`] in
+//! One task per probe ([`run`]). A round checks its targets concurrently (at most [`CONCURRENCY`] in
 //! flight), each bounded by `timeout`, then the next round starts `interval` after this one did, give or
 //! take 10% so that proxies started together do not probe in lockstep. A target is up after a
 //! successful check and down after `failure_threshold` failed ones in a row; before its first check it
@@ -165,7 +165,8 @@ async fn check(target: &Target, sequence: u16, timeout: Duration) -> Outcome {
             },
             Target::Http { url, expected } => {
                 let headers = [("User-Agent", concat!("keel-probe/", env!("CARGO_PKG_VERSION")))];
-                match keel_ddns::http::request("GET", url, &headers, None).await {
+                // Boxed: the TLS client's future is large, and every check future would be that size.
+                match Box::pin(keel_ddns::http::request("GET", url, &headers, None)).await {
                     Ok(answer) => {
                         let wanted = if expected.is_empty() {
                             (200..400).contains(&answer.status)
@@ -285,22 +286,23 @@ pub async fn run(probe: Probe, registry: Arc<Registry>, metrics: Arc<Metrics>, s
     let handles: Arc<Vec<TargetMetrics>> = Arc::new(
         names.iter().map(|target| TargetMetrics::new(&metrics, &probe.name, kind, target)).collect(),
     );
-    let permits = Arc::new(tokio::sync::Semaphore::new(CONCURRENCY));
     let timeout = probe.timeout.get();
     let mut sequence: u16 = 0;
     loop {
         let round_started = tokio::time::Instant::now();
         sequence = sequence.wrapping_add(1);
-        let mut checks = tokio::task::JoinSet::new();
-        for index in 0..targets.len() {
-            let (targets, permits) = (Arc::clone(&targets), Arc::clone(&permits));
-            checks.spawn(async move {
-                let _permit = permits.acquire_owned().await;
-                (index, check(&targets[index], sequence, timeout).await)
-            });
-        }
+        // At most CONCURRENCY checks exist at once (not one task per target waiting its turn), so a
+        // probe of a thousand targets holds a few dozen check futures, not a thousand.
         let round = async {
-            while let Some(done) = checks.join_next().await {
+            let mut checks = tokio::task::JoinSet::new();
+            let mut next = 0;
+            loop {
+                while checks.len() < CONCURRENCY && next < targets.len() {
+                    let (targets, index) = (Arc::clone(&targets), next);
+                    checks.spawn(async move { (index, check(&targets[index], sequence, timeout).await) });
+                    next += 1;
+                }
+                let Some(done) = checks.join_next().await else { break };
                 let Ok((index, outcome)) = done else { continue };
                 let mut states = state.targets.lock().await;
                 record(&mut states[index], outcome, probe.failure_threshold, &handles[index]);
