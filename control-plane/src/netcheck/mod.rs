@@ -293,8 +293,8 @@ fn older(a: &str, b: &str) -> bool {
 }
 
 /// The matrix, as the page draws it: `clients` (rows, and the first columns), `absent` (probed addresses
-/// of no live client: the further columns), `cells[row][column]` as `[state, latencyMs, loss]` with
-/// state 0 none, 1 up, 2 down, 3 not yet judged, and a summary.
+/// of no live client: the further columns), `cells` for the probed pairs only, each
+/// `[row, column, state, latencyMs, loss]` with state 1 up, 2 down, 3 not yet judged, and a summary.
 pub fn matrix(clients: &[LiveClient], pairs: &[PairResult]) -> Value {
     let newest = clients
         .iter()
@@ -324,15 +324,14 @@ pub fn matrix(clients: &[LiveClient], pairs: &[PairResult]) -> Value {
             .or_else(|| absent.iter().position(|a| a == target).map(|i| clients.len() + i))
     };
     let row_of: BTreeMap<&str, usize> = clients.iter().enumerate().map(|(i, c)| (c.id.as_str(), i)).collect();
-    let columns = clients.len() + absent.len();
-    let mut cells: Vec<Vec<Cell>> = vec![vec![Cell::default(); columns]; clients.len()];
-    let mut seen: Vec<Vec<bool>> = vec![vec![false; columns]; clients.len()];
+    // Sparse: only probed pairs have a cell (a 1,000-node mesh probing 10 peers each has 10,000 of a
+    // million).
+    let mut cells: BTreeMap<(usize, usize), Cell> = BTreeMap::new();
     for pair in pairs {
         let (Some(&row), Some(column)) = (row_of.get(pair.source.as_str()), column_of(&pair.target)) else {
             continue;
         };
-        cells[row][column].fold(pair);
-        seen[row][column] = true;
+        cells.entry((row, column)).or_default().fold(pair);
     }
     let mut unreachable = Vec::new();
     let mut latencies = Vec::new();
@@ -341,30 +340,20 @@ pub fn matrix(clients: &[LiveClient], pairs: &[PairResult]) -> Value {
     };
     let encoded: Vec<Value> = cells
         .iter()
-        .enumerate()
-        .map(|(row, line)| {
-            Value::Array(
-                line.iter()
-                    .enumerate()
-                    .map(|(column, cell)| {
-                        if !seen[row][column] {
-                            return json!(0);
-                        }
-                        let state = match cell.up {
-                            Some(true) => 1,
-                            Some(false) => 2,
-                            None => 3,
-                        };
-                        if state == 2 {
-                            unreachable.push(json!({"from": clients[row].id, "to": name_of(column), "errors": cell.errors}));
-                        }
-                        if let Some(latency) = cell.latency_ms {
-                            latencies.push((latency, clients[row].id.clone(), name_of(column)));
-                        }
-                        json!([state, cell.latency_ms.map(|l| (l * 100.0).round() / 100.0), cell.loss])
-                    })
-                    .collect(),
-            )
+        .map(|(&(row, column), cell)| {
+            let state = match cell.up {
+                Some(true) => 1,
+                Some(false) => 2,
+                None => 3,
+            };
+            if state == 2 {
+                unreachable
+                    .push(json!({"from": clients[row].id, "to": name_of(column), "errors": cell.errors}));
+            }
+            if let Some(latency) = cell.latency_ms {
+                latencies.push((latency, clients[row].id.clone(), name_of(column)));
+            }
+            json!([row, column, state, cell.latency_ms.map(|l| (l * 100.0).round() / 100.0), cell.loss])
         })
         .collect();
     latencies.sort_by(|a, b| b.0.total_cmp(&a.0));
@@ -396,7 +385,7 @@ pub fn matrix(clients: &[LiveClient], pairs: &[PairResult]) -> Value {
         "summary": {
             "clients": clients.len(),
             "versions": versions,
-            "pairs": seen.iter().flatten().filter(|seen| **seen).count(),
+            "pairs": cells.len(),
             "unreachablePairs": unreachable.len(),
             "unreachable": unreachable,
             "worstLatencies": worst,
@@ -424,17 +413,20 @@ pub fn pair_samples(matrix: &Value) -> (Vec<PairSample>, Vec<PairSample>) {
         )
         .collect();
     let (mut up, mut latency) = (Vec::new(), Vec::new());
-    for (row, cells) in matrix["cells"].as_array().into_iter().flatten().enumerate() {
-        for (column, cell) in cells.as_array().into_iter().flatten().enumerate() {
-            let (Some(from), Some(to)) = (names.get(row), names.get(column)) else { continue };
-            match cell[0].as_u64() {
-                Some(1) => up.push((from.clone(), to.clone(), "1".to_string())),
-                Some(2) => up.push((from.clone(), to.clone(), "0".to_string())),
-                _ => {}
-            }
-            if let Some(ms) = cell[1].as_f64() {
-                latency.push((from.clone(), to.clone(), (ms / 1000.0).to_string()));
-            }
+    for cell in matrix["cells"].as_array().into_iter().flatten() {
+        let index = |i: usize| cell[i].as_u64().and_then(|n| usize::try_from(n).ok());
+        let (Some(from), Some(to)) =
+            (index(0).and_then(|r| names.get(r)), index(1).and_then(|c| names.get(c)))
+        else {
+            continue;
+        };
+        match cell[2].as_u64() {
+            Some(1) => up.push((from.clone(), to.clone(), "1".to_string())),
+            Some(2) => up.push((from.clone(), to.clone(), "0".to_string())),
+            _ => {}
+        }
+        if let Some(ms) = cell[3].as_f64() {
+            latency.push((from.clone(), to.clone(), (ms / 1000.0).to_string()));
         }
     }
     (up, latency)
@@ -498,10 +490,17 @@ mod tests {
         ];
         let m = matrix(&clients, &pairs);
         assert_eq!(m["absent"], json!(["10.0.0.9"]));
-        assert_eq!(m["cells"][0], json!([0, [1, 1.5, 0.0], [1, 0.4, 0.0], 0]));
-        assert_eq!(m["cells"][1][2], json!([2, null, 1.0]));
-        assert_eq!(m["cells"][2][0], json!([2, 2.0, 1.0]));
-        assert_eq!(m["cells"][2][3], json!([3, null, 0.0]));
+        assert_eq!(
+            m["cells"],
+            json!([
+                [0, 1, 1, 1.5, 0.0],
+                [0, 2, 1, 0.4, 0.0],
+                [1, 0, 1, 0.3, 0.0],
+                [1, 2, 2, null, 1.0],
+                [2, 0, 2, 2.0, 1.0],
+                [2, 3, 3, null, 0.0]
+            ])
+        );
         assert_eq!(m["summary"]["unreachablePairs"], 2);
         assert_eq!(m["summary"]["unreachable"][0]["to"], "c");
         assert_eq!(m["summary"]["worstLatencies"][0], json!({"from": "c", "to": "a", "latencyMs": 2.0}));

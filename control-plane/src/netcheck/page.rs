@@ -47,6 +47,7 @@ th.outdated{color:#b35806}
 <p id=legend><span class="up" style="background:#1a9641"></span>&lt; 1 ms<span style="background:#a6d96a"></span>&lt; 10 ms<span style="background:#fdae61"></span>slower<span style="background:#f46d43"></span>loss<span style="background:#d7191c"></span>down<span style="background:#bbb"></span>not judged yet<span style="background:#f2f2f2"></span>not probed
  &middot; rows send, columns receive &middot; <i>absent</i>: probed but not live &middot; <b style="color:#b35806">outdated</b>: older version
  &middot; <span id=updated></span></p>
+<style id=cellsize></style>
 <table id=matrix></table>
 <script type=application/json id=data>{{DATA}}</script>
 <script>
@@ -61,31 +62,37 @@ function render(m) {
   const table = document.getElementById("matrix");
   table.replaceChildren();
   const names = m.clients.map(c => c.id).concat(m.absent);
+  // The whole matrix fits about 900 px: 12 px cells up to 75 columns, down to 4 px (200 nodes: 800 px).
+  // Past 60 columns the column labels give way to tooltips, as the row labels say who is who.
+  const px = Math.max(4, Math.min(12, Math.floor(900 / Math.max(1, names.length))));
+  document.getElementById("cellsize").textContent = "td{width:" + px + "px;height:" + px + "px;min-width:" + px + "px}";
+  const labelled = names.length <= 60;
   const head = el("thead"), hr = el("tr");
   hr.appendChild(el("th"));
   m.clients.forEach(c => {
-    const th = el("th", c.id, c.outdated ? "outdated" : "");
+    const th = el("th", labelled ? c.id : "", c.outdated ? "outdated" : "");
     th.title = c.id + " " + (c.nodeIp || "") + " " + (c.podIp || "") + " v" + c.version;
     hr.appendChild(th);
   });
-  m.absent.forEach(a => { const th = el("th", a + " (absent)", "absent"); th.title = a + ": probed, but no live client has this address"; hr.appendChild(th); });
+  m.absent.forEach(a => { const th = el("th", labelled ? a + " (absent)" : "", "absent"); th.title = a + ": probed, but no live client has this address"; hr.appendChild(th); });
   head.appendChild(hr);
   table.appendChild(head);
+  const cells = new Map(m.cells.map(c => [c[0] * names.length + c[1], c]));
   const body = el("tbody");
   m.clients.forEach((c, row) => {
     const tr = el("tr");
     const th = el("th", c.id + (c.outdated ? " (outdated " + c.version + ")" : ""), c.outdated ? "outdated" : "");
     tr.appendChild(th);
     names.forEach((to, col) => {
-      const cell = m.cells[row][col];
+      const cell = cells.get(row * names.length + col);
       const td = el("td");
       td.dataset.from = c.id;
       td.dataset.to = to;
-      if (cell === 0) {
+      if (cell === undefined) {
         td.className = row === col ? "self" : "none";
         td.title = c.id + " \u2192 " + to + ": not probed";
       } else {
-        const [state, latency, loss] = cell;
+        const [, , state, latency, loss] = cell;
         let cls = state === 1 ? "up" : state === 2 ? "down" : "unknown";
         if (state === 1 && loss > 0) cls = "lossy";
         else if (state === 1 && latency !== null) cls += latency < 1 ? "" : latency < 10 ? " l1" : " l2";
