@@ -317,12 +317,10 @@ pub fn matrix(clients: &[LiveClient], pairs: &[PairResult]) -> Value {
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();
-    let column_of = |target: &str| -> Option<usize> {
-        owner
-            .get(target)
-            .copied()
-            .or_else(|| absent.iter().position(|a| a == target).map(|i| clients.len() + i))
-    };
+    let absent_column: BTreeMap<&str, usize> =
+        absent.iter().enumerate().map(|(i, address)| (address.as_str(), clients.len() + i)).collect();
+    let column_of =
+        |target: &str| -> Option<usize> { owner.get(target).or_else(|| absent_column.get(target)).copied() };
     let row_of: BTreeMap<&str, usize> = clients.iter().enumerate().map(|(i, c)| (c.id.as_str(), i)).collect();
     // Sparse: only probed pairs have a cell (a 1,000-node mesh probing 10 peers each has 10,000 of a
     // million).
