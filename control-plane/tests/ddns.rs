@@ -5,10 +5,8 @@
 
 mod support;
 
-use std::fs::File;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::AsRawFd;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -106,29 +104,6 @@ impl Drop for Namespace {
     }
 }
 
-fn run(program: &str, args: &[&str]) -> String {
-    let output = Command::new(program).args(args).output().expect("run a command");
-    assert!(
-        output.status.success(),
-        "{program} {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).to_string()
-}
-
-fn can_run() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    let has_ip = Command::new("ip").arg("-V").stdout(Stdio::null()).status().is_ok_and(|s| s.success());
-    if root && has_ip {
-        return true;
-    }
-    assert!(std::env::var_os("CI").is_none(), "CI must run the namespace test: needs root and iproute2");
-    eprintln!("skipping the namespace test: it needs root and iproute2 (run .ci/install-test-deps as root)");
-    false
-}
-
 impl Namespace {
     fn new() -> Self {
         let tag = std::process::id();
@@ -163,7 +138,7 @@ impl Namespace {
 
 #[tokio::test]
 async fn the_reporter_follows_the_kernels_addresses_within_a_second() {
-    if !can_run() {
+    if !can_run_namespaces() {
         return;
     }
     let namespace = Namespace::new();
@@ -176,11 +151,9 @@ async fn the_reporter_follows_the_kernels_addresses_within_a_second() {
     let interface = namespace.interface.clone();
     // The control plane and the reporter both live in the namespace: the reporter's netlink sockets see
     // the namespace's interfaces, and its reports go to the namespace's loopback.
-    let handle = File::open(format!("/var/run/netns/{}", namespace.name)).unwrap();
+    let namespace_name = namespace.name.clone();
     let thread = std::thread::spawn(move || {
-        // SAFETY: setns on a namespace file this thread holds open; it changes only this thread's
-        // network namespace, for the sockets it creates from now on.
-        assert_eq!(unsafe { libc::setns(handle.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+        enter(&namespace_name);
         tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async move {
             let cp =
                 keel_control_plane::ControlPlane::start(settings(&database, "127.0.0.1:0".parse().unwrap()))

@@ -5,7 +5,7 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -160,28 +160,6 @@ async fn seed_002_clients_keep_working() {
     cp.stop().await;
 }
 
-fn promtool_check(metrics: &str) {
-    let Ok(mut promtool) = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-    else {
-        assert!(std::env::var_os("CI").is_none(), "CI must check the metrics with promtool");
-        return;
-    };
-    use std::io::Write;
-    promtool.stdin.take().unwrap().write_all(metrics.as_bytes()).unwrap();
-    let output = promtool.wait_with_output().unwrap();
-    assert!(
-        output.status.success(),
-        "promtool: {}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
-
 /// A proxy on "node" `ip` (a loopback address), following the control plane, probing `probes`.
 async fn mesh_proxy(dir: &std::path::Path, node: &str, ip: &str, cp: SocketAddr, probes: &str) -> Proxy {
     let bootstrap = format!(
@@ -198,17 +176,6 @@ async fn mesh_proxy(dir: &std::path::Path, node: &str, ip: &str, cp: SocketAddr,
     proxy.set_bootstrap(bootstrap.clone());
     tokio::spawn(keel_proxy::control_plane::follow(proxy.clone(), bootstrap));
     proxy
-}
-
-fn chromium() -> Option<&'static str> {
-    let found = ["chromium", "chromium-browser"]
-        .into_iter()
-        .find(|name| Command::new(name).arg("--version").output().is_ok_and(|out| out.status.success()));
-    if found.is_none() {
-        assert!(std::env::var_os("CI").is_none(), "CI must render the matrix page: install chromium");
-        eprintln!("skipping the browser test: chromium is not installed (run .ci/install-test-deps)");
-    }
-    found
 }
 
 #[tokio::test]
@@ -248,19 +215,7 @@ async fn the_matrix_page_shows_a_live_mesh_and_marks_a_broken_pair() {
     assert_eq!(matrix["summary"]["unreachable"][0]["to"], "c");
     assert_eq!(matrix["absent"], json!(["127.0.0.99"]));
 
-    let profile = tempfile::tempdir().unwrap();
-    let url = format!("http://admin:{OPERATOR}@{addr}/matrix");
-    let user_data = format!("--user-data-dir={}", profile.path().display());
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new(browser)
-            .args(["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", &user_data])
-            .args(["--virtual-time-budget=5000", "--dump-dom", &url])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    let page = String::from_utf8_lossy(&output.stdout).to_string();
+    let page = render(browser, format!("http://admin:{OPERATOR}@{addr}/matrix"), 5000).await;
     let cell = |from: &str, to: &str| -> String {
         let marker = format!("data-from=\"{from}\" data-to=\"{to}\"");
         let at = page.find(&marker).unwrap_or_else(|| panic!("no cell {from} -> {to} in {page}"));
@@ -280,29 +235,6 @@ async fn the_matrix_page_shows_a_live_mesh_and_marks_a_broken_pair() {
         proxy.shutdown(Shutdown::Fast);
     }
     cp.stop().await;
-}
-
-/// Runs a command; panics with its error output when it fails.
-fn run(program: &str, args: &[&str]) {
-    let output = Command::new(program).args(args).output().expect("run a command");
-    assert!(
-        output.status.success(),
-        "{program} {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
-
-fn can_run_namespaces() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    let has_ip = Command::new("ip").arg("-V").stdout(Stdio::null()).status().is_ok_and(|s| s.success());
-    if root && has_ip {
-        return true;
-    }
-    assert!(std::env::var_os("CI").is_none(), "CI must run the namespace test: needs root and iproute2");
-    eprintln!("skipping the namespace test: it needs root and iproute2");
-    false
 }
 
 /// A hub namespace with a bridge (the control plane's, 10.78.0.1) and one namespace per node, each on
@@ -349,14 +281,6 @@ impl Drop for Mesh {
         }
         let _ = Command::new("ip").args(["netns", "delete", &self.hub]).status();
     }
-}
-
-/// Moves this thread into namespace `name` (every socket it opens from now on is there).
-fn enter(name: &str) {
-    use std::os::fd::AsRawFd;
-    let handle = std::fs::File::open(format!("/var/run/netns/{name}")).unwrap();
-    // SAFETY: setns on a namespace file this thread holds open; it changes only this thread's namespace.
-    assert_eq!(unsafe { libc::setns(handle.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
 }
 
 /// A proxy in its own namespace and thread (its own runtime), following `cp`, until `stop` fires.
@@ -601,19 +525,7 @@ async fn the_matrix_page_scales_to_200_clients() {
             200
         );
     }
-    let profile = tempfile::tempdir().unwrap();
-    let url = format!("http://admin:{OPERATOR}@{addr}/matrix");
-    let user_data = format!("--user-data-dir={}", profile.path().display());
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new(browser)
-            .args(["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", &user_data])
-            .args(["--virtual-time-budget=3000", "--dump-dom", &url])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    let page = String::from_utf8_lossy(&output.stdout).to_string();
+    let page = render(browser, format!("http://admin:{OPERATOR}@{addr}/matrix"), 3000).await;
     assert!(page.contains("200 live clients"), "{}", &page[..page.len().min(2000)]);
     assert!(page.contains("td{width:4px;height:4px;min-width:4px}"), "cells shrink to fit");
     assert_eq!(page.matches("<tr>").count(), 201, "a header row and 200 client rows");

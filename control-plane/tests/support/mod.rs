@@ -95,3 +95,94 @@ pub async fn report_address(cp: SocketAddr, address: &str) {
     stream.read_to_string(&mut response).await.unwrap();
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
 }
+
+/// Runs a command; panics with its error output when it fails; returns its output.
+pub fn run(program: &str, args: &[&str]) -> String {
+    let output = std::process::Command::new(program).args(args).output().expect("run a command");
+    assert!(
+        output.status.success(),
+        "{program} {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).to_string()
+}
+
+/// Whether network namespaces can be made here (root and iproute2); CI must be able to.
+pub fn can_run_namespaces() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let has_ip = std::process::Command::new("ip")
+        .arg("-V")
+        .stdout(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if root && has_ip {
+        return true;
+    }
+    assert!(std::env::var_os("CI").is_none(), "CI must run the namespace tests: needs root and iproute2");
+    eprintln!("skipping a namespace test: it needs root and iproute2 (run .ci/install-test-deps as root)");
+    false
+}
+
+/// Moves this thread into network namespace `name`: every socket it opens from now on is there.
+pub fn enter(name: &str) {
+    use std::os::fd::AsRawFd;
+    let handle = std::fs::File::open(format!("/var/run/netns/{name}")).unwrap();
+    // SAFETY: setns on a namespace file this thread holds open; it changes only this thread's namespace.
+    assert_eq!(unsafe { libc::setns(handle.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+}
+
+/// Checks Prometheus text with a real `promtool check metrics`; CI must have it.
+pub fn promtool_check(metrics: &str) {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let Ok(mut promtool) = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+    else {
+        assert!(std::env::var_os("CI").is_none(), "CI must check the metrics with promtool");
+        return;
+    };
+    promtool.stdin.take().unwrap().write_all(metrics.as_bytes()).unwrap();
+    let output = promtool.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Headless Chromium's command, if installed; CI must have it.
+pub fn chromium() -> Option<&'static str> {
+    let found = ["chromium", "chromium-browser"].into_iter().find(|name| {
+        std::process::Command::new(name).arg("--version").output().is_ok_and(|out| out.status.success())
+    });
+    if found.is_none() {
+        assert!(std::env::var_os("CI").is_none(), "CI must run the browser tests: install chromium");
+        eprintln!("skipping a browser test: chromium is not installed (run .ci/install-test-deps)");
+    }
+    found
+}
+
+/// The DOM `browser` builds for `url` after letting its scripts run for `script_ms` of virtual time.
+pub async fn render(browser: &'static str, url: String, script_ms: u32) -> String {
+    let profile = tempfile::tempdir().unwrap();
+    let user_data = format!("--user-data-dir={}", profile.path().display());
+    let budget = format!("--virtual-time-budget={script_ms}");
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(browser)
+            .args(["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", &user_data, &budget])
+            .args(["--dump-dom", &url])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(output.status.success(), "chromium: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8_lossy(&output.stdout).to_string()
+}
