@@ -6,7 +6,7 @@
 //! `--netcheck-anonymous`, for seed clients on a cluster-internal address. What the seed answered in
 //! Chinese is answered in English; the keys are the seed's.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use axum::Router;
@@ -206,37 +206,44 @@ async fn seed_view(state: &State) -> SeedView {
     };
     let mut hosts = as_values(state.netcheck.seed_results(false));
     let mut pods = as_values(state.netcheck.seed_results(true));
-    for client in clients.iter().filter(|client| client.source == "keel") {
-        let source = if client.pod_ip.is_empty() { &client.node_ip } else { &client.pod_ip };
-        if source.is_empty() {
+    // Keel proxies' results, keyed as seed 002 keys its own: by the prober's pod IP, else node IP.
+    let keel_sources: BTreeMap<&str, &str> = clients
+        .iter()
+        .filter(|client| client.source == "keel")
+        .filter_map(|client| {
+            let source = if client.pod_ip.is_empty() { &client.node_ip } else { &client.pod_ip };
+            (!source.is_empty()).then_some((client.id.as_str(), source.as_str()))
+        })
+        .collect();
+    let (host_set, pod_set): (BTreeSet<&str>, BTreeSet<&str>) =
+        (host_ips.iter().map(String::as_str).collect(), pod_ips.iter().map(String::as_str).collect());
+    for pair in state.netcheck.pairs(&clients) {
+        let Some(source) = keel_sources.get(pair.source.as_str()).map(|s| s.to_string()) else { continue };
+        let table = if pod_set.contains(pair.target.as_str()) {
+            &mut pods
+        } else if host_set.contains(pair.target.as_str()) {
+            &mut hosts
+        } else {
             continue;
+        };
+        let entry = table
+            .entry(source)
+            .or_default()
+            .entry(pair.target.clone())
+            .or_insert_with(|| json!({"ping": "unknown", "port_status": "unknown", "test_duration": 0}));
+        let verdict = |up: Option<bool>, yes: &str, no: &str| match up {
+            Some(true) => yes.to_string(),
+            Some(false) => no.to_string(),
+            None => "unknown".to_string(),
+        };
+        match pair.kind.as_str() {
+            "icmp" => entry["ping"] = json!(verdict(pair.up, "reachable", "unreachable")),
+            "tcp" => entry["port_status"] = json!(verdict(pair.up, "open", "closed")),
+            _ => {}
         }
-        for pair in state.netcheck.pairs(std::slice::from_ref(client)) {
-            let table = if pod_ips.contains(&pair.target) {
-                &mut pods
-            } else if host_ips.contains(&pair.target) {
-                &mut hosts
-            } else {
-                continue;
-            };
-            let entry =
-                table.entry(source.clone()).or_default().entry(pair.target.clone()).or_insert_with(
-                    || json!({"ping": "unknown", "port_status": "unknown", "test_duration": 0}),
-                );
-            let verdict = |up: Option<bool>, yes: &str, no: &str| match up {
-                Some(true) => yes.to_string(),
-                Some(false) => no.to_string(),
-                None => "unknown".to_string(),
-            };
-            match pair.kind.as_str() {
-                "icmp" => entry["ping"] = json!(verdict(pair.up, "reachable", "unreachable")),
-                "tcp" => entry["port_status"] = json!(verdict(pair.up, "open", "closed")),
-                _ => {}
-            }
-            if let Some(latency) = pair.latency_ms {
-                // Go's time.Duration, as the seed encodes it: nanoseconds.
-                entry["test_duration"] = json!((latency * 1_000_000.0) as u64);
-            }
+        if let Some(latency) = pair.latency_ms {
+            // Go's time.Duration, as the seed encodes it: nanoseconds.
+            entry["test_duration"] = json!((latency * 1_000_000.0) as u64);
         }
     }
     SeedView { clients: clients.len(), host_ips, pod_ips, hosts, pods }
