@@ -2,10 +2,13 @@
 //! the sink confirms it.
 //!
 //! A reporter reads its address ([`detect`]): for an interface, a netlink dump filtered by the kernel's
-//! flags and the configured policy ([`select`]). It looks again on every netlink address event (after a
-//! debounce, since the kernel re-announces addresses on each router advertisement), every `interval`,
-//! and when a retry is due. A new address becomes *pending* and is written to the state file before it
-//! is sent; it becomes *delivered* only when the sink answered 2xx. A newer address replaces a pending
+//! flags and the configured policy ([`select`]); or STUN, HTTP echo, another node's report held by the
+//! control plane ([`seed_api`]), or a static value. It looks again on every netlink address event (after
+//! a debounce, since the kernel re-announces addresses on each router advertisement), when the control
+//! plane's long poll answers, every `interval`, and when a retry is due. A new address becomes *pending*
+//! and is written to the state file before it is sent; it becomes *delivered* only when the sink
+//! confirmed it: a 2xx from the control plane, or, for a DNS provider (keel-ddns), a read-back showing
+//! exactly the address. A newer address replaces a pending
 //! one (only the latest matters). Failures retry with jittered backoff (1 s doubling to 60 s), forever;
 //! nothing here ever exits on a network error. After a restart the pending address is sent again and a
 //! delivered one is not.
