@@ -752,19 +752,10 @@ async fn report_public_ip(
     }
 }
 
-/// Whether `X-API-Token` holds a proxy token (seed 000's check); anything passes when no proxy tokens
-/// are configured.
+/// Whether the request carries a proxy token (seed 000 sends it as `X-API-Token`); anything passes
+/// when no proxy tokens are configured.
 fn api_token_valid(state: &State, headers: &HeaderMap) -> bool {
-    if !state.tokens.requires(Role::Proxy) {
-        return true;
-    }
-    let mut bearer = HeaderMap::new();
-    if let Some(token) = headers.get("x-api-token").and_then(|v| v.to_str().ok())
-        && let Ok(value) = format!("Bearer {token}").parse()
-    {
-        bearer.insert(header::AUTHORIZATION, value);
-    }
-    state.tokens.check(&bearer, Role::Proxy).is_ok()
+    state.tokens.check(headers, Role::Proxy).is_ok()
 }
 
 #[derive(Deserialize)]

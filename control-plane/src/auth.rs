@@ -1,5 +1,6 @@
 //! Bearer tokens: operator tokens for the REST API, `/debug` and the state page, proxy tokens for the
-//! snapshot stream and address reports. A browser may give an operator token as a Basic password.
+//! snapshot stream, address reports and network checks. A browser may give an operator token as a Basic
+//! password; seed 000 and 002 clients send theirs as `X-API-Token`.
 //!
 //! Tokens come from files or the environment at start, never from the database. With no token of a
 //! role configured, that role's endpoints are open; the binary allows that only on a loopback address.
@@ -60,15 +61,16 @@ impl Tokens {
         }
     }
 
-    /// Checks the request's bearer token for `role`.
+    /// Checks the request's token for `role`: from `Authorization` (Bearer, or Basic with the token as
+    /// the password), else from `X-API-Token` (seed 000's and 002's header).
     pub fn check(&self, headers: &HeaderMap, role: Role) -> Result<(), Denied> {
         if !self.requires(role) {
             return Ok(());
         }
-        let presented = headers
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|value| value.to_str().ok())
+        let header = |name| headers.get(name).and_then(|value: &axum::http::HeaderValue| value.to_str().ok());
+        let presented = header(axum::http::header::AUTHORIZATION.as_str())
             .and_then(presented_token)
+            .or_else(|| header("x-api-token").map(|token| token.trim().to_string()))
             .ok_or(Denied::Unauthenticated)?;
         let presented = presented.as_str();
         let matches = |tokens: &[String]| {
@@ -130,5 +132,9 @@ mod tests {
         assert_eq!(tokens.check(&basic, Role::Operator), Ok(()));
         basic.insert("authorization", HeaderValue::from_static("Basic YWRtaW46bm9wZQ=="));
         assert_eq!(tokens.check(&basic, Role::Operator), Err(Denied::Unauthenticated));
+        let mut api_token = HeaderMap::new();
+        api_token.insert("x-api-token", HeaderValue::from_static("px"));
+        assert_eq!(tokens.check(&api_token, Role::Proxy), Ok(()));
+        assert_eq!(tokens.check(&api_token, Role::Operator), Err(Denied::Forbidden));
     }
 }

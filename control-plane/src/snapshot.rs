@@ -190,7 +190,7 @@ impl World {
                         if targets.is_empty() {
                             continue;
                         }
-                        fill_targets(&mut item, targets);
+                        item.set_targets(&targets);
                     }
                     sections.probes.push(item);
                 }
@@ -247,22 +247,6 @@ fn with_name(labels: &BTreeMap<String, String>, node: &str) -> BTreeMap<String, 
     let mut labels = labels.clone();
     labels.insert(NODE_LABEL.to_string(), node.to_string());
     labels
-}
-
-/// Puts `targets` (texts as [`keel_schemas::resource::Peers::target`] makes them) in the probe's kind.
-fn fill_targets(probe: &mut Probe, targets: Vec<String>) {
-    if let Some(icmp) = &mut probe.icmp {
-        icmp.targets = targets.iter().filter_map(|t| t.parse().ok()).collect();
-    }
-    if let Some(tcp) = &mut probe.tcp {
-        tcp.targets = targets.iter().filter_map(|t| t.parse().ok()).collect();
-    }
-    if let Some(udp) = &mut probe.udp {
-        udp.targets = targets.iter().filter_map(|t| t.parse().ok()).collect();
-    }
-    if let Some(http) = &mut probe.http {
-        http.targets = targets;
-    }
 }
 
 #[cfg(test)]

@@ -246,17 +246,7 @@ async fn records_go_through_alibaba_cloud_dns_with_signed_requests() {
     .await;
     std::fs::write(&secret_file, format!("{SECRET}\n")).unwrap();
 
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        let (_, raw) = operator(addr, "GET", "/raw", None).await;
-        let synced =
-            raw["records"].as_array().unwrap().iter().filter(|r| r["status"]["inSync"] == true).count();
-        if synced == 2 {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "not in sync: {raw}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    records_in_sync(addr, 2, Duration::from_secs(15)).await;
     let fake = fake.lock().await;
     assert!(fake.problems.is_empty(), "{:?}", fake.problems);
     let held: Vec<(String, String, u64)> = fake

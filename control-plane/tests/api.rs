@@ -299,17 +299,7 @@ async fn a_nodes_address_can_be_read_and_waited_for() {
     let dir = tempfile::tempdir().unwrap();
     let cp = start(&database(&dir)).await;
     let addr = cp.local_addr;
-    let get = |path: &'static str, token: &'static str| async move {
-        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let request =
-            format!("GET {path} HTTP/1.1\r\nHost: cp\r\nX-API-Token: {token}\r\nConnection: close\r\n\r\n");
-        tokio::io::AsyncWriteExt::write_all(&mut stream, request.as_bytes()).await.unwrap();
-        let mut response = String::new();
-        tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut response).await.unwrap();
-        let status: u16 = response[9..12].parse().unwrap();
-        let body = response.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default();
-        (status, serde_json::from_str::<Value>(&body).unwrap_or(Value::String(body)))
-    };
+    let get = |path: &'static str, token: &'static str| api_token_call(addr, "GET", path, Some(token), None);
     assert_eq!(
         get("/api/v1/public-ip/gw-1", "wrong").await,
         (401, Value::String("Invalid API token".into()))

@@ -34,6 +34,18 @@ async fn start_proxy(dir: &Path, node: &str, labels: &[(&str, &str)], cp: Socket
     proxy
 }
 
+/// Proxy `node-a` (app=web) relaying the `web` config to an echo server, with its snapshot ACKed.
+async fn web_proxy_acked(dir: &Path, addr: SocketAddr) -> Proxy {
+    let a = start_proxy(dir, "node-a", &[("app", "web")], addr).await;
+    web_config(addr, echo().await).await;
+    eventually("the listener", || async { a.listener_addr("web").await.is_some() }).await;
+    eventually("the ACK", || async {
+        record(addr, "node-a").await.is_some_and(|p| p["ackedVersion"] == p["sentVersion"])
+    })
+    .await;
+    a
+}
+
 async fn stop_proxy(proxy: &Proxy) {
     proxy.shutdown(Shutdown::Fast);
     proxy.close_all_connections().await;
@@ -143,13 +155,7 @@ async fn a_refused_snapshot_is_nacked_once_and_the_old_config_keeps_running() {
     let dir = tempfile::tempdir().unwrap();
     let cp = start(&database(&dir)).await;
     let addr = cp.local_addr;
-    let a = start_proxy(dir.path(), "node-a", &[("app", "web")], addr).await;
-    web_config(addr, echo().await).await;
-    eventually("the listener", || async { a.listener_addr("web").await.is_some() }).await;
-    eventually("the ACK", || async {
-        record(addr, "node-a").await.is_some_and(|p| p["ackedVersion"] == p["sentVersion"])
-    })
-    .await;
+    let a = web_proxy_acked(dir.path(), addr).await;
     let good = record(addr, "node-a").await.unwrap();
     let listener = a.listener_addr("web").await.unwrap();
 
@@ -208,13 +214,7 @@ async fn proxies_ride_out_a_control_plane_restart_and_restart_from_their_cache()
     let dir = tempfile::tempdir().unwrap();
     let cp = start(&database(&dir)).await;
     let addr = cp.local_addr;
-    let a = start_proxy(dir.path(), "node-a", &[("app", "web")], addr).await;
-    web_config(addr, echo().await).await;
-    eventually("the listener", || async { a.listener_addr("web").await.is_some() }).await;
-    eventually("the ACK", || async {
-        record(addr, "node-a").await.is_some_and(|p| p["ackedVersion"] == p["sentVersion"])
-    })
-    .await;
+    let a = web_proxy_acked(dir.path(), addr).await;
     let version = a.snapshot().unwrap().version;
 
     cp.stop().await;

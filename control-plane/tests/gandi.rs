@@ -5,7 +5,7 @@ mod support;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::State as Shared;
@@ -105,17 +105,7 @@ async fn records_go_through_gandi_livedns_as_documented() {
 
     report_address(addr, "203.0.113.7").await;
 
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (_, raw) = operator(addr, "GET", "/raw", None).await;
-        let synced =
-            raw["records"].as_array().unwrap().iter().filter(|r| r["status"]["inSync"] == true).count();
-        if synced == 2 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "not in sync: {raw}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    records_in_sync(addr, 2, Duration::from_secs(10)).await;
     let fake = fake.lock().await;
     assert!(fake.problems.is_empty(), "{:?}", fake.problems);
     assert_eq!(fake.puts, 2);

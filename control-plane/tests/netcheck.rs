@@ -14,30 +14,6 @@ use keel_proxy::{Proxy, Shutdown};
 use keel_schemas::MapEnvironment;
 use serde_json::{Value, json};
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// One request with `X-API-Token` (or none), as seed 002's clients and scripts send them.
-async fn seed_call(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-    body: Option<Value>,
-) -> (u16, Value) {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    let token = token.map(|t| format!("X-API-Token: {t}\r\n")).unwrap_or_default();
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: cp\r\n{token}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    let status = response[9..12].parse().unwrap();
-    let body = response.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or_default();
-    (status, serde_json::from_str(body).unwrap_or(Value::String(body.to_string())))
-}
 
 fn node_info(pod: &str, node_ip: &str, pod_ip: &str) -> Value {
     json!({"namespace": "kube-system", "node_ip": node_ip, "pod_ip": pod_ip, "pod_name": pod, "timestamp": "2025-12-12T21:00:00.123+08:00"})
@@ -54,11 +30,16 @@ async fn seed_002_clients_keep_working() {
     let p = Some(PROXY);
 
     // With proxy tokens configured, a token is needed (the flag --netcheck-anonymous lifts that).
-    let (status, body) =
-        seed_call(addr, "POST", "/api/v1/heartbeat", None, Some(node_info("p1", "10.0.0.1", "10.1.0.1")))
-            .await;
+    let (status, body) = api_token_call(
+        addr,
+        "POST",
+        "/api/v1/heartbeat",
+        None,
+        Some(node_info("p1", "10.0.0.1", "10.1.0.1")),
+    )
+    .await;
     assert_eq!((status, body["code"].as_str()), (401, Some("UNAUTHORIZED")));
-    let (status, body) = seed_call(
+    let (status, body) = api_token_call(
         addr,
         "POST",
         "/api/v1/heartbeat",
@@ -69,47 +50,54 @@ async fn seed_002_clients_keep_working() {
     assert_eq!(status, 400);
     assert_eq!(body["code"], "INVALID_REQUEST");
     assert!(body["details"].as_str().unwrap().contains("PodIP"), "{body}");
-    let (status, body) = seed_call(addr, "POST", "/api/v1/heartbeat", p, Some(json!("not an object"))).await;
+    let (status, body) =
+        api_token_call(addr, "POST", "/api/v1/heartbeat", p, Some(json!("not an object"))).await;
     assert_eq!((status, body["code"].as_str()), (400, Some("INVALID_REQUEST")));
 
     for (pod, node_ip, pod_ip) in [("p1", "10.0.0.1", "10.1.0.1"), ("p2", "10.0.0.2", "10.1.0.2")] {
         let (status, body) =
-            seed_call(addr, "POST", "/api/v1/heartbeat", p, Some(node_info(pod, node_ip, pod_ip))).await;
+            api_token_call(addr, "POST", "/api/v1/heartbeat", p, Some(node_info(pod, node_ip, pod_ip))).await;
         assert_eq!((status, body["status"].as_str()), (200, Some("success")), "{body}");
     }
     let result = |target: &str, ping: &str, port: &str| json!({"source_ip": "10.1.0.1", "target_ip": target, "ping_status": ping, "port_status": {"22": port}, "latency": 1_000_000, "test_duration": 2_010_000_000u64, "timestamp": "2025-12-12T21:00:01+08:00"});
     let hosts = json!({"source_ip": "10.1.0.1", "results": [result("10.0.0.2", "reachable", "open")]});
-    assert_eq!(seed_call(addr, "POST", "/api/v1/test-results/hosts", p, Some(hosts)).await.0, 200);
+    assert_eq!(api_token_call(addr, "POST", "/api/v1/test-results/hosts", p, Some(hosts)).await.0, 200);
     let pods = json!({"source_ip": "10.1.0.1", "results": [result("10.1.0.2", "unreachable", "closed")]});
-    assert_eq!(seed_call(addr, "POST", "/api/v1/test-results/pods", p, Some(pods)).await.0, 200);
+    assert_eq!(api_token_call(addr, "POST", "/api/v1/test-results/pods", p, Some(pods)).await.0, 200);
     let service =
         json!({"source_ip": "10.1.0.1", "result": result("mysql.default.svc", "reachable", "open")});
-    assert_eq!(seed_call(addr, "POST", "/api/v1/test-results/service", p, Some(service)).await.0, 200);
+    assert_eq!(api_token_call(addr, "POST", "/api/v1/test-results/service", p, Some(service)).await.0, 200);
     assert_eq!(
-        seed_call(addr, "POST", "/api/v1/test-results/hosts", p, Some(json!({"results": []}))).await.0,
+        api_token_call(addr, "POST", "/api/v1/test-results/hosts", p, Some(json!({"results": []}))).await.0,
         400
     );
 
     assert_eq!(
-        seed_call(addr, "GET", "/api/v1/hosts", p, None).await.1,
+        api_token_call(addr, "GET", "/api/v1/hosts", p, None).await.1,
         json!({"host_ips": ["10.0.0.1", "10.0.0.2"], "count": 2})
     );
     assert_eq!(
-        seed_call(addr, "GET", "/api/v1/pods", p, None).await.1,
+        api_token_call(addr, "GET", "/api/v1/pods", p, None).await.1,
         json!({"pod_ips": ["10.1.0.1", "10.1.0.2"], "count": 2})
     );
-    assert_eq!(seed_call(addr, "GET", "/api/v1/clients/count", p, None).await.1["active_client_count"], 2);
-    assert_eq!(seed_call(addr, "GET", "/api/v1/health", None, None).await.1, json!({"status": "healthy"}));
     assert_eq!(
-        seed_call(addr, "GET", "/api/v1/test-results/hosts", p, None).await.1,
+        api_token_call(addr, "GET", "/api/v1/clients/count", p, None).await.1["active_client_count"],
+        2
+    );
+    assert_eq!(
+        api_token_call(addr, "GET", "/api/v1/health", None, None).await.1,
+        json!({"status": "healthy"})
+    );
+    assert_eq!(
+        api_token_call(addr, "GET", "/api/v1/test-results/hosts", p, None).await.1,
         json!({"results": {"10.1.0.1": {"10.0.0.2": {"ping": "reachable", "port_status": "open", "test_duration": 2_010_000_000u64}}}})
     );
     assert_eq!(
-        seed_call(addr, "GET", "/api/v1/test-results/pods", p, None).await.1["results"]["10.1.0.1"]["10.1.0.2"]
+        api_token_call(addr, "GET", "/api/v1/test-results/pods", p, None).await.1["results"]["10.1.0.1"]["10.1.0.2"]
             ["ping"],
         "unreachable"
     );
-    let (_, all) = seed_call(addr, "GET", "/api/v1/results", p, None).await;
+    let (_, all) = api_token_call(addr, "GET", "/api/v1/results", p, None).await;
     let mut keys: Vec<&String> = all.as_object().unwrap().keys().collect();
     keys.sort();
     assert_eq!(
@@ -126,7 +114,7 @@ async fn seed_002_clients_keep_working() {
     assert_eq!(all["service_test_results"]["10.1.0.1"]["target_ip"], "mysql.default.svc");
 
     // In the matrix: p1 reaches p2's node but not its pod, so the pair is down.
-    let (_, matrix) = seed_call(addr, "GET", "/api/v1/matrix", p, None).await;
+    let (_, matrix) = api_token_call(addr, "GET", "/api/v1/matrix", p, None).await;
     assert_eq!(matrix["summary"]["unreachablePairs"], 1, "{matrix}");
     assert_eq!(matrix["cells"], json!([[0, 1, 2, null, 1.0]]), "p1 -> p2, down");
     let (_, metrics) = operator(addr, "GET", "/metrics", None).await;
@@ -138,23 +126,33 @@ async fn seed_002_clients_keep_working() {
     // p2 stops heartbeating: gone after the expiry; p1, still heartbeating, stays with its results.
     for _ in 0..6 {
         tokio::time::sleep(Duration::from_millis(250)).await;
-        seed_call(addr, "POST", "/api/v1/heartbeat", p, Some(node_info("p1", "10.0.0.1", "10.1.0.1"))).await;
+        api_token_call(addr, "POST", "/api/v1/heartbeat", p, Some(node_info("p1", "10.0.0.1", "10.1.0.1")))
+            .await;
     }
     assert_eq!(
-        seed_call(addr, "GET", "/api/v1/hosts", p, None).await.1,
+        api_token_call(addr, "GET", "/api/v1/hosts", p, None).await.1,
         json!({"host_ips": ["10.0.0.1"], "count": 1})
     );
-    assert_eq!(seed_call(addr, "GET", "/api/v1/clients/count", p, None).await.1["active_client_count"], 1);
+    assert_eq!(
+        api_token_call(addr, "GET", "/api/v1/clients/count", p, None).await.1["active_client_count"],
+        1
+    );
     assert!(
-        !seed_call(addr, "GET", "/api/v1/test-results/hosts", p, None).await.1["results"]["10.1.0.1"]
+        !api_token_call(addr, "GET", "/api/v1/test-results/hosts", p, None).await.1["results"]["10.1.0.1"]
             .is_null()
     );
     // Then p1 too: its results go with it.
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    assert_eq!(seed_call(addr, "GET", "/api/v1/clients/count", p, None).await.1["active_client_count"], 0);
-    assert_eq!(seed_call(addr, "GET", "/api/v1/test-results/hosts", p, None).await.1, json!({"results": {}}));
     assert_eq!(
-        seed_call(addr, "GET", "/api/v1/test-results/service", p, None).await.1,
+        api_token_call(addr, "GET", "/api/v1/clients/count", p, None).await.1["active_client_count"],
+        0
+    );
+    assert_eq!(
+        api_token_call(addr, "GET", "/api/v1/test-results/hosts", p, None).await.1,
+        json!({"results": {}})
+    );
+    assert_eq!(
+        api_token_call(addr, "GET", "/api/v1/test-results/service", p, None).await.1,
         json!({"results": {}})
     );
     cp.stop().await;
@@ -490,7 +488,7 @@ async fn the_openapi_file_lists_what_is_served() {
         } else if let Some(method) = ["get", "post"].into_iter().find(|m| line == format!("    {m}:")) {
             let body = (method == "post").then(|| json!({}));
             let (status, answer) =
-                seed_call(cp.local_addr, &method.to_uppercase(), &path, Some(PROXY), body).await;
+                api_token_call(cp.local_addr, &method.to_uppercase(), &path, Some(PROXY), body).await;
             assert!(status != 404 && status != 405, "{method} {path}: {status} {answer}");
             checked += 1;
         }
@@ -510,7 +508,7 @@ async fn the_matrix_page_scales_to_200_clients() {
     let ip = |i: usize| format!("10.0.{}.{}", i / 200, i % 200 + 1);
     for i in 0..200 {
         let info = node_info(&format!("pod-{i:03}"), &ip(i), &format!("10.1.{}.{}", i / 200, i % 200 + 1));
-        assert_eq!(seed_call(addr, "POST", "/api/v1/heartbeat", Some(PROXY), Some(info)).await.0, 200);
+        assert_eq!(api_token_call(addr, "POST", "/api/v1/heartbeat", Some(PROXY), Some(info)).await.0, 200);
         // Each pings the next five; pod-007 cannot reach pod-008.
         let results: Vec<Value> = (1..=5)
             .map(|step| {
@@ -521,7 +519,7 @@ async fn the_matrix_page_scales_to_200_clients() {
             .collect();
         let report = json!({"source_ip": format!("10.1.{}.{}", i / 200, i % 200 + 1), "results": results});
         assert_eq!(
-            seed_call(addr, "POST", "/api/v1/test-results/hosts", Some(PROXY), Some(report)).await.0,
+            api_token_call(addr, "POST", "/api/v1/test-results/hosts", Some(PROXY), Some(report)).await.0,
             200
         );
     }

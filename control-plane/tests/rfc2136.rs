@@ -66,6 +66,15 @@ zone "example.test" {{ type primary; file "{dir}/example.test.zone"; allow-updat
         Bind { dir: dir.to_path_buf(), port, child: None }
     }
 
+    /// A started BIND in `dir`, and the file holding the key's secret.
+    async fn running(dir: &Path) -> (Bind, PathBuf) {
+        let mut bind = Bind::configure(dir, free_port());
+        bind.start().await;
+        let secret_file = dir.join("tsig.secret");
+        std::fs::write(&secret_file, format!("{SECRET}\n")).unwrap();
+        (bind, secret_file)
+    }
+
     async fn start(&mut self) {
         let child = Command::new(named_binary().unwrap())
             .args(["-g", "-c"])
@@ -133,10 +142,7 @@ async fn records_follow_reported_addresses_through_bind_and_no_update_is_lost() 
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let mut bind = Bind::configure(dir.path(), free_port());
-    bind.start().await;
-    let secret_file = dir.path().join("tsig.secret");
-    std::fs::write(&secret_file, format!("{SECRET}\n")).unwrap();
+    let (mut bind, secret_file) = Bind::running(dir.path()).await;
 
     let listen: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let cp = keel_control_plane::ControlPlane::start(settings(&database(&dir), listen)).await.unwrap();
@@ -220,10 +226,7 @@ async fn a_follower_takes_the_detected_address_from_the_control_plane_to_bind() 
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let mut bind = Bind::configure(dir.path(), free_port());
-    bind.start().await;
-    let secret_file = dir.path().join("tsig.secret");
-    std::fs::write(&secret_file, format!("{SECRET}\n")).unwrap();
+    let (bind, secret_file) = Bind::running(dir.path()).await;
     let cp = start(&database(&dir)).await;
     let listen = cp.local_addr;
 

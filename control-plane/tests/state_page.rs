@@ -9,7 +9,6 @@ mod support;
 
 use serde_json::json;
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test]
 async fn a_browser_shows_records_addresses_and_errors_as_text() {
@@ -34,14 +33,7 @@ async fn a_browser_shows_records_addresses_and_errors_as_text() {
     report_address(addr, "203.0.113.7").await;
     // A node name that is markup (seed 000's agents are named by whatever they send).
     let hostile = "<img src=x onerror=alert(1)>";
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let body = r#"{"ipAddress": "198.51.100.9"}"#;
-    let request = format!(
-        "POST /api/v1/public-ip HTTP/1.1\r\nHost: cp\r\nX-API-Token: {PROXY}\r\nX-Keel-Node: {hostile}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).await.unwrap();
-    stream.read_to_end(&mut Vec::new()).await.unwrap();
+    report_address_as(addr, hostile, "198.51.100.9").await;
     eventually("the failed update in the status", || async {
         let (_, record) = operator(addr, "GET", &format!("{v1}/dnsrecords/home"), None).await;
         record["status"]["lastError"].is_string()

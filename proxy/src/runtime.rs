@@ -581,59 +581,48 @@ impl Proxy {
     /// Starts, restarts (when their config changed) and stops reporters to match `config`. A reporter's
     /// state file carries its pending address across a restart, so nothing is lost.
     async fn update_reporters(&self, config: &keel_schemas::Config) {
-        let mut running = self.inner.reporters.lock().await;
-        running.retain(|name, (current, stop)| {
-            let keep = config.reporters.iter().any(|wanted| wanted == current);
-            if !keep {
-                tracing::info!(reporter = %name, "reporter stopped");
-                stop.cancel();
-            }
-            keep
-        });
         let node = crate::tunnel::node_name(config);
-        for reporter in &config.reporters {
-            if running.contains_key(&reporter.name) {
-                continue;
-            }
-            let stop = self.inner.close_all.child_token();
-            tracing::info!(reporter = %reporter.name, "reporter started");
-            tokio::spawn(crate::reporter::run(
-                reporter.clone(),
-                node.clone(),
-                Arc::clone(&self.inner.metrics),
-                stop.clone(),
-            ));
-            running.insert(reporter.name.clone(), (reporter.clone(), stop));
-        }
+        let mut running = self.inner.reporters.lock().await;
+        reconcile(
+            &mut running,
+            &config.reporters,
+            &self.inner.close_all,
+            |reporter| &reporter.name,
+            "reporter",
+            |_| {},
+            |reporter, stop| {
+                tokio::spawn(crate::reporter::run(
+                    reporter.clone(),
+                    node.clone(),
+                    Arc::clone(&self.inner.metrics),
+                    stop,
+                ));
+            },
+        );
     }
 
     /// Starts, restarts (when their config changed) and stops probes to match `config`. A restarted
     /// probe starts its targets afresh (unjudged) and its old task's last writes go nowhere.
     async fn update_probes(&self, config: &keel_schemas::Config) {
         let mut running = self.inner.probes.lock().await;
-        running.retain(|name, (current, stop)| {
-            let keep = config.probes.iter().any(|wanted| wanted == current);
-            if !keep {
-                tracing::info!(probe = %name, "probe stopped");
-                stop.cancel();
-                self.inner.probe_states.remove(name);
-            }
-            keep
-        });
-        for probe in &config.probes {
-            if running.contains_key(&probe.name) {
-                continue;
-            }
-            let stop = self.inner.close_all.child_token();
-            tracing::info!(probe = %probe.name, targets = probe.targets().len(), "probe started");
-            tokio::spawn(crate::probe::run(
-                probe.clone(),
-                Arc::clone(&self.inner.probe_states),
-                Arc::clone(&self.inner.metrics),
-                stop.clone(),
-            ));
-            running.insert(probe.name.clone(), (probe.clone(), stop));
-        }
+        let states = &self.inner.probe_states;
+        let forget = |name: &str| states.remove(name);
+        reconcile(
+            &mut running,
+            &config.probes,
+            &self.inner.close_all,
+            |probe| &probe.name,
+            "probe",
+            forget,
+            |probe, stop| {
+                tokio::spawn(crate::probe::run(
+                    probe.clone(),
+                    Arc::clone(states),
+                    Arc::clone(&self.inner.metrics),
+                    stop,
+                ));
+            },
+        );
     }
 
     /// Every probe target's latest result, for `/probes` and the control plane.
@@ -852,4 +841,37 @@ pub struct ListenerStatus {
     pub configured: SocketAddr,
     pub bound: SocketAddr,
     pub active_connections: usize,
+}
+
+/// Makes the tasks in `running` (by name: the config each runs and its stop token) match `wanted`: a task
+/// whose config is gone or changed is stopped (`stopped` is told its name), and every wanted one not
+/// running is started by `start` with a stop token of its own, a child of `parent`.
+fn reconcile<T: Clone + PartialEq>(
+    running: &mut HashMap<String, (T, CancellationToken)>,
+    wanted: &[T],
+    parent: &CancellationToken,
+    name_of: impl Fn(&T) -> &String,
+    what: &str,
+    stopped: impl Fn(&str),
+    mut start: impl FnMut(&T, CancellationToken),
+) {
+    running.retain(|name, (current, stop)| {
+        let keep = wanted.iter().any(|item| item == current);
+        if !keep {
+            tracing::info!(name = %name, "{what} stopped");
+            stop.cancel();
+            stopped(name);
+        }
+        keep
+    });
+    for item in wanted {
+        let name = name_of(item);
+        if running.contains_key(name) {
+            continue;
+        }
+        let stop = parent.child_token();
+        tracing::info!(name = %name, "{what} started");
+        start(item, stop.clone());
+        running.insert(name.clone(), (item.clone(), stop));
+    }
 }

@@ -157,6 +157,26 @@ impl Probe {
         }
     }
 
+    /// Replaces the kind's targets with `targets`, given as text ([`Probe::targets`]'s form); texts that
+    /// are not a target of the kind are left out.
+    pub fn set_targets(&mut self, targets: &[String]) {
+        if let Some(icmp) = &mut self.icmp {
+            icmp.targets = targets.iter().filter_map(|t| t.parse().ok()).collect();
+        }
+        if let Some(tcp) = &mut self.tcp {
+            tcp.targets = targets.iter().filter_map(|t| t.parse().ok()).collect();
+        }
+        if let Some(http) = &mut self.http {
+            http.targets = targets.to_vec();
+        }
+        if let Some(dns) = &mut self.dns {
+            dns.targets = targets.to_vec();
+        }
+        if let Some(udp) = &mut self.udp {
+            udp.targets = targets.iter().filter_map(|t| t.parse().ok()).collect();
+        }
+    }
+
     /// The targets, as text (what metrics and results name them by).
     pub fn targets(&self) -> Vec<String> {
         let mut out: Vec<String> = Vec::new();

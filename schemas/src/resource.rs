@@ -651,19 +651,7 @@ pub fn check_spec(
                     return Err(vec![FieldError::new("spec.peers.path", "a path starts with /")]);
                 }
                 // Validate as the proxy will see it, with one peer in place.
-                let example = peers.target(kind, std::net::IpAddr::from([192, 0, 2, 1]));
-                if let Some(icmp) = &mut checked.icmp {
-                    icmp.targets = vec![std::net::IpAddr::from([192, 0, 2, 1])];
-                }
-                if let Some(tcp) = &mut checked.tcp {
-                    tcp.targets = example.parse().into_iter().collect();
-                }
-                if let Some(udp) = &mut checked.udp {
-                    udp.targets = example.parse().into_iter().collect();
-                }
-                if let Some(http) = &mut checked.http {
-                    http.targets = vec![example];
-                }
+                checked.set_targets(&[peers.target(kind, std::net::IpAddr::from([192, 0, 2, 1]))]);
             }
             let config = fragment(|config| config.probes = vec![checked.clone()]);
             semantic(&config, "probes[0]", &[])?;

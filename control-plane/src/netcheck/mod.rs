@@ -88,7 +88,6 @@ pub struct PairResult {
 /// What the control plane knows of the network.
 #[derive(Debug)]
 pub struct NetCheck {
-    expiry: Duration,
     seed_clients: moka::sync::Cache<String, NodeInfo>,
     seed_hosts: moka::sync::Cache<String, Arc<BTreeMap<String, TestStatus>>>,
     seed_pods: moka::sync::Cache<String, Arc<BTreeMap<String, TestStatus>>>,
@@ -121,11 +120,7 @@ impl NetCheck {
             })
             .build();
         let proxy_results = moka::sync::Cache::builder().max_capacity(MAX_SEED_CLIENTS).build();
-        Self { expiry, seed_clients, seed_hosts, seed_pods, seed_service, proxy_results }
-    }
-
-    pub fn expiry(&self) -> Duration {
-        self.expiry
+        Self { seed_clients, seed_hosts, seed_pods, seed_service, proxy_results }
     }
 
     /// A Keel proxy's latest probe results (with its status, on its stream).

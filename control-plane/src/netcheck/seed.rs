@@ -53,14 +53,8 @@ fn refuse_unless_allowed(state: &State, headers: &HeaderMap) -> Option<Response>
     if state.netcheck_anonymous || !state.tokens.requires(Role::Proxy) {
         return None;
     }
-    let mut bearer = headers.clone();
-    if let Some(token) = headers.get("x-api-token").and_then(|v| v.to_str().ok())
-        && let Ok(value) = format!("Bearer {token}").parse()
-    {
-        bearer.insert(header::AUTHORIZATION, value);
-    }
     let allowed =
-        [Role::Proxy, Role::Operator].into_iter().any(|role| state.tokens.check(&bearer, role).is_ok());
+        [Role::Proxy, Role::Operator].into_iter().any(|role| state.tokens.check(headers, role).is_ok());
     (!allowed).then(|| {
         let mut response =
             error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", "a proxy or operator token is required", "");

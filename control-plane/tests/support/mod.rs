@@ -44,14 +44,42 @@ pub async fn call(
     token: Option<&str>,
     body: Option<(&str, &Value)>,
 ) -> (u16, Value) {
+    let auth = token.map(|token| format!("Bearer {token}"));
+    let headers: Vec<(&str, &str)> = auth.iter().map(|value| ("Authorization", value.as_str())).collect();
+    request(addr, method, path, &headers, body).await
+}
+
+/// One request with the token in `X-API-Token`, as seed 000's and 002's clients send it, and a JSON body.
+pub async fn api_token_call(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let headers: Vec<(&str, &str)> = token.iter().map(|token| ("X-API-Token", *token)).collect();
+    request(addr, method, path, &headers, body.as_ref().map(|body| ("application/json", body))).await
+}
+
+/// One HTTP/1.1 request with `headers` and an optional body of a content type.
+pub async fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<(&str, &Value)>,
+) -> (u16, Value) {
     let mut stream = TcpStream::connect(addr).await.expect("connect");
-    let auth = token.map(|token| format!("Authorization: Bearer {token}\r\n")).unwrap_or_default();
-    let (content_type, body) = match body {
-        Some((content_type, body)) => (format!("Content-Type: {content_type}\r\n"), body.to_string()),
-        None => (String::new(), String::new()),
+    let mut head: String = headers.iter().map(|(name, value)| format!("{name}: {value}\r\n")).collect();
+    let body = match body {
+        Some((content_type, body)) => {
+            head.push_str(&format!("Content-Type: {content_type}\r\n"));
+            body.to_string()
+        }
+        None => String::new(),
     };
     let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: cp\r\n{auth}{content_type}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: cp\r\n{head}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     stream.write_all(request.as_bytes()).await.unwrap();
@@ -82,18 +110,33 @@ where
     }
 }
 
+/// Waits up to `within` for `count` DnsRecords to be in sync, as `/raw` shows them.
+pub async fn records_in_sync(cp: SocketAddr, count: usize, within: Duration) {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let (_, raw) = operator(cp, "GET", "/raw", None).await;
+        let synced =
+            raw["records"].as_array().unwrap().iter().filter(|r| r["status"]["inSync"] == true).count();
+        if synced == count {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "not in sync: {raw}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// What a reporter on node `gw-1` sends (seed 000's request); the control plane must answer 200.
 pub async fn report_address(cp: SocketAddr, address: &str) {
-    let mut stream = TcpStream::connect(cp).await.unwrap();
-    let body = format!(r#"{{"ipAddress": "{address}"}}"#);
-    let request = format!(
-        "POST /api/v1/public-ip HTTP/1.1\r\nHost: cp\r\nX-API-Token: {PROXY}\r\nX-Keel-Node: gw-1\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    report_address_as(cp, "gw-1", address).await;
+}
+
+/// What a reporter on node `node` sends (seed 000's request); the control plane must answer 200.
+pub async fn report_address_as(cp: SocketAddr, node: &str, address: &str) {
+    let headers = [("X-API-Token", PROXY), ("X-Keel-Node", node)];
+    let body = serde_json::json!({"ipAddress": address});
+    let (status, answer) =
+        request(cp, "POST", "/api/v1/public-ip", &headers, Some(("application/json", &body))).await;
+    assert_eq!(status, 200, "{answer}");
 }
 
 /// Runs a command; panics with its error output when it fails; returns its output.
