@@ -157,6 +157,14 @@ fn write_cache(path: &str, snapshot: &Snapshot) -> std::io::Result<()> {
     std::fs::rename(&temporary, path)
 }
 
+/// Makes `proxy` a follower of the control plane its bootstrap file names: it comes up from the cached
+/// snapshot (if any still applies) and then follows the control plane in a task of its own.
+pub async fn start_following(proxy: &Proxy, bootstrap: Config) {
+    proxy.set_bootstrap(bootstrap.clone());
+    apply_cache(proxy, &bootstrap).await;
+    tokio::spawn(follow(proxy.clone(), bootstrap));
+}
+
 /// Follows the control plane until the proxy shuts down.
 pub async fn follow(proxy: Proxy, bootstrap: Config) {
     let Some(control_plane) = bootstrap.control_plane.clone() else { return };

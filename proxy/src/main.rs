@@ -180,10 +180,7 @@ fn run(config: Option<PathBuf>, concurrency: Option<u16>) -> anyhow::Result<()> 
         let admin = keel_proxy::bind_admin(&loaded.config).context("cannot bind the admin API")?;
         if loaded.config.control_plane.is_some() {
             // The file is a bootstrap; the control plane (or, until it answers, the cache) gives the rest.
-            let bootstrap = loaded.config.config().clone();
-            proxy.set_bootstrap(bootstrap.clone());
-            keel_proxy::control_plane::apply_cache(&proxy, &bootstrap).await;
-            tokio::spawn(keel_proxy::control_plane::follow(proxy.clone(), bootstrap));
+            keel_proxy::control_plane::start_following(&proxy, loaded.config.config().clone()).await;
         } else {
             proxy.apply(loaded.config, &source, &loaded.version).await?;
         }
