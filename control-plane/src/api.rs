@@ -565,7 +565,7 @@ fn escape(text: &str) -> String {
 /// each node's current address, whether each record is in sync; and the connected proxies.
 async fn metrics(Shared(state): Shared<Arc<State>>) -> Response {
     let view = crate::ddns::state_view(&*state.store.lock().await);
-    let proxies = state.fleet.connected().await.len();
+    let connected = state.fleet.connected().await;
     let label = |value: &Value| {
         value.as_str().unwrap_or_default().replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
     };
@@ -635,7 +635,24 @@ async fn metrics(Shared(state): Shared<Arc<State>>) -> Response {
         "keel_control_plane_connected_proxies",
         "gauge",
         "Proxies with an open snapshot stream.",
-        vec![(String::new(), proxies.to_string())],
+        vec![(String::new(), connected.len().to_string())],
+    );
+    let refusing: Vec<(String, String)> = connected
+        .iter()
+        .filter(|record| record.refuses_sent())
+        .map(|record| (format!("{{node=\"{}\"}}", label(&json!(record.node))), "1".to_string()))
+        .collect();
+    family(
+        "keel_control_plane_proxies_refusing",
+        "gauge",
+        "Connected proxies that refused (NACKed) the snapshot last sent to them and run an older one.",
+        vec![(String::new(), refusing.len().to_string())],
+    );
+    family(
+        "keel_control_plane_proxy_refusing",
+        "gauge",
+        "1 for each connected proxy that refused the snapshot last sent to it (absent for the others).",
+        refusing,
     );
     let matrix = crate::netcheck::seed::matrix_view(&state).await;
     let summary = &matrix["summary"];

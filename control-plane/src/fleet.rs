@@ -36,6 +36,16 @@ pub struct ProxyRecord {
     pub status: Option<ProxyStatus>,
 }
 
+impl ProxyRecord {
+    /// The proxy refused (NACKed) the snapshot last sent to it, and runs an older one.
+    pub fn refuses_sent(&self) -> bool {
+        match (&self.last_nack, &self.sent_version) {
+            (Some(nack), Some(sent)) => &nack.version == sent && self.acked_version.as_ref() != Some(sent),
+            _ => false,
+        }
+    }
+}
+
 /// A refused snapshot.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]

@@ -175,6 +175,11 @@ async fn a_refused_snapshot_is_nacked_once_and_the_old_config_keeps_running() {
     );
     assert_eq!(nacked["ackedVersion"], good["ackedVersion"], "the proxy stays on its last good snapshot");
     assert_ne!(nacked["lastNack"]["version"], good["ackedVersion"]);
+    // What the KeelProxyRefusingConfig alert reads.
+    let metrics = control_plane_metrics(addr).await;
+    assert!(metrics.contains("\nkeel_control_plane_proxies_refusing 1\n"), "{metrics}");
+    assert!(metrics.contains("\nkeel_control_plane_proxy_refusing{node=\"node-a\"} 1\n"), "{metrics}");
+    promtool_check(&metrics);
 
     // No resend loop: unrelated writes that do not change this node's snapshot send nothing.
     create(
@@ -205,8 +210,17 @@ async fn a_refused_snapshot_is_nacked_once_and_the_old_config_keeps_running() {
     })
     .await;
     assert_eq!(a.listener_addr("web").await, Some(listener));
+    let metrics = control_plane_metrics(addr).await;
+    assert!(metrics.contains("\nkeel_control_plane_proxies_refusing 0\n"), "{metrics}");
+    assert!(!metrics.contains("keel_control_plane_proxy_refusing{"), "{metrics}");
     stop_proxy(&a).await;
     cp.stop().await;
+}
+
+async fn control_plane_metrics(addr: SocketAddr) -> String {
+    let (status, body) = operator(addr, "GET", "/metrics", None).await;
+    assert_eq!(status, 200);
+    body.as_str().unwrap().to_string()
 }
 
 #[tokio::test]

@@ -145,6 +145,18 @@ const DESCRIPTIONS: &[(&str, Kind, Unit, &str)] = &[
         Unit::Count,
         "Control connections to a router opened again after one was lost, by service, role and router.",
     ),
+    (
+        "keel_tunnel_router_up",
+        Kind::Gauge,
+        Unit::Count,
+        "1 while the control session with a router is up (a publisher registered there, a visitor watching the service there), by service, role and router.",
+    ),
+    (
+        "keel_tunnel_publishers",
+        Kind::Gauge,
+        Unit::Count,
+        "Live publishers of a visited service at a router, as the router last said, by service and router.",
+    ),
 ];
 
 #[derive(Clone, Copy)]
@@ -426,6 +438,11 @@ impl TunnelMetrics {
     pub fn handshake_failed(&self, metrics: &Metrics, reason: &str) {
         let labels = [("service", self.metrics_service.as_str()), ("role", self.role), ("reason", reason)];
         metrics.counter("keel_tunnel_handshake_failures_total", &labels).increment(1);
+    }
+
+    /// A gauge of this service and role at `router` (`keel_tunnel_router_up`, `keel_tunnel_publishers`).
+    pub fn router_gauge(&self, metrics: &Metrics, name: &'static str, router: &str) -> Gauge {
+        metrics.gauge(name, &[("service", self.metrics_service.as_str()), ("role", self.role), ("router", router)])
     }
 
     /// Counts a control connection to `router` opened again.

@@ -72,6 +72,16 @@ impl ServiceMetrics {
     pub fn reconnected(&self, router: &str) {
         self.handles.reconnected(&self.registry, router);
     }
+
+    /// `keel_tunnel_router_up` for the session with `router`.
+    pub fn router_up(&self, router: &str) -> metrics::Gauge {
+        self.handles.router_gauge(&self.registry, "keel_tunnel_router_up", router)
+    }
+
+    /// `keel_tunnel_publishers`: the service's publishers at `router`.
+    pub fn publishers_at(&self, router: &str) -> metrics::Gauge {
+        self.handles.router_gauge(&self.registry, "keel_tunnel_publishers", router)
+    }
 }
 
 /// Relays a paired connection to its end, counting it for the service: `sent` is what moves from the

@@ -39,6 +39,8 @@ struct Settings {
 struct Link {
     router: RouterEndpoint,
     registered: AtomicBool,
+    /// `registered`, as a metric.
+    registered_metric: metrics::Gauge,
     session: AtomicU64,
     idle: AtomicUsize,
 }
@@ -88,6 +90,7 @@ impl Publication {
                 Arc::new(Link {
                     router: router.clone(),
                     registered: AtomicBool::new(false),
+                    registered_metric: settings.metrics.router_up(&router.name),
                     session: AtomicU64::new(0),
                     idle: AtomicUsize::new(0),
                 })
@@ -155,6 +158,7 @@ async fn run_link(settings: Arc<Settings>, link: Arc<Link>, stop: CancellationTo
         first = false;
         let result = session(&settings, &link, &stop, &mut backoff).await;
         let was_registered = link.registered.swap(false, Ordering::Relaxed);
+        link.registered_metric.set(0.0);
         if stop.is_cancelled() {
             return;
         }
@@ -207,6 +211,7 @@ async fn session(
     }
     link.session.store(session, Ordering::Relaxed);
     link.registered.store(true, Ordering::Relaxed);
+    link.registered_metric.set(1.0);
     backoff.reset();
     tracing::info!(
         service = settings.service,

@@ -48,6 +48,9 @@ struct Link {
     watching: AtomicBool,
     /// Live publishers of the service on this router, as its last `Status` said.
     publishers: AtomicU16,
+    /// `watching` and `publishers`, as metrics.
+    watching_metric: metrics::Gauge,
+    publishers_metric: metrics::Gauge,
     idle: Mutex<VecDeque<Conn>>,
     taken: Notify,
 }
@@ -98,6 +101,8 @@ impl Visitation {
                     router: router.clone(),
                     watching: AtomicBool::new(false),
                     publishers: AtomicU16::new(0),
+                    watching_metric: settings.metrics.router_up(&router.name),
+                    publishers_metric: settings.metrics.publishers_at(&router.name),
                     idle: Mutex::new(VecDeque::new()),
                     taken: Notify::new(),
                 })
@@ -150,6 +155,7 @@ async fn watch(settings: Arc<Settings>, link: Arc<Link>, stop: CancellationToken
         first = false;
         let result = watch_session(&settings, &link, &stop, &mut backoff).await;
         let was_watching = link.watching.swap(false, Ordering::Relaxed);
+        link.watching_metric.set(0.0);
         if let Err(error) = result {
             // Loud once when a working session ends; quiet while retrying a router that stays down.
             if was_watching || first_failure {
@@ -170,6 +176,7 @@ async fn watch(settings: Arc<Settings>, link: Arc<Link>, stop: CancellationToken
             first_failure = false;
         }
         link.publishers.store(0, Ordering::Relaxed);
+        link.publishers_metric.set(0.0);
         // Pooled connections to a router that went away are of no use.
         link.idle.lock().await.clear();
         tokio::select! {
@@ -200,6 +207,7 @@ async fn watch_session(
         .await
         .map_err(|error| error.to_string())?;
     link.watching.store(true, Ordering::Relaxed);
+    link.watching_metric.set(1.0);
     backoff.reset();
     link.taken.notify_one();
     let handler_link = Arc::clone(link);
@@ -209,6 +217,7 @@ async fn watch_session(
             match frame {
                 Frame::Status { publishers, .. } => {
                     link.publishers.store(publishers, Ordering::Relaxed);
+                    link.publishers_metric.set(f64::from(publishers));
                     // Publishers appeared: the pool may fill now.
                     link.taken.notify_one();
                     true

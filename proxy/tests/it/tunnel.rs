@@ -221,16 +221,29 @@ async fn without_a_live_publisher_the_visitor_refuses_at_once() {
 async fn a_router_restart_keeps_the_visitor_listening_and_service_returns_quickly() {
     let local = Upstream::echo().await;
     let (router, router_at) = router().await;
-    let _publisher = publisher("node-b", &[router_at], local.addr, false).await;
+    let publisher = publisher("node-b", &[router_at], local.addr, false).await;
     let (visitor, visit_at) = visitor(&[router_at], SECRET).await;
     publishers_seen(&visitor, 1).await;
     let mut held = TcpStream::connect(visit_at).await.unwrap();
     echo_once(&mut held, b"before").await.unwrap();
+    // What the tunnel-down alerts read: sessions up, and the publishers each router has.
+    let publisher_up = "keel_tunnel_router_up{service=\"mysql\",role=\"publisher\",router=";
+    let visitor_up = "keel_tunnel_router_up{service=\"mysql\",role=\"visitor\",router=";
+    let publishers = "keel_tunnel_publishers{service=\"mysql\",role=\"visitor\",router=";
+    assert_eq!(publisher.metric(publisher_up).await, 1.0);
+    assert_eq!(visitor.metric(visitor_up).await, 1.0);
+    assert_eq!(visitor.metric(publishers).await, 1.0);
 
     router.stop().await;
     // The listener stays up: connections are accepted and refused at once, not left hanging.
     eventually(Duration::from_secs(5), "the visitor to see the router gone", || async {
         !visitor.proxy.tunnels_status().await.visit[0].routers[0].connected
+    })
+    .await;
+    assert_eq!(visitor.metric(visitor_up).await, 0.0);
+    assert_eq!(visitor.metric(publishers).await, 0.0);
+    eventually(Duration::from_secs(5), "the publisher's session metric down", || async {
+        publisher.metric(publisher_up).await == 0.0
     })
     .await;
     refused_fast(visit_at).await;
