@@ -115,6 +115,49 @@ const DESCRIPTIONS: &[(&str, Kind, Unit, &str)] = &[
     ),
     ("keel_dns_cache_entries", Kind::Gauge, Unit::Count, "Answers in the DNS cache."),
     (
+        "keel_probe_up",
+        Kind::Gauge,
+        Unit::Count,
+        "1 while the probe's target is up, 0 once it is down, by probe, kind and target.",
+    ),
+    (
+        "keel_probe_latency_seconds",
+        Kind::Gauge,
+        Unit::Seconds,
+        "How long the last successful check took (ICMP, UDP: the round trip; TCP: the connect; HTTP: the request).",
+    ),
+    (
+        "keel_probe_loss_ratio",
+        Kind::Gauge,
+        Unit::Count,
+        "Share of checks (UDP: datagrams) lost recently, 0 to 1.",
+    ),
+    ("keel_probe_consecutive_failures", Kind::Gauge, Unit::Count, "Checks failed in a row."),
+    (
+        "keel_probe_checks_total",
+        Kind::Counter,
+        Unit::Count,
+        "Checks made, by probe, kind, target and result.",
+    ),
+    (
+        "keel_reporter_address_changes_total",
+        Kind::Counter,
+        Unit::Count,
+        "Address changes a reporter has seen, by reporter.",
+    ),
+    (
+        "keel_reporter_reports_total",
+        Kind::Counter,
+        Unit::Count,
+        "Reports of an address, by reporter and result (delivered, failed).",
+    ),
+    (
+        "keel_reporter_pending",
+        Kind::Gauge,
+        Unit::Count,
+        "1 while a reporter holds an address change not yet delivered.",
+    ),
+    (
         "keel_tunnel_connections_total",
         Kind::Counter,
         Unit::Count,
@@ -176,6 +219,11 @@ impl fmt::Debug for Metrics {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Metrics").finish_non_exhaustive()
     }
+}
+
+/// The name of every metric the proxy exports, so that dashboards and alerts can be checked against them.
+pub fn metric_names() -> impl Iterator<Item = &'static str> {
+    DESCRIPTIONS.iter().map(|(name, ..)| *name)
 }
 
 static METADATA: Metadata<'static> = Metadata::new(module_path!(), metrics::Level::INFO, None);
@@ -442,7 +490,10 @@ impl TunnelMetrics {
 
     /// A gauge of this service and role at `router` (`keel_tunnel_router_up`, `keel_tunnel_publishers`).
     pub fn router_gauge(&self, metrics: &Metrics, name: &'static str, router: &str) -> Gauge {
-        metrics.gauge(name, &[("service", self.metrics_service.as_str()), ("role", self.role), ("router", router)])
+        metrics.gauge(
+            name,
+            &[("service", self.metrics_service.as_str()), ("role", self.role), ("router", router)],
+        )
     }
 
     /// Counts a control connection to `router` opened again.
