@@ -2,7 +2,8 @@
 # Builds the two binaries the container images contain, the way their Dockerfiles do (they run this
 # script), and checks them: the proxy linked statically (glibc included: it runs on a `static` base
 # image, and resolves names with hickory, not glibc's NSS), the control plane against glibc (it resolves
-# DNS providers' API hosts with getaddrinfo, so it ships on a base image with glibc).
+# DNS providers' API hosts with getaddrinfo, so it ships on a base image with glibc). Line tables are
+# stripped (8.5 MB instead of 31 MB for the proxy); symbols stay, so backtraces still name functions.
 #
 #   deploy/build-binaries.sh [OUT [proxy|control-plane|all]]     # defaults: target/images all
 set -euo pipefail
@@ -16,7 +17,7 @@ esac
 mkdir -p "$out"
 if [ "$which" != control-plane ]; then
     cargo build-static --locked
-    cp target/x86_64-unknown-linux-gnu/release/proxy "$out/proxy"
+    objcopy --strip-debug target/x86_64-unknown-linux-gnu/release/proxy "$out/proxy"
     # No program interpreter: static. A dynamic binary would not start on the static base image.
     if readelf --program-headers "$out/proxy" | grep -q INTERP; then
         echo "build-binaries: $out/proxy is dynamically linked; the image's static base cannot run it" >&2
@@ -26,7 +27,7 @@ if [ "$which" != control-plane ]; then
 fi
 if [ "$which" != proxy ]; then
     cargo build --release --locked -p keel-control-plane --bin control-plane
-    cp target/release/control-plane "$out/control-plane"
+    objcopy --strip-debug target/release/control-plane "$out/control-plane"
     "$out/control-plane" --version
 fi
 ls -l "$out"

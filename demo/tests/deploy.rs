@@ -478,3 +478,45 @@ async fn configure_sh_creates_routers_and_the_example_in_a_control_plane() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("routers/node-a: HTTP 401"));
     control_plane.stop().await;
 }
+
+/// The binaries the images contain, built by the script their Dockerfiles run: two release builds
+/// (minutes), so only in CI or with KEEL_TEST_IMAGES=1.
+#[test]
+fn the_image_binaries_build_and_run_the_deploy_configs() {
+    if std::env::var_os("CI").is_none() && std::env::var_os("KEEL_TEST_IMAGES").is_none() {
+        eprintln!("skipped: release builds take minutes; CI (or KEEL_TEST_IMAGES=1) runs them");
+        return;
+    }
+    let out = tempfile::tempdir().unwrap();
+    let output =
+        Command::new(repository().join("deploy/build-binaries.sh")).arg(out.path()).output().unwrap();
+    let said =
+        format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    assert!(output.status.success(), "{said}");
+    for (binary, version) in [("proxy", "proxy 0.1.0"), ("control-plane", "control-plane 0.1.0")] {
+        let (ok, stdout, stderr) = run(&out.path().join(binary), &["--version"], None);
+        assert!(ok && stdout.trim() == version, "{binary}: {stdout}{stderr}");
+    }
+    // The image's proxy validates every keel.yaml the manifests mount, given their files.
+    let secrets = tempfile::tempdir().unwrap();
+    std::fs::write(secrets.path().join("token"), "a-token\n").unwrap();
+    for config in ["base/config/router.yaml", "base/config/ddns-agent.yaml", "example/config/sidecar.yaml"] {
+        let text = std::fs::read_to_string(kubernetes().join(config)).unwrap();
+        let token = secrets.path().join("token");
+        let text = text
+            .replace("/etc/keel/admin/token", token.to_str().unwrap())
+            .replace("/etc/keel/proxy-token/token", token.to_str().unwrap());
+        let file = secrets.path().join("keel.yaml");
+        std::fs::write(&file, text).unwrap();
+        let output = Command::new(out.path().join("proxy"))
+            .args(["validate", "--config", file.to_str().unwrap()])
+            .env("NODE_NAME", "node-a")
+            .env("POD_NAME", "pod-a")
+            .env("POD_IP", "10.0.0.7")
+            .env("APP", "example-client")
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{config}: {}", String::from_utf8_lossy(&output.stderr));
+        assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "OK");
+    }
+}
