@@ -284,6 +284,14 @@ fn every_example_validates() {
             continue;
         }
         let text = std::fs::read_to_string(&path).unwrap();
+        // Editors complete it: the first line points yaml-language-server at the committed schema.
+        let schema = text
+            .lines()
+            .next()
+            .and_then(|line| line.strip_prefix("# yaml-language-server: $schema="))
+            .unwrap_or_else(|| panic!("{}: no yaml-language-server modeline", path.display()));
+        let schema = path.parent().unwrap().join(schema);
+        assert!(schema.ends_with("schemas/keel.schema.json") && schema.exists(), "{}", schema.display());
         // The secret files the examples name, as a Kubernetes Secret mount would provide them.
         let env = MapEnvironment::default()
             .with_file("/run/secrets/router-token", "router-token\n")
