@@ -33,6 +33,9 @@ use crate::store::Store;
 
 /// How long the control plane waits after a write for more writes before it rebuilds snapshots.
 pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(20);
+/// [`Settings::request_head_timeout`] unless told otherwise (nginx's `client_header_timeout` is 60 s;
+/// a request head is a few hundred bytes).
+pub const DEFAULT_REQUEST_HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How the control plane runs.
 #[derive(Clone, Debug)]
@@ -45,6 +48,9 @@ pub struct Settings {
     pub debounce: Duration,
     /// How often connected proxies' records are written to their `Node` resources.
     pub node_flush_interval: Duration,
+    /// How long a client has to send a request's line and headers (HTTP/1.1), or the bytes that say
+    /// which HTTP it speaks; slower connections are closed, so that slow clients cannot hold the server.
+    pub request_head_timeout: Duration,
     pub netcheck: NetCheckSettings,
 }
 
@@ -151,7 +157,7 @@ impl ControlPlane {
         }
         let app = api::router(Arc::clone(&state));
         let stop = state.stop.clone();
-        let task = tokio::spawn(serve::serve(listener, acceptor, app, stop));
+        let task = tokio::spawn(serve::serve(listener, acceptor, app, stop, settings.request_head_timeout));
         tracing::info!(address = %local_addr, tls = settings.tls.is_some(), "control plane listening");
         Ok(Self { local_addr, state, task })
     }

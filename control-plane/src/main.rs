@@ -119,6 +119,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         tls: cli.tls_cert_file.zip(cli.tls_key_file),
         debounce: DEFAULT_DEBOUNCE,
         node_flush_interval: Duration::from_secs(1),
+        request_head_timeout: keel_control_plane::DEFAULT_REQUEST_HEAD_TIMEOUT,
         netcheck: NetCheckSettings {
             expiry: cli.netcheck_expiry,
             report_interval: cli.netcheck_report_interval,

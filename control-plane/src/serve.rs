@@ -3,6 +3,11 @@
 //!
 //! Each request gets the peer's address as an extension. On stop, the listener closes and every
 //! connection is asked to finish (HTTP/2 GOAWAY); streams end when their sessions see the stop.
+//!
+//! Slow clients cannot hold the server: the protocol is chosen by ALPN under TLS (after a handshake with
+//! a deadline) and, in clear, from the first bytes, which must arrive within the request-head timeout;
+//! an HTTP/1.1 request's line and headers must arrive within it too. A long-lived stream is unaffected:
+//! its head is sent at once, and only its body lasts.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -51,8 +56,18 @@ pub fn tls_acceptor(cert: &Path, key: &Path) -> anyhow::Result<TlsAcceptor> {
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
-/// Serves `app` on `listener` until `stop`.
-pub async fn serve(listener: TcpListener, tls: Option<TlsAcceptor>, app: Router, stop: CancellationToken) {
+/// The HTTP/2 client preface: a connection whose first bytes are not a prefix of it speaks HTTP/1.1.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Serves `app` on `listener` until `stop`; `head_timeout` bounds how long a client may take to send a
+/// request head.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    app: Router,
+    stop: CancellationToken,
+    head_timeout: Duration,
+) {
     let connections = tokio_util::task::TaskTracker::new();
     loop {
         let (stream, peer) = tokio::select! {
@@ -77,10 +92,17 @@ pub async fn serve(listener: TcpListener, tls: Option<TlsAcceptor>, app: Router,
         let stop = stop.clone();
         connections.spawn(async move {
             match tls {
-                None => connection(stream, peer, app, stop).await,
+                None => match tokio::time::timeout(head_timeout, speaks_http2(&stream)).await {
+                    Ok(Ok(http2)) => connection(stream, peer, app, stop, http2, head_timeout).await,
+                    Ok(Err(error)) => tracing::debug!(%peer, %error, "connection failed before a request"),
+                    Err(_) => tracing::debug!(%peer, "no request within {head_timeout:?}; closed"),
+                },
                 Some(acceptor) => {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                        Ok(Ok(stream)) => connection(stream, peer, app, stop).await,
+                        Ok(Ok(stream)) => {
+                            let http2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                            connection(stream, peer, app, stop, http2, head_timeout).await
+                        }
                         Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                     }
@@ -95,8 +117,35 @@ pub async fn serve(listener: TcpListener, tls: Option<TlsAcceptor>, app: Router,
     }
 }
 
-async fn connection<S>(stream: S, peer: std::net::SocketAddr, app: Router, stop: CancellationToken)
-where
+/// Whether a clear-text connection opens with the HTTP/2 preface, read (without consuming it) from its
+/// first bytes.
+async fn speaks_http2(stream: &tokio::net::TcpStream) -> std::io::Result<bool> {
+    let mut first = [0u8; H2_PREFACE.len()];
+    loop {
+        let read = stream.peek(&mut first).await?;
+        if read == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        if first[..read] != H2_PREFACE[..read] {
+            return Ok(false);
+        }
+        if read == H2_PREFACE.len() {
+            return Ok(true);
+        }
+        // A prefix of the preface so far: wait for more (peek returns at once while bytes are queued).
+        stream.readable().await?;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn connection<S>(
+    stream: S,
+    peer: std::net::SocketAddr,
+    app: Router,
+    stop: CancellationToken,
+    http2: bool,
+    head_timeout: Duration,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let service = hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
@@ -104,7 +153,10 @@ where
         app.clone().oneshot(request.map(axum::body::Body::new))
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(head_timeout);
     builder.http2().timer(TokioTimer::new()).keep_alive_interval(KEEPALIVE).keep_alive_timeout(KEEPALIVE);
+    // The protocol is already known: the builder must not wait, without a deadline, to detect it.
+    let builder = if http2 { builder.http2_only() } else { builder.http1_only() };
     let connection = builder.serve_connection(TokioIo::new(stream), service);
     tokio::pin!(connection);
     tokio::select! {

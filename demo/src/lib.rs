@@ -174,6 +174,7 @@ impl Demo {
             tls: None,
             debounce: DEFAULT_DEBOUNCE,
             node_flush_interval: Duration::from_secs(1),
+            request_head_timeout: keel_control_plane::DEFAULT_REQUEST_HEAD_TIMEOUT,
             netcheck: NetCheckSettings::default(),
         })
         .await

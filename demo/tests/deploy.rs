@@ -407,6 +407,7 @@ async fn configure_sh_creates_routers_and_the_example_in_a_control_plane() {
         tls: None,
         debounce: keel_control_plane::DEFAULT_DEBOUNCE,
         node_flush_interval: std::time::Duration::from_secs(1),
+        request_head_timeout: keel_control_plane::DEFAULT_REQUEST_HEAD_TIMEOUT,
         netcheck: keel_control_plane::NetCheckSettings::default(),
     })
     .await

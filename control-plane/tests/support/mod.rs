@@ -24,6 +24,7 @@ pub fn settings(database: &Path, listen: SocketAddr) -> Settings {
         tls: None,
         debounce: Duration::from_millis(10),
         node_flush_interval: Duration::from_millis(50),
+        request_head_timeout: keel_control_plane::DEFAULT_REQUEST_HEAD_TIMEOUT,
         netcheck: keel_control_plane::NetCheckSettings::default(),
     }
 }
