@@ -14,9 +14,13 @@
 //!
 //! Mutating endpoints answer only POST. When `admin.token` is set, they and `/config_dump` require
 //! `Authorization: Bearer <token>`.
+//!
+//! Slow clients cannot hold it: a connection must send its request head within
+//! [`REQUEST_HEAD_TIMEOUT`], and each connection carries one request (probes and scrapes are one request
+//! each), so no idle connection lingers either.
 
 use std::fmt::Write as _;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use axum::Router;
 use axum::extract::{Query, Request, State};
@@ -31,9 +35,57 @@ use tokio_util::sync::CancellationToken;
 
 use crate::runtime::{Proxy, ReloadError, Shutdown};
 
-/// Serves the admin API on `listener` until `stop` is cancelled.
+/// How long a client has to send its request line and headers.
+pub const REQUEST_HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Serves the admin API on `listener` until `stop` is cancelled; requests in progress then finish.
 pub async fn serve(listener: TcpListener, proxy: Proxy, stop: CancellationToken) -> std::io::Result<()> {
-    axum::serve(listener, router(proxy)).with_graceful_shutdown(stop.cancelled_owned()).await
+    use tower::ServiceExt;
+    let app = router(proxy);
+    let connections = tokio_util::task::TaskTracker::new();
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    // Out of file descriptors, mostly: wait rather than spin.
+                    tracing::warn!(%error, "admin: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = stop.cancelled() => break,
+        };
+        let app = app.clone();
+        let stop = stop.clone();
+        connections.spawn(async move {
+            // A connection that sends nothing is closed like one that sends half a head.
+            if tokio::time::timeout(REQUEST_HEAD_TIMEOUT, stream.readable()).await.is_err() {
+                return;
+            }
+            let service =
+                hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+                    app.clone().oneshot(request.map(axum::body::Body::new))
+                });
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(REQUEST_HEAD_TIMEOUT)
+                .keep_alive(false);
+            let connection = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            tokio::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                () = stop.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.await;
+                }
+            }
+        });
+    }
+    connections.close();
+    connections.wait().await;
+    Ok(())
 }
 
 pub fn router(proxy: Proxy) -> Router {

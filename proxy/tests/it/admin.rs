@@ -169,3 +169,42 @@ async fn ready_is_503_until_a_config_is_applied() {
     server.await.unwrap().unwrap();
     proxy.close_all_connections().await;
 }
+
+#[tokio::test]
+async fn slow_clients_are_cut_off_and_starve_no_one() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = Upstream::echo().await;
+    let proxy = TestProxy::start(&config(upstream.addr, "")).await;
+    // 200 slow connections: silent, and half a request head.
+    let mut slow = Vec::new();
+    for index in 0..200 {
+        let mut stream = TcpStream::connect(proxy.admin).await.unwrap();
+        if index % 2 == 1 {
+            stream.write_all(b"GET /ready HTTP/1.1\r\nHost: admin\r\n").await.unwrap();
+        }
+        slow.push(stream);
+    }
+    // Probes and scrapes are answered meanwhile.
+    let started = std::time::Instant::now();
+    assert_eq!(proxy.get("/ready").await, (200, "LIVE\n".into()));
+    assert_eq!(proxy.get("/stats/prometheus").await.0, 200);
+    assert!(started.elapsed() < Duration::from_millis(500), "answered after {:?}", started.elapsed());
+
+    tokio::time::sleep(keel_proxy::admin::REQUEST_HEAD_TIMEOUT + Duration::from_millis(700)).await;
+    for (index, stream) in slow.iter_mut().enumerate() {
+        let mut buffer = [0u8; 256];
+        let closed = match tokio::time::timeout(Duration::from_millis(200), stream.read(&mut buffer)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => true,
+            Ok(Ok(read)) => String::from_utf8_lossy(&buffer[..read]).starts_with("HTTP/1.1 408"),
+            Err(_) => false,
+        };
+        assert!(closed, "slow connection {index} is still open");
+    }
+    // A request is answered and its connection closed: nothing idles.
+    let mut stream = TcpStream::connect(proxy.admin).await.unwrap();
+    stream.write_all(b"GET /healthz HTTP/1.1\r\nHost: admin\r\n\r\n").await.unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(2), stream.read_to_string(&mut answer)).await.unwrap().unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    proxy.stop().await;
+}
