@@ -1,5 +1,6 @@
 //! Bearer tokens: operator tokens for the REST API, `/debug` and the state page, proxy tokens for the
-//! snapshot stream, address reports and network checks. A browser may give an operator token as a Basic
+//! snapshot stream, address reports and network checks, and viewer tokens, which may read (GET) what an
+//! operator token may read and write nothing: for Prometheus and dashboards. A browser may give an operator token as a Basic
 //! password; seed 000 and 002 clients send theirs as `X-API-Token`.
 //!
 //! Tokens come from files or the environment at start, never from the database. With no token of a
@@ -30,6 +31,7 @@ pub enum Denied {
 pub struct Tokens {
     operator: Vec<String>,
     proxy: Vec<String>,
+    viewer: Vec<String>,
 }
 
 impl fmt::Debug for Tokens {
@@ -37,6 +39,7 @@ impl fmt::Debug for Tokens {
         f.debug_struct("Tokens")
             .field("operator", &format_args!("{} token(s)", self.operator.len()))
             .field("proxy", &format_args!("{} token(s)", self.proxy.len()))
+            .field("viewer", &format_args!("{} token(s)", self.viewer.len()))
             .finish()
     }
 }
@@ -47,7 +50,31 @@ impl Tokens {
         let clean = |tokens: Vec<String>| -> Vec<String> {
             tokens.into_iter().map(|t| t.trim().to_string()).filter(|t| !t.is_empty()).collect()
         };
-        Self { operator: clean(operator), proxy: clean(proxy) }
+        Self { operator: clean(operator), proxy: clean(proxy), viewer: Vec::new() }
+    }
+
+    /// Adds viewer tokens (empty strings dropped, as for the others).
+    pub fn with_viewers(mut self, viewer: Vec<String>) -> Self {
+        self.viewer = viewer.into_iter().map(|t| t.trim().to_string()).filter(|t| !t.is_empty()).collect();
+        self
+    }
+
+    /// Checks a request to an operator endpoint: operator tokens may do anything; viewer tokens may
+    /// read (`read_only`: GET, HEAD) and are refused (403) anything else.
+    pub fn check_operator(&self, headers: &HeaderMap, read_only: bool) -> Result<(), Denied> {
+        match self.check(headers, Role::Operator) {
+            Err(Denied::Unauthenticated) if !self.viewer.is_empty() => {
+                let presented = presented(headers).ok_or(Denied::Unauthenticated)?;
+                let viewer =
+                    self.viewer.iter().any(|token| same_secret(token.as_bytes(), presented.as_bytes()));
+                match (viewer, read_only) {
+                    (true, true) => Ok(()),
+                    (true, false) => Err(Denied::Forbidden),
+                    (false, _) => Err(Denied::Unauthenticated),
+                }
+            }
+            other => other,
+        }
     }
 
     pub fn requires(&self, role: Role) -> bool {
@@ -67,11 +94,7 @@ impl Tokens {
         if !self.requires(role) {
             return Ok(());
         }
-        let header = |name| headers.get(name).and_then(|value: &axum::http::HeaderValue| value.to_str().ok());
-        let presented = header(axum::http::header::AUTHORIZATION.as_str())
-            .and_then(presented_token)
-            .or_else(|| header("x-api-token").map(|token| token.trim().to_string()))
-            .ok_or(Denied::Unauthenticated)?;
+        let presented = presented(headers).ok_or(Denied::Unauthenticated)?;
         let presented = presented.as_str();
         let matches = |tokens: &[String]| {
             tokens.iter().any(|token| same_secret(token.as_bytes(), presented.as_bytes()))
@@ -85,6 +108,14 @@ impl Tokens {
         };
         if matches(self.of(other)) { Err(Denied::Forbidden) } else { Err(Denied::Unauthenticated) }
     }
+}
+
+/// The token a request presents: from `Authorization`, else from `X-API-Token`.
+fn presented(headers: &HeaderMap) -> Option<String> {
+    let header = |name| headers.get(name).and_then(|value: &axum::http::HeaderValue| value.to_str().ok());
+    header(axum::http::header::AUTHORIZATION.as_str())
+        .and_then(presented_token)
+        .or_else(|| header("x-api-token").map(|token| token.trim().to_string()))
 }
 
 /// The token in an `Authorization` header: `Bearer <token>`, or `Basic` with the token as the password

@@ -25,6 +25,10 @@ struct Cli {
     /// File of operator tokens (one per line) for the REST API and /debug.
     #[arg(long, env = "KEEL_CP_OPERATOR_TOKEN_FILE")]
     operator_token_file: Option<PathBuf>,
+    /// File of viewer tokens (one per line): read-only access to what operator tokens read, `/metrics`
+    /// included (for Prometheus and dashboards); every write refused.
+    #[arg(long, env = "KEEL_CP_VIEWER_TOKEN_FILE")]
+    viewer_token_file: Option<PathBuf>,
     /// File of proxy tokens (one per line) for the snapshot stream.
     #[arg(long, env = "KEEL_CP_PROXY_TOKEN_FILE")]
     proxy_token_file: Option<PathBuf>,
@@ -97,7 +101,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let tokens = Tokens::new(
         tokens(cli.operator_token_file.as_ref(), "KEEL_CP_OPERATOR_TOKENS")?,
         tokens(cli.proxy_token_file.as_ref(), "KEEL_CP_PROXY_TOKENS")?,
-    );
+    )
+    .with_viewers(tokens(cli.viewer_token_file.as_ref(), "KEEL_CP_VIEWER_TOKENS")?);
     let open = !tokens.requires(keel_control_plane::auth::Role::Operator)
         || !tokens.requires(keel_control_plane::auth::Role::Proxy);
     if open && !cli.listen.ip().is_loopback() && !cli.insecure_no_auth {

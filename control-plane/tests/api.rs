@@ -163,6 +163,42 @@ async fn tokens_are_required_and_roles_kept_apart() {
 }
 
 #[tokio::test]
+async fn a_viewer_token_reads_everything_an_operator_reads_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = settings(&database(&dir), "127.0.0.1:0".parse().unwrap());
+    settings.tokens = settings.tokens.with_viewers(vec!["viewer-token".into()]);
+    let cp = keel_control_plane::ControlPlane::start(settings).await.unwrap();
+    let addr = cp.local_addr;
+    let viewer = Some("viewer-token");
+    assert_eq!(operator(addr, "POST", ROUTERS, Some(&router("node-1", 7000))).await.0, 201);
+    for path in [
+        ROUTERS,
+        "/apis/edge.example.com/v1/routers/node-1",
+        "/debug/proxies",
+        "/metrics",
+        "/raw",
+        "/api/v1/public-ip",
+    ] {
+        assert_eq!(call(addr, "GET", path, viewer, None).await.0, 200, "GET {path}");
+    }
+    // Every write is refused as forbidden (the token is known, the role may not), nothing changes.
+    let body = router("node-2", 7000);
+    assert_eq!(call(addr, "POST", ROUTERS, viewer, Some(("application/json", &body))).await.0, 403);
+    let patch = json!({"spec": {"listen": "0.0.0.0:7001"}});
+    let path = format!("{ROUTERS}/node-1");
+    assert_eq!(
+        call(addr, "PATCH", &path, viewer, Some(("application/merge-patch+json", &patch))).await.0,
+        403
+    );
+    assert_eq!(call(addr, "DELETE", &path, viewer, None).await.0, 403);
+    assert_eq!(call(addr, "POST", "/v1/stream", viewer, None).await.0, 401, "not a proxy either");
+    let (_, list) = operator(addr, "GET", ROUTERS, None).await;
+    assert_eq!(list["items"].as_array().unwrap().len(), 1);
+    assert_eq!(list["items"][0]["spec"]["listen"], "0.0.0.0:7000");
+    cp.stop().await;
+}
+
+#[tokio::test]
 async fn watch_streams_changes_from_a_resource_version() {
     let dir = tempfile::tempdir().unwrap();
     let cp = start(&database(&dir)).await;

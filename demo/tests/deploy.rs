@@ -521,3 +521,28 @@ fn the_image_binaries_build_and_run_the_deploy_configs() {
         assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "OK");
     }
 }
+
+/// Prometheus reads the control plane with a key of the tokens Secret that the control plane loads as
+/// viewer (read-only) tokens.
+#[test]
+fn prometheus_reads_the_control_plane_with_a_read_only_token() {
+    let Some(tools) = tools() else { return };
+    let (_, production) = render(&tools, "overlays/production");
+    let (_, development) = render(&tools, "overlays/development");
+    let monitor = named(&production, "ServiceMonitor", "keel-control-plane");
+    let credentials = &monitor["spec"]["endpoints"][0]["authorization"]["credentials"];
+    assert_eq!(credentials["name"], "keel-control-plane-tokens");
+    let key = credentials["key"].as_str().unwrap();
+    let secret = named(&development, "Secret", "keel-control-plane-tokens");
+    assert!(
+        !secret["data"][key].is_null() || !secret["stringData"][key].is_null(),
+        "no key {key} in {secret}"
+    );
+    let control_plane = pod_spec(named(&production, "Deployment", "keel-control-plane")).unwrap();
+    let args = control_plane["containers"][0]["args"].as_array().unwrap();
+    assert!(
+        args.iter()
+            .any(|arg| arg.as_str() == Some(format!("--viewer-token-file=/etc/keel/tokens/{key}").as_str())),
+        "{args:?}"
+    );
+}
