@@ -76,7 +76,7 @@ impl Cloudflare {
         ttl: u32,
         address: IpAddr,
     ) -> Result<Vec<IpAddr>, Failure> {
-        let record_type = if address.is_ipv6() { "AAAA" } else { "A" };
+        let record_type = crate::record_type(address);
         let zone_id = self.zone(zone).await?;
         let existing = self.records(&zone_id, fqdn, record_type).await?;
         let body = json!({"type": record_type, "name": plain(fqdn), "content": address.to_string(), "ttl": ttl, "proxied": false});

@@ -33,13 +33,8 @@ impl Gandi {
         address: IpAddr,
     ) -> Result<Vec<IpAddr>, Failure> {
         let zone = zone.trim_end_matches('.').to_ascii_lowercase();
-        let fqdn = fqdn.trim_end_matches('.');
-        let name = if fqdn == zone {
-            "@".to_string()
-        } else {
-            fqdn.strip_suffix(&format!(".{zone}")).unwrap_or(fqdn).to_string()
-        };
-        let record_type = if address.is_ipv6() { "AAAA" } else { "A" };
+        let name = crate::relative_name(&zone, fqdn)?;
+        let record_type = crate::record_type(address);
         let url =
             format!("{}/domains/{zone}/records/{name}/{record_type}", self.api_url.trim_end_matches('/'));
         let authorization = format!("Bearer {}", self.token);

@@ -56,6 +56,23 @@ pub fn read_secret(path: &str) -> Result<String, Failure> {
     Ok(text)
 }
 
+/// The record type that holds `address`: A for IPv4, AAAA for IPv6.
+pub(crate) fn record_type(address: IpAddr) -> &'static str {
+    if address.is_ipv6() { "AAAA" } else { "A" }
+}
+
+/// `fqdn` relative to `zone` (lowercase, without the final dot), as the providers' APIs name records:
+/// `@` for the zone's apex.
+pub(crate) fn relative_name(zone: &str, fqdn: &str) -> Result<String, Failure> {
+    let fqdn = fqdn.trim_end_matches('.').to_ascii_lowercase();
+    if fqdn == zone {
+        return Ok("@".to_string());
+    }
+    fqdn.strip_suffix(&format!(".{zone}"))
+        .map(str::to_string)
+        .ok_or_else(|| Failure::now(format!("{fqdn} is not in the zone {zone}")))
+}
+
 /// The record to change: `fqdn` (lowercase, with the final dot) in `zone`, with `ttl`. Its type follows
 /// the address: A for IPv4, AAAA for IPv6.
 #[derive(Clone, Debug)]
@@ -109,4 +126,18 @@ pub async fn update(
         return Err(Failure::now(format!("verification: {from} has {observed:?} for {fqdn}, not {address}")));
     }
     Ok(observed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::relative_name;
+
+    #[test]
+    fn names_relative_to_the_zone() {
+        assert_eq!(relative_name("example.com", "example.com.").unwrap(), "@");
+        assert_eq!(relative_name("example.com", "gw.Example.com.").unwrap(), "gw");
+        assert_eq!(relative_name("example.com", "a.b.example.com").unwrap(), "a.b");
+        assert!(relative_name("example.com", "example.org.").is_err());
+        assert!(relative_name("example.com", "badexample.com.").is_err());
+    }
 }
