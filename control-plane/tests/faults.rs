@@ -7,14 +7,13 @@ mod support;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use keel_proxy::{ProcessEnvironment, Proxy, Shutdown};
+use keel_proxy::Shutdown;
 use serde_json::{Value, json};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 const V1: &str = "/apis/edge.example.com/v1";
 
@@ -70,33 +69,6 @@ async fn try_write(addr: SocketAddr, path: &str, body: &Value) -> Option<u16> {
     tokio::time::timeout(Duration::from_secs(2), attempt).await.ok().flatten()
 }
 
-/// An echo server; returns its address.
-async fn echo() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buffer = [0u8; 1024];
-                while let Ok(read) = stream.read(&mut buffer).await {
-                    if read == 0 || stream.write_all(&buffer[..read]).await.is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-    addr
-}
-
-async fn round_trip(addr: SocketAddr) -> bool {
-    let Ok(mut stream) = TcpStream::connect(addr).await else { return false };
-    let mut answer = [0u8; 4];
-    stream.write_all(b"ping").await.is_ok()
-        && stream.read_exact(&mut answer).await.is_ok()
-        && &answer == b"ping"
-}
-
 fn listener(name: &str) -> Value {
     json!({"apiVersion": "edge.example.com/v1", "kind": "Listener", "metadata": {"name": name},
            "spec": {"address": "127.0.0.1:0", "cluster": "echo", "node_selector": {"app": "web"}}})
@@ -117,13 +89,7 @@ async fn sigkill_mid_writes_and_pushes_loses_no_acknowledged_write() {
                          "spec": {"endpoints": [echo().await.to_string()], "node_selector": {"app": "web"}}});
     assert_eq!(try_write(listen, &format!("{V1}/clusters"), &cluster).await, Some(201));
     assert_eq!(try_write(listen, &format!("{V1}/listeners"), &listener("first")).await, Some(201));
-    let bootstrap = format!(
-        "node: {{id: node-a, labels: {{app: web}}}}\nadmin: {{address: \"127.0.0.1:0\"}}\ndrain_timeout: 1s\ncontrol_plane:\n  address: http://{listen}\n  token: {PROXY}\n  cache_file: {}/node-a.snapshot\n",
-        dir.path().display()
-    );
-    let loaded = keel_proxy::source::load_text(&bootstrap, "bootstrap.yaml", &ProcessEnvironment).unwrap();
-    let proxy = Proxy::new(Arc::new(ProcessEnvironment), None);
-    keel_proxy::control_plane::start_following(&proxy, loaded.config.config().clone()).await;
+    let proxy = start_proxy(dir.path(), "node-a", &[("app", "web")], listen).await;
     eventually("the first listener", || async { proxy.listener_addr("first").await.is_some() }).await;
     let first = proxy.listener_addr("first").await.unwrap();
 

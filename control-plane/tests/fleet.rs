@@ -12,27 +12,8 @@ use std::time::Duration;
 use keel_proxy::{ProcessEnvironment, Proxy, Shutdown};
 use serde_json::{Value, json};
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
 
 const V1: &str = "/apis/edge.example.com/v1";
-
-/// A proxy following the control plane at `cp`, as `proxy --config bootstrap.yaml` runs it.
-async fn start_proxy(dir: &Path, node: &str, labels: &[(&str, &str)], cp: SocketAddr) -> Proxy {
-    let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}: {v}")).collect();
-    let bootstrap = format!(
-        "node: {{id: {node}, labels: {{{}}}}}\nadmin: {{address: \"127.0.0.1:0\"}}\ndrain_timeout: 1s\ncontrol_plane:\n  address: http://{cp}\n  token: {PROXY}\n  cache_file: {}/{node}.snapshot\n",
-        labels.join(", "),
-        dir.display()
-    );
-    let loaded = keel_proxy::source::load_text(&bootstrap, "bootstrap.yaml", &ProcessEnvironment).unwrap();
-    let bootstrap = loaded.config.config().clone();
-    let proxy = Proxy::new(Arc::new(ProcessEnvironment), None);
-    proxy.set_bootstrap(bootstrap.clone());
-    keel_proxy::control_plane::apply_cache(&proxy, &bootstrap).await;
-    tokio::spawn(keel_proxy::control_plane::follow(proxy.clone(), bootstrap));
-    proxy
-}
 
 /// Proxy `node-a` (app=web) relaying the `web` config to an echo server, with its snapshot ACKed.
 async fn web_proxy_acked(dir: &Path, addr: SocketAddr) -> Proxy {
@@ -50,32 +31,6 @@ async fn stop_proxy(proxy: &Proxy) {
     proxy.shutdown(Shutdown::Fast);
     proxy.close_all_connections().await;
     proxy.stop_tunnels().await;
-}
-
-/// An echo server; returns its address.
-async fn echo() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut stream, _)) = listener.accept().await else { return };
-            tokio::spawn(async move {
-                let (mut read, mut write) = stream.split();
-                let _ = tokio::io::copy(&mut read, &mut write).await;
-            });
-        }
-    });
-    addr
-}
-
-async fn round_trip(addr: SocketAddr) -> bool {
-    let Ok(mut stream) = TcpStream::connect(addr).await else { return false };
-    if stream.write_all(b"ping").await.is_err() {
-        return false;
-    }
-    let mut reply = [0u8; 4];
-    matches!(tokio::time::timeout(Duration::from_secs(2), stream.read_exact(&mut reply)).await, Ok(Ok(_)))
-        && &reply == b"ping"
 }
 
 fn object(kind: &str, name: &str, spec: Value) -> Value {

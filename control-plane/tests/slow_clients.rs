@@ -4,10 +4,9 @@
 
 mod support;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use keel_proxy::{ProcessEnvironment, Proxy, Shutdown};
+use keel_proxy::Shutdown;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -23,12 +22,7 @@ async fn a_slowloris_is_cut_off_and_starves_no_one() {
     let addr = cp.local_addr;
 
     // A proxy on its long-lived stream.
-    let bootstrap = format!(
-        "node: {{id: node-a}}\nadmin: {{address: \"127.0.0.1:0\"}}\ncontrol_plane:\n  address: http://{addr}\n  token: {PROXY}\n"
-    );
-    let loaded = keel_proxy::source::load_text(&bootstrap, "bootstrap.yaml", &ProcessEnvironment).unwrap();
-    let proxy = Proxy::new(Arc::new(ProcessEnvironment), None);
-    keel_proxy::control_plane::start_following(&proxy, loaded.config.config().clone()).await;
+    let proxy = start_proxy(dir.path(), "node-a", &[], addr).await;
     eventually("the proxy's stream", || async {
         operator(addr, "GET", "/debug/proxies", None).await.1["proxies"][0]["connected"] == true
     })

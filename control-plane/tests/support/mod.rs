@@ -230,3 +230,51 @@ pub async fn render(browser: &'static str, url: String, script_ms: u32) -> Strin
     assert!(output.status.success(), "chromium: {}", String::from_utf8_lossy(&output.stderr));
     String::from_utf8_lossy(&output.stdout).to_string()
 }
+
+/// A proxy following the control plane at `cp` with the test's proxy token, as
+/// `proxy --config bootstrap.yaml` runs it; its snapshot cache is in `dir`.
+pub async fn start_proxy(
+    dir: &Path,
+    node: &str,
+    labels: &[(&str, &str)],
+    cp: SocketAddr,
+) -> keel_proxy::Proxy {
+    use keel_proxy::{ProcessEnvironment, Proxy};
+    let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+    let bootstrap = format!(
+        "node: {{id: {node}, labels: {{{}}}}}\nadmin: {{address: \"127.0.0.1:0\"}}\ndrain_timeout: 1s\ncontrol_plane:\n  address: http://{cp}\n  token: {PROXY}\n  cache_file: {}/{node}.snapshot\n",
+        labels.join(", "),
+        dir.display()
+    );
+    let loaded = keel_proxy::source::load_text(&bootstrap, "bootstrap.yaml", &ProcessEnvironment).unwrap();
+    let proxy = Proxy::new(std::sync::Arc::new(ProcessEnvironment), None);
+    keel_proxy::control_plane::start_following(&proxy, loaded.config.config().clone()).await;
+    proxy
+}
+
+/// A TCP echo server on loopback; returns its address.
+pub async fn echo() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else { return };
+            tokio::spawn(async move {
+                let (mut read, mut write) = stream.split();
+                let _ = tokio::io::copy(&mut read, &mut write).await;
+            });
+        }
+    });
+    addr
+}
+
+/// Whether `ping` sent to `addr` comes back (within 2 s).
+pub async fn round_trip(addr: SocketAddr) -> bool {
+    let Ok(mut stream) = TcpStream::connect(addr).await else { return false };
+    if stream.write_all(b"ping").await.is_err() {
+        return false;
+    }
+    let mut reply = [0u8; 4];
+    matches!(tokio::time::timeout(Duration::from_secs(2), stream.read_exact(&mut reply)).await, Ok(Ok(_)))
+        && &reply == b"ping"
+}
