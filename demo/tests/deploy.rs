@@ -214,21 +214,22 @@ fn pods_run_unprivileged_and_need_no_kubernetes_api() {
 fn every_mounted_keel_yaml_loads() {
     let Some(tools) = tools() else { return };
     let (_, objects) = render(&tools, "overlays/development");
-    let env = || {
+    // The pod's environment, with token files holding `token` (the Secrets' keys, mounted).
+    let env = |token: &str| {
         keel_schemas::MapEnvironment::default()
             .with_var("NODE_NAME", "node-a")
             .with_var("POD_NAME", "example-client-7d9f")
             .with_var("POD_IP", "10.0.0.7")
             .with_var("APP", "example-client")
-            .with_file("/etc/keel/admin/token", "dev-admin-token\n")
-            .with_file("/etc/keel/proxy-token/token", "dev-proxy-token\n")
+            .with_file("/etc/keel/admin/token", token)
+            .with_file("/etc/keel/proxy-token/token", token)
     };
     let mut loaded = 0;
     for object in objects.iter().filter(|object| object["kind"] == "ConfigMap") {
         let Some(text) = object["data"]["keel.yaml"].as_str() else { continue };
         let name = object["metadata"]["name"].as_str().unwrap();
-        let config =
-            keel_proxy::source::load_text(text, name, &env()).unwrap_or_else(|error| panic!("{error}"));
+        let config = keel_proxy::source::load_text(text, name, &env("dev-token\n"))
+            .unwrap_or_else(|error| panic!("{error}"));
         loaded += 1;
         // Its admin address is the port its pods' probes use.
         let port = config.config.config().admin.address.0.port();
@@ -243,15 +244,8 @@ fn every_mounted_keel_yaml_loads() {
         assert!(uses, "{name}: no pod has a port {port} for its admin API");
 
         // The base's empty token Secret is refused rather than run without a token.
-        let empty = keel_schemas::MapEnvironment::default()
-            .with_var("NODE_NAME", "node-a")
-            .with_var("POD_NAME", "p")
-            .with_var("POD_IP", "10.0.0.7")
-            .with_var("APP", "a")
-            .with_file("/etc/keel/admin/token", "")
-            .with_file("/etc/keel/proxy-token/token", "");
         let error =
-            keel_proxy::source::load_text(text, name, &empty).expect_err("an empty token file is refused");
+            keel_proxy::source::load_text(text, name, &env("")).expect_err("an empty token file is refused");
         assert!(error.to_string().contains("empty"), "{name}: {error}");
     }
     assert_eq!(loaded, 3, "router, DDNS agent, sidecar");
