@@ -1,18 +1,16 @@
 //! DNS records through Gandi LiveDNS v5, against a local server that checks the documented request
 //! (PUT of the RRset, `Authorization: Bearer` personal access token, JSON body) and serves it back.
 
-mod support;
-
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::support::*;
 use axum::body::Bytes;
 use axum::extract::State as Shared;
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
-use support::*;
 use tokio::sync::Mutex;
 
 const TOKEN: &str = "gandi-pat-456";

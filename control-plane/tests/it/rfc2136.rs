@@ -5,14 +5,12 @@
 //! Needs `named` (Debian package bind9; `.ci/install-test-deps` installs it). Elsewhere the test says
 //! why it did not run, unless `CI` is set, where not running is a failure.
 
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use crate::support::*;
 use serde_json::{Value, json};
-use support::*;
 
 /// `keel`'s TSIG secret (base64 of 32 bytes), as `tsig-keygen` would print it.
 const SECRET: &str = "a2VlbC10ZXN0LWtleS0zMi1ieXRlcy1sb25nLi4uLi4=";

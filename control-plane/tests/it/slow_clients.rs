@@ -2,12 +2,10 @@
 //! half the HTTP/2 preface are closed after the request-head timeout, while a normal request is answered
 //! at once and a proxy's long-lived stream stays up.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
+use crate::support::*;
 use keel_proxy::Shutdown;
-use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

@@ -2,16 +2,14 @@
 //! database opens clean, no acknowledged write is lost, the proxy keeps serving its last config while the
 //! control plane is gone, and converges on everything the store holds when it returns.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::support::*;
 use keel_proxy::Shutdown;
 use serde_json::{Value, json};
-use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

@@ -2,18 +2,16 @@
 //! documents it (the common parameters, a fresh nonce, a current timestamp, and the signature version
 //! 1.0, recomputed here from the secret) and keeps the records the API would.
 
-mod support;
-
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use crate::support::*;
 use axum::extract::State as Shared;
 use axum::http::{Method, Uri};
 use axum::response::{IntoResponse, Response};
 use encoding::{decode, encode};
 use serde_json::{Value, json};
-use support::*;
 use tokio::sync::Mutex;
 
 const KEY_ID: &str = "LTAI5tKeelTest";

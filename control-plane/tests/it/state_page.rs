@@ -5,10 +5,8 @@
 //! Needs `chromium` (`.ci/install-test-deps` installs it). Elsewhere the test says why it did not run,
 //! unless `CI` is set, where not running is a failure.
 
-mod support;
-
+use crate::support::*;
 use serde_json::json;
-use support::*;
 
 #[tokio::test]
 async fn a_browser_shows_records_addresses_and_errors_as_text() {

@@ -2,18 +2,16 @@
 //! expiry), and a live mesh of Keel proxies probing each other, drawn by the matrix page in headless
 //! Chromium with a broken pair marked.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::support::*;
 use keel_control_plane::{ControlPlane, NetCheckSettings};
 use keel_proxy::{Proxy, Shutdown};
 use keel_schemas::MapEnvironment;
 use serde_json::{Value, json};
-use support::*;
 
 fn node_info(pod: &str, node_ip: &str, pod_ip: &str) -> Value {
     json!({"namespace": "kube-system", "node_ip": node_ip, "pod_ip": pod_ip, "pod_name": pod, "timestamp": "2025-12-12T21:00:00.123+08:00"})

@@ -3,17 +3,15 @@
 //! no duplicates; and, in a network namespace, the right interface address under each kernel state
 //! (tentative, temporary, deprecated), reported within a second of the change.
 
-mod support;
-
 use std::net::{IpAddr, SocketAddr};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::support::*;
 use keel_control_plane::State;
 use keel_proxy::metrics::Metrics;
 use keel_schemas::config::Reporter;
-use support::*;
 use tokio_util::sync::CancellationToken;
 
 /// A reporter as keel.yaml gives it, through the real loader.

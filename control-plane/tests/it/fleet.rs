@@ -2,16 +2,14 @@
 //! matching proxies and are ACKed, a refused one is NACKed once, proxies ride out a control-plane restart
 //! and come up from their cache, and a router's status lands in its Router resource.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::support::*;
 use keel_proxy::{ProcessEnvironment, Proxy, Shutdown};
 use serde_json::{Value, json};
-use support::*;
 
 const V1: &str = "/apis/edge.example.com/v1";
 

@@ -1,11 +1,9 @@
 //! The REST API and the store: CRUD, optimistic concurrency, validation errors, auth, watch, migrations.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::*;
 use serde_json::{Value, json};
-use support::*;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 const ROUTERS: &str = "/apis/edge.example.com/v1/routers";

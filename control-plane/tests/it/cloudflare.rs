@@ -2,17 +2,15 @@
 //! shapes and headers exactly and keeps the zone's records: list, create (POST), update (PUT), read
 //! back; a 429 is retried only after its Retry-After.
 
-mod support;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::support::*;
 use axum::body::Bytes;
 use axum::extract::State as Shared;
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
-use support::*;
 use tokio::sync::Mutex;
 
 const ZONE_ID: &str = "023e105f4ecef8ad9ca31a8372d0c353";
