@@ -558,6 +558,21 @@ impl DnsState {
         self.reply_decoded(datagram)
     }
 
+    /// A UDP query answered both ways it can be without an upstream, for the fuzz targets (`fuzz/`):
+    /// by the fast path (hijacked A and AAAA straight from the wire), if it answers, and through
+    /// hickory's types (`None` when the query would be forwarded, or dropped). Whenever the fast path
+    /// answers, the two answers must say the same.
+    #[doc(hidden)]
+    pub fn answer_both_ways(&self, bytes: &[u8]) -> (Option<Vec<u8>>, Option<Vec<u8>>) {
+        let fast = wire::answer_hijacked(bytes, &self.table, self.ttl).map(|hijacked| hijacked.response);
+        let datagram = Datagram { bytes, sender: SocketAddr::from(([127, 0, 0, 1], 53)), truncated: false };
+        let decoded = match self.reply_decoded(datagram) {
+            Reply::Send(bytes) => Some(bytes),
+            Reply::Forward(..) | Reply::Drop => None,
+        };
+        (fast, decoded)
+    }
+
     /// The reply to a datagram, decoded with hickory.
     fn reply_decoded(&self, datagram: Datagram<'_>) -> Reply {
         let parsed = if datagram.truncated {

@@ -120,13 +120,19 @@ pub async fn dump() -> io::Result<Vec<InterfaceAddress>> {
     }
 }
 
-enum Parsed {
+/// Where a dump stands after one datagram.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Parsed {
+    /// The kernel's `NLMSG_DONE`: every address has been sent.
     Done,
+    /// More datagrams follow.
     More,
 }
 
-/// Parses the messages of one datagram, adding each address to `out`.
-fn parse(mut bytes: &[u8], out: &mut Vec<InterfaceAddress>) -> io::Result<Parsed> {
+/// Parses the messages of one datagram of a dump, adding each address to `out`. The bytes come from the
+/// kernel, but are checked as if they did not: a message or attribute whose length runs past the
+/// datagram is an error or skipped, never read.
+pub fn parse(mut bytes: &[u8], out: &mut Vec<InterfaceAddress>) -> io::Result<Parsed> {
     let invalid = |what: &str| io::Error::new(io::ErrorKind::InvalidData, format!("netlink: {what}"));
     while bytes.len() >= 16 {
         let length = u32::from_ne_bytes(bytes[0..4].try_into().expect("4 bytes")) as usize;
@@ -139,8 +145,12 @@ fn parse(mut bytes: &[u8], out: &mut Vec<InterfaceAddress>) -> io::Result<Parsed
             NLMSG_DONE => return Ok(Parsed::Done),
             NLMSG_ERROR => {
                 let code = body.get(0..4).map_or(0, |b| i32::from_ne_bytes(b.try_into().expect("4 bytes")));
-                if code != 0 {
-                    return Err(io::Error::from_raw_os_error(-code));
+                // The kernel sends a negative errno (0 is an acknowledgement); anything else is malformed,
+                // and i32::MIN has no positive counterpart (found by fuzz/, netlink_dump).
+                match code.checked_neg() {
+                    Some(0) => {}
+                    Some(errno) if errno > 0 => return Err(io::Error::from_raw_os_error(errno)),
+                    _ => return Err(invalid("an error message with a code that is not an errno")),
                 }
             }
             RTM_NEWADDR => {

@@ -1,0 +1,281 @@
+//! Keel's fuzz targets: each function takes bytes where Keel takes them from outside, and panics only
+//! when Keel gets something wrong. The binaries in `fuzz_targets/` hand them to libFuzzer (`run.sh`);
+//! `tests/corpus.rs` replays the kept corpus and every crash found so far through them on stable Rust.
+//!
+//! | target | where the bytes come from | what must hold besides not crashing |
+//! | --- | --- | --- |
+//! | `config` | a keel.yaml file or a snapshot | - |
+//! | `tunnel_frames` | a tunnel peer | a decoded frame encodes and decodes to itself |
+//! | `dns_query` | a DNS client | the fast path answers exactly as the decoding path does |
+//! | `rest_body` | an API client | a bad request is a 4xx, never a 5xx; nothing hangs |
+//! | `proxy_stream` | a proxy's stream to the control plane | 200 or 400; the session ends with the body |
+//! | `netlink_dump` | the kernel (rtnetlink) | - |
+//! | `stun_response` | a STUN server | - |
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::pin;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Method, Request, StatusCode, header};
+use http_body_util::BodyExt;
+use keel_control_plane::auth::Tokens;
+use keel_control_plane::stream::PeerAddr;
+use keel_control_plane::{ControlPlane, NetCheckSettings, Settings};
+use keel_proxy::dns::server::DnsState;
+use keel_proxy::metrics::{DnsMetrics, Metrics};
+use keel_proxy::tunnel::frame;
+use keel_schemas::MapEnvironment;
+use keel_schemas::resource::Kind;
+use tower_service::Service;
+
+/// keel.yaml text, loaded and validated as the proxy loads its file.
+pub fn config(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else { return };
+    let _ = keel_schemas::load(text, "fuzz.yaml", &MapEnvironment::default());
+}
+
+/// Bytes from a tunnel peer: read as the router reads a connection's first frame, and as a stream of
+/// frames. Every frame that decodes must encode to bytes that decode to the same frame.
+pub fn tunnel_frames(data: &[u8]) {
+    let _ = ready(frame::read_hello(&mut &data[..]));
+    let mut rest = data;
+    while let Ok(Some((decoded, used))) = frame::parse_frame(rest) {
+        let encoded = decoded.encode();
+        match frame::parse_frame(&encoded) {
+            Ok(Some((again, length))) => {
+                assert_eq!(again, decoded, "a frame changed in an encode and decode");
+                assert_eq!(length, encoded.len(), "an encoded frame is not read whole");
+            }
+            other => panic!("{decoded:?} encodes to bytes that do not decode: {other:?}"),
+        }
+        rest = &rest[used..];
+    }
+}
+
+/// A UDP DNS query to a sidecar with hijacked names (IPv4 and IPv6 VIPs, a wildcard, service names).
+/// When the fast path answers, the decoding path must give the same answer.
+pub fn dns_query(data: &[u8]) {
+    static STATE: OnceLock<DnsState> = OnceLock::new();
+    let state = STATE.get_or_init(|| {
+        let text = "dns:\n  listen: [127.0.0.1:0]\n  upstreams: [127.0.0.1:9]\n  hijack:\n    - service: mysql\n    - {name: v6.example, address: \"fd00::7\"}\n    - {name: \"*.internal.example\", address: 127.0.66.9}\n    - {name: web.default.svc.cluster.local, address: 127.0.66.10}\n";
+        let config = keel_schemas::load(text, "fuzz.yaml", &MapEnvironment::default()).expect("the fuzz config loads");
+        let dns = config.dns.as_ref().expect("the fuzz config has dns");
+        DnsState::new(dns, None, DnsMetrics::new(&Metrics::new())).expect("the fuzz DNS state builds")
+    });
+    let (fast, decoded) = state.answer_both_ways(data);
+    let Some(fast) = fast else { return };
+    let Some(decoded) = decoded else {
+        panic!("the fast path answered a query the decoding path does not answer: {fast:?}")
+    };
+    let parse = |bytes: &[u8]| hickory_proto::op::Message::from_vec(bytes).map_err(|error| error.to_string());
+    assert_eq!(parse(&fast), parse(&decoded), "the fast path's answer differs from the decoding path's");
+}
+
+/// A message from the kernel's address dump.
+pub fn netlink_dump(data: &[u8]) {
+    let mut addresses = Vec::new();
+    let _ = keel_proxy::reporter::netlink::parse(data, &mut addresses);
+}
+
+/// A STUN server's response. The transaction ID expected is the one the message carries (bytes 8 to
+/// 20), so that the matching path is reached as well as the refusing one.
+pub fn stun_response(data: &[u8]) {
+    let mut transaction = [0u8; 12];
+    if let Some(id) = data.get(8..20) {
+        transaction.copy_from_slice(id);
+    }
+    let _ = keel_proxy::reporter::stun::parse(data, &transaction);
+}
+
+const OPERATOR: &str = "fuzz-operator";
+const PROXY: &str = "fuzz-proxy";
+const API: &str = "/apis/edge.example.com/v1";
+/// Longest wait for any one request: the control plane answers every one of these in milliseconds.
+const REQUEST_DEADLINE: Duration = Duration::from_secs(10);
+
+/// A request body to the control plane's REST API (and the seeds' endpoints). The first byte chooses
+/// the kind and the request; the rest is the body. Whatever the body, the answer is a success or a
+/// 4xx with a reason, never a 5xx, and it comes. What a request creates is deleted again, so that the
+/// store stays small over millions of runs.
+pub fn rest_body(data: &[u8]) {
+    let Some((&choice, body)) = data.split_first() else { return };
+    let kind = Kind::ALL[usize::from(choice) % Kind::ALL.len()];
+    let collection = match kind.namespaced() {
+        true => format!("{API}/namespaces/fuzz/{}", kind.plural()),
+        false => format!("{API}/{}", kind.plural()),
+    };
+    let (method, path, token, content_type) = match choice / 16 {
+        0..=5 => (Method::POST, collection.clone(), OPERATOR, "application/json"),
+        6..=8 => (Method::PUT, format!("{collection}/fuzz"), OPERATOR, "application/json"),
+        9..=11 => (Method::PATCH, format!("{collection}/fuzz"), OPERATOR, "application/merge-patch+json"),
+        12 => (Method::PUT, format!("{collection}/fuzz/status"), OPERATOR, "application/json"),
+        13 => (Method::POST, "/api/v1/public-ip".to_string(), PROXY, "application/json"),
+        14 => (Method::POST, "/api/v1/heartbeat".to_string(), PROXY, "application/json"),
+        _ => {
+            let kind = ["hosts", "pods", "service"][usize::from(choice) % 3];
+            (Method::POST, format!("/api/v1/test-results/{kind}"), PROXY, "application/json")
+        }
+    };
+    let request = Request::builder()
+        .method(method.clone())
+        .uri(&path)
+        .header(header::AUTHORIZATION, format!("Bearer {token}"))
+        .header(header::CONTENT_TYPE, content_type)
+        .body(Body::from(body.to_vec()))
+        .expect("a valid request");
+    let (status, answer) = control_plane().call(request);
+    assert!(
+        !status.is_server_error(),
+        "{method} {path} answered {status}: {}",
+        String::from_utf8_lossy(&answer)
+    );
+    if status == StatusCode::CREATED
+        && method == Method::POST
+        && let Ok(created) = serde_json::from_slice::<serde_json::Value>(&answer)
+        && let Some(name) = created["metadata"]["name"].as_str()
+    {
+        let request = Request::builder()
+            .method(Method::DELETE)
+            .uri(format!("{collection}/{name}"))
+            .header(header::AUTHORIZATION, format!("Bearer {OPERATOR}"))
+            .body(Body::empty())
+            .expect("a valid request");
+        let (status, answer) = control_plane().call(request);
+        assert!(
+            status.is_success(),
+            "deleting {name} answered {status}: {}",
+            String::from_utf8_lossy(&answer)
+        );
+    }
+}
+
+/// The body of a proxy's stream to the control plane: a hello, then ACKs, NACKs and status reports, one
+/// JSON object per line. The stream is answered 200 (and its snapshots sent) or refused with 400, and
+/// the session ends when the body does.
+pub fn proxy_stream(data: &[u8]) {
+    let request = Request::builder()
+        .method(Method::POST)
+        .uri(keel_schemas::stream::STREAM_PATH)
+        .header(header::AUTHORIZATION, format!("Bearer {PROXY}"))
+        .header(header::CONTENT_TYPE, "application/x-ndjson")
+        .body(Body::from(data.to_vec()))
+        .expect("a valid request");
+    let (status, answer) = control_plane().call(request);
+    assert!(
+        matches!(status, StatusCode::OK | StatusCode::BAD_REQUEST),
+        "the stream answered {status}: {}",
+        String::from_utf8_lossy(&answer)
+    );
+}
+
+/// What the control plane holds before the first run: an object named `fuzz` of every kind, which the
+/// PUT and PATCH requests change.
+const EXISTING: [(Kind, &str); 10] = [
+    (Kind::Listener, r#"{"address": "127.0.0.1:8080", "cluster": "web", "node_selector": {"app": "web"}}"#),
+    (Kind::Cluster, r#"{"endpoints": ["127.0.0.1:9000"], "node_selector": {"app": "web"}}"#),
+    (
+        Kind::DnsZone,
+        r#"{"listen": ["127.0.0.2:53"], "namespace": "fuzz", "ip_range": "127.0.66.0/24", "upstreams": ["127.0.0.1:5353"]}"#,
+    ),
+    (Kind::PublishedService, r#"{"local": "127.0.0.1:3306", "secret_file": "/run/keel/secret"}"#),
+    (Kind::VisitedService, r#"{"secret_file": "/run/keel/secret", "port": 3306}"#),
+    (
+        Kind::Router,
+        r#"{"listen": "0.0.0.0:7000", "address": "r1.example:7000", "token_file": "/run/keel/token"}"#,
+    ),
+    (Kind::Node, "{}"),
+    (
+        Kind::DnsRecord,
+        r#"{"zone": "example.com", "name": "gw", "type": "AAAA", "ttl": "120s", "address_from": {"node": "gw-1"}, "provider": "fuzz"}"#,
+    ),
+    (
+        Kind::DnsProvider,
+        r#"{"cloudflare": {"api_token_file": "/run/keel/cf", "zone_id": "023e105f4ecef8ad9ca31a8372d0c353"}}"#,
+    ),
+    (Kind::Probe, r#"{"tcp": {"targets": ["127.0.0.1:22"]}}"#),
+];
+
+/// A control plane with a database of its own, started once per process, called without a socket.
+struct ControlPlaneUnderTest {
+    runtime: tokio::runtime::Runtime,
+    app: axum::Router,
+    _running: ControlPlane,
+    _directory: tempfile::TempDir,
+}
+
+fn control_plane() -> &'static ControlPlaneUnderTest {
+    static CONTROL_PLANE: OnceLock<ControlPlaneUnderTest> = OnceLock::new();
+    CONTROL_PLANE.get_or_init(|| {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("a tokio runtime");
+        // In memory where there is a tmpfs: SQLite's syncs would otherwise be most of each run.
+        let directory = tempfile::tempdir_in("/dev/shm").or_else(|_| tempfile::tempdir()).expect("a directory");
+        let settings = Settings {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            database: directory.path().join("fuzz.db"),
+            tokens: Tokens::new(vec![OPERATOR.into()], vec![PROXY.into()]),
+            tls: None,
+            debounce: Duration::from_millis(10),
+            node_flush_interval: Duration::from_millis(50),
+            request_head_timeout: keel_control_plane::DEFAULT_REQUEST_HEAD_TIMEOUT,
+            netcheck: NetCheckSettings::default(),
+        };
+        let running = runtime.block_on(ControlPlane::start(settings)).expect("the control plane starts");
+        let app = keel_control_plane::api::router(Arc::clone(&running.state));
+        let control_plane = ControlPlaneUnderTest { runtime, app, _running: running, _directory: directory };
+        for (kind, spec) in EXISTING {
+            let mut metadata = serde_json::json!({"name": "fuzz"});
+            let mut path = format!("{API}/{}", kind.plural());
+            if kind.namespaced() {
+                metadata["namespace"] = "fuzz".into();
+                path = format!("{API}/namespaces/fuzz/{}", kind.plural());
+            }
+            let spec: serde_json::Value = serde_json::from_str(spec).expect("a JSON spec");
+            let object = serde_json::json!({"apiVersion": "edge.example.com/v1", "kind": kind.name(), "metadata": metadata, "spec": spec});
+            let request = Request::builder()
+                .method(Method::POST)
+                .uri(path)
+                .header(header::AUTHORIZATION, format!("Bearer {OPERATOR}"))
+                .body(Body::from(object.to_string()))
+                .expect("a valid request");
+            let (status, answer) = control_plane.call(request);
+            assert_eq!(status, StatusCode::CREATED, "{kind:?}: {}", String::from_utf8_lossy(&answer));
+        }
+        control_plane
+    })
+}
+
+impl ControlPlaneUnderTest {
+    /// One request through the API's router, from a client on loopback: its status and its whole body.
+    fn call(&self, mut request: Request<Body>) -> (StatusCode, Vec<u8>) {
+        request.extensions_mut().insert(PeerAddr(SocketAddr::from(([127, 0, 0, 1], 40000))));
+        let mut app = self.app.clone();
+        let what = format!("{} {}", request.method(), request.uri());
+        self.runtime.block_on(async move {
+            let exchange = async {
+                let response = app.call(request).await.expect("the router is infallible");
+                let status = response.status();
+                let body = response.into_body().collect().await.map(|body| body.to_bytes().to_vec());
+                (status, body.unwrap_or_default())
+            };
+            tokio::time::timeout(REQUEST_DEADLINE, exchange)
+                .await
+                .unwrap_or_else(|_| panic!("{what} was not answered within {REQUEST_DEADLINE:?}"))
+        })
+    }
+}
+
+/// The output of a future that needs nothing but the bytes it was given.
+fn ready<F: Future>(future: F) -> F::Output {
+    match pin!(future).poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(output) => output,
+        Poll::Pending => panic!("reading from memory waited"),
+    }
+}
