@@ -23,7 +23,7 @@ use serde_json::{Value, json};
 
 use crate::State;
 use crate::auth::{Denied, Role};
-use crate::store::{Event, EventType, Key, StoreError};
+use crate::store::{Event, EventType, Key, StoreError, Unwritable};
 
 const BASE: &str = "/apis/edge.example.com/v1";
 
@@ -129,6 +129,23 @@ impl IntoResponse for Failure {
 
 impl From<StoreError> for Failure {
     fn from(error: StoreError) -> Self {
+        if let Some(unwritable) = error.unwritable() {
+            tracing::error!(%error, "the database refused a write; nothing was changed");
+            let (code, reason, what) = match unwritable {
+                Unwritable::DiskFull => {
+                    (StatusCode::INSUFFICIENT_STORAGE, "InsufficientStorage", "the database's disk is full")
+                }
+                Unwritable::Unavailable => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "ServiceUnavailable",
+                    "the database cannot be written (read-only file system, I/O error or permissions)",
+                ),
+            };
+            let message = format!(
+                "{what}: nothing was changed, and proxies keep what they were sent; fix the control plane's storage and retry ({error})"
+            );
+            return Failure::new(code, reason, message);
+        }
         let (code, reason) = match &error {
             StoreError::AlreadyExists { .. } => (StatusCode::CONFLICT, "AlreadyExists"),
             StoreError::Conflict { .. } => (StatusCode::CONFLICT, "Conflict"),

@@ -128,6 +128,12 @@ impl ControlPlane {
     pub async fn start(settings: Settings) -> anyhow::Result<Self> {
         let store = Store::open(&settings.database)
             .map_err(|error| anyhow::anyhow!("cannot open {}: {error}", settings.database.display()))?;
+        if store.read_only() {
+            tracing::error!(
+                database = %settings.database.display(),
+                "the database is read-only: the control plane serves what it holds and refuses every write (503) until it can write"
+            );
+        }
         let world = World::new(store.revision(), store.all());
         let state = Arc::new(State {
             store: Mutex::new(store),

@@ -157,6 +157,33 @@ pub enum StoreError {
     Database(#[from] rusqlite::Error),
 }
 
+/// Why the database's storage refused a write: something outside the control plane that an operator
+/// must fix (and nothing in memory changed).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unwritable {
+    /// `SQLITE_FULL`: the file system is out of space (or the file at its size limit).
+    DiskFull,
+    /// `SQLITE_READONLY`, `SQLITE_IOERR`, `SQLITE_CANTOPEN`, `SQLITE_PERM`: a read-only file system, a
+    /// failing disk, lost permissions.
+    Unavailable,
+}
+
+impl StoreError {
+    /// Whether this is the storage refusing a write, and how.
+    pub fn unwritable(&self) -> Option<Unwritable> {
+        use rusqlite::ErrorCode;
+        let StoreError::Database(rusqlite::Error::SqliteFailure(failure, _)) = self else { return None };
+        match failure.code {
+            ErrorCode::DiskFull => Some(Unwritable::DiskFull),
+            ErrorCode::ReadOnly
+            | ErrorCode::SystemIoFailure
+            | ErrorCode::CannotOpen
+            | ErrorCode::PermissionDenied => Some(Unwritable::Unavailable),
+            _ => None,
+        }
+    }
+}
+
 /// The store. Not shared by itself: the control plane holds it behind one async mutex.
 pub struct Store {
     connection: Connection,
@@ -177,6 +204,12 @@ impl std::fmt::Debug for Store {
 
 impl Store {
     /// Opens (creating and migrating as needed) the database at `path`.
+    /// Whether SQLite opened the database read-only (a read-only file system or file): everything is
+    /// served from it, and every write is refused with [`Unwritable::Unavailable`].
+    pub fn read_only(&self) -> bool {
+        self.connection.is_readonly(rusqlite::MAIN_DB).unwrap_or(false)
+    }
+
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let mut connection = Connection::open(path)?;
         connection.pragma_update(None, "journal_mode", "WAL")?;

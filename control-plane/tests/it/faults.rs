@@ -175,3 +175,188 @@ async fn sigkill_mid_writes_and_pushes_loses_no_acknowledged_write() {
     proxy.stop_tunnels().await;
     sigkill(&mut cp);
 }
+
+/// The `control-plane` binary in a mount namespace of its own, with its database on a 4 MiB tmpfs that
+/// only it sees, which the test fills from inside the namespace (nsenter). Needs root (CI runs as
+/// root); elsewhere the test says why it did not run.
+struct OnSmallDisk {
+    running: Running,
+    directory: std::path::PathBuf,
+}
+
+impl OnSmallDisk {
+    fn spawn(directory: &Path, listen: SocketAddr) -> Option<Self> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            assert!(std::env::var_os("CI").is_none(), "CI must run the storage fault test: needs root");
+            eprintln!("skipping the storage fault test: it needs root (a tmpfs in a mount namespace)");
+            return None;
+        }
+        let script = r#"mount -t tmpfs -o size=4m keel-test "$1" && shift && exec "$@""#;
+        let child = Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "sh", "-c", script, "sh"])
+            .arg(directory)
+            .arg(env!("CARGO_BIN_EXE_control-plane"))
+            .args(["--listen", &listen.to_string(), "--database"])
+            .arg(directory.join("cp.db"))
+            .env("KEEL_CP_OPERATOR_TOKENS", OPERATOR)
+            .env("KEEL_CP_PROXY_TOKENS", PROXY)
+            .env("KEEL_LOG", "off")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let running = Running(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(listen).is_err() {
+            assert!(Instant::now() < deadline, "the control plane did not listen on {listen}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Some(Self { running, directory: directory.to_path_buf() })
+    }
+
+    /// Runs `script` (sh, `$1` is the database's directory) in the control plane's mount namespace.
+    fn inside(&self, script: &str) {
+        let output = Command::new("nsenter")
+            .args(["--target", &self.running.0.id().to_string(), "--mount", "sh", "-c", script, "sh"])
+            .arg(&self.directory)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{script}: {}", String::from_utf8_lossy(&output.stderr));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_refuses_writes_clearly_and_proxies_keep_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let listen = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let Some(cp) = OnSmallDisk::spawn(dir.path(), listen) else { return };
+    let cluster = json!({"apiVersion": "edge.example.com/v1", "kind": "Cluster", "metadata": {"name": "echo"},
+                         "spec": {"endpoints": [echo().await.to_string()], "node_selector": {"app": "web"}}});
+    assert_eq!(try_write(listen, &format!("{V1}/clusters"), &cluster).await, Some(201));
+    assert_eq!(try_write(listen, &format!("{V1}/listeners"), &listener("first")).await, Some(201));
+    let proxy = start_proxy(dir.path(), "node-a", &[("app", "web")], listen).await;
+    eventually("the first listener", || async { proxy.listener_addr("first").await.is_some() }).await;
+    let first = proxy.listener_addr("first").await.unwrap();
+
+    // Full: every write is refused with 507 and says why; reads, the stream and the proxy go on.
+    cp.inside(r#"dd if=/dev/zero of="$1/filler" bs=64k 2>/dev/null; test -s "$1/filler""#);
+    for attempt in 0..3 {
+        let name = format!("while-full-{attempt}");
+        let (status, answer) =
+            operator(listen, "POST", &format!("{V1}/listeners"), Some(&listener(&name))).await;
+        assert_eq!(status, 507, "{answer}");
+        let message = answer["message"].as_str().unwrap();
+        assert!(message.contains("disk is full") && message.contains("nothing was changed"), "{message}");
+        assert_eq!(answer["reason"], "InsufficientStorage");
+    }
+    let (status, list) = operator(listen, "GET", &format!("{V1}/listeners"), None).await;
+    assert_eq!((status, list["items"].as_array().unwrap().len()), (200, 1), "{list}");
+    assert!(round_trip(first).await);
+
+    // Space again: the next write lands and reaches the proxy.
+    cp.inside(r#"rm "$1/filler""#);
+    let (status, answer) =
+        operator(listen, "POST", &format!("{V1}/listeners"), Some(&listener("after-full"))).await;
+    assert_eq!(status, 201, "{answer}");
+    eventually("the listener written after the disk was freed", || async {
+        proxy.listener_addr("after-full").await.is_some()
+    })
+    .await;
+
+    let (_, list) = operator(listen, "GET", &format!("{V1}/listeners"), None).await;
+    let names: Vec<&str> = list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|item| item["metadata"]["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["after-full", "first"]);
+
+    proxy.shutdown(Shutdown::Fast);
+    proxy.close_all_connections().await;
+    proxy.stop_tunnels().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_database_is_served_writes_are_refused_and_proxies_keep_serving() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        assert!(std::env::var_os("CI").is_none(), "CI must run the storage fault test: needs root");
+        eprintln!("skipping the read-only database test: it needs root (a read-only bind mount)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let database = database(&dir);
+    let listen = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let mut cp = spawn_control_plane(&database, listen);
+    let cluster = json!({"apiVersion": "edge.example.com/v1", "kind": "Cluster", "metadata": {"name": "echo"},
+                         "spec": {"endpoints": [echo().await.to_string()], "node_selector": {"app": "web"}}});
+    assert_eq!(try_write(listen, &format!("{V1}/clusters"), &cluster).await, Some(201));
+    assert_eq!(try_write(listen, &format!("{V1}/listeners"), &listener("first")).await, Some(201));
+    let proxy = start_proxy(dir.path(), "node-a", &[("app", "web")], listen).await;
+    eventually("the first listener", || async { proxy.listener_addr("first").await.is_some() }).await;
+    let first = proxy.listener_addr("first").await.unwrap();
+    sigkill(&mut cp);
+
+    // The database's directory read-only (a bind mount of it, in a mount namespace of its own): the
+    // control plane starts, says so, serves what it holds (the proxy resyncs from it) and refuses every
+    // write with 503 and why; the proxy serves on throughout.
+    let script = r#"mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && shift && exec "$@""#;
+    let mut read_only = Running(
+        Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "sh", "-c", script, "sh"])
+            .arg(dir.path())
+            .arg(env!("CARGO_BIN_EXE_control-plane"))
+            .args(["--listen", &listen.to_string(), "--database", database.to_str().unwrap()])
+            .env("KEEL_CP_OPERATOR_TOKENS", OPERATOR)
+            .env("KEEL_CP_PROXY_TOKENS", PROXY)
+            .env("KEEL_LOG", "error")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(listen).is_err() {
+        assert!(Instant::now() < deadline, "the read-only control plane did not listen on {listen}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (status, list) = operator(listen, "GET", &format!("{V1}/listeners"), None).await;
+    assert_eq!((status, list["items"].as_array().unwrap().len()), (200, 1), "{list}");
+    let (status, answer) =
+        operator(listen, "POST", &format!("{V1}/listeners"), Some(&listener("refused"))).await;
+    assert_eq!(status, 503, "{answer}");
+    let message = answer["message"].as_str().unwrap();
+    assert!(message.contains("cannot be written") && message.contains("nothing was changed"), "{message}");
+    assert!(round_trip(first).await);
+    eventually("the proxy's ACK from the read-only control plane", || async {
+        let (_, proxies) = operator(listen, "GET", "/debug/proxies", None).await;
+        proxies["proxies"][0]["connected"] == true
+    })
+    .await;
+    sigkill(&mut read_only);
+    let mut said = String::new();
+    std::io::Read::read_to_string(&mut read_only.0.stderr.take().unwrap(), &mut said).unwrap();
+    assert!(
+        said.contains("the database is read-only") && said.contains(database.to_str().unwrap()),
+        "{said}"
+    );
+
+    // Writable again: it starts with what it held, and the proxy resyncs.
+    let mut cp = spawn_control_plane(&database, listen);
+    let (status, answer) =
+        operator(listen, "POST", &format!("{V1}/listeners"), Some(&listener("second"))).await;
+    assert_eq!(status, 201, "{answer}");
+    eventually("the listener written after the restart", || async {
+        proxy.listener_addr("second").await.is_some()
+    })
+    .await;
+    assert_eq!(proxy.listener_addr("first").await, Some(first));
+
+    proxy.shutdown(Shutdown::Fast);
+    proxy.close_all_connections().await;
+    proxy.stop_tunnels().await;
+    sigkill(&mut cp);
+}
