@@ -3,12 +3,15 @@
 //! Upstreams are tried in order. Each gets the query over UDP under a fresh random ID (a reply is
 //! accepted only with that ID and the same question, so a stray or forged datagram is ignored), and
 //! again over TCP when its UDP answer comes back truncated. An upstream that fails or has not answered
-//! within the timeout gives way to the next. A semaphore bounds the queries waiting on upstreams; past
-//! it, a query fails at once rather than queueing without limit.
+//! within the timeout gives way to the next, and is passed over (tried after the healthy ones) for a
+//! while, so that a black-holed resolver costs one query the timeout, not every query: 5 s after its
+//! first failure, doubling with each failure in a row up to 60 s; one answer ends it. A semaphore bounds
+//! the queries waiting on upstreams; past it, a query fails at once rather than queueing without limit.
 
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use hickory_proto::op::Message;
@@ -40,10 +43,25 @@ pub struct Answer {
     pub over_tcp: bool,
 }
 
+/// How long an upstream is passed over after its first failure in a row; each further failure doubles
+/// it, up to [`MAX_PASS_OVER`].
+const FIRST_PASS_OVER: Duration = Duration::from_secs(5);
+const MAX_PASS_OVER: Duration = Duration::from_secs(60);
+
+/// One upstream's recent record.
+#[derive(Debug, Default)]
+struct Health {
+    failures_in_a_row: AtomicU32,
+    /// Until when (milliseconds after [`Upstreams::epoch`]) the upstream is tried only after the others.
+    passed_over_until: AtomicU64,
+}
+
 /// The upstream resolvers of one config.
 #[derive(Debug)]
 pub struct Upstreams {
     servers: Vec<SocketAddr>,
+    health: Vec<Health>,
+    epoch: tokio::time::Instant,
     timeout: Duration,
     in_flight: Arc<Semaphore>,
     max_in_flight: usize,
@@ -51,7 +69,49 @@ pub struct Upstreams {
 
 impl Upstreams {
     pub fn new(servers: Vec<SocketAddr>, timeout: Duration, max_in_flight: usize) -> Self {
-        Self { servers, timeout, in_flight: Arc::new(Semaphore::new(max_in_flight)), max_in_flight }
+        let health = servers.iter().map(|_| Health::default()).collect();
+        Self {
+            servers,
+            health,
+            epoch: tokio::time::Instant::now(),
+            timeout,
+            in_flight: Arc::new(Semaphore::new(max_in_flight)),
+            max_in_flight,
+        }
+    }
+
+    fn now_millis(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// The order to try the upstreams in: those not passed over, then the rest, each in config order.
+    /// Decided once, before the first is tried (a failure during the query must not reorder it).
+    fn order(&self) -> Vec<usize> {
+        let now = self.now_millis();
+        let (mut healthy, passed_over): (Vec<usize>, Vec<usize>) = (0..self.servers.len())
+            .partition(|&index| self.health[index].passed_over_until.load(Ordering::Relaxed) <= now);
+        healthy.extend(passed_over);
+        healthy
+    }
+
+    fn answered(&self, index: usize) {
+        let health = &self.health[index];
+        if health.failures_in_a_row.swap(0, Ordering::Relaxed) > 0 {
+            health.passed_over_until.store(0, Ordering::Relaxed);
+            tracing::info!(upstream = %self.servers[index], "upstream answers again");
+        }
+    }
+
+    fn failed(&self, index: usize, error: &str) {
+        let health = &self.health[index];
+        let in_a_row = health.failures_in_a_row.fetch_add(1, Ordering::Relaxed).saturating_add(1);
+        let pass_over = FIRST_PASS_OVER.saturating_mul(1 << (in_a_row - 1).min(4)).min(MAX_PASS_OVER);
+        let until =
+            self.now_millis().saturating_add(u64::try_from(pass_over.as_millis()).unwrap_or(u64::MAX));
+        health.passed_over_until.store(until, Ordering::Relaxed);
+        if in_a_row == 1 {
+            tracing::warn!(upstream = %self.servers[index], error, ?pass_over, "upstream failed; passing it over");
+        }
     }
 
     /// Forwards `query` (a whole DNS message) and returns the first answer an upstream gives.
@@ -62,18 +122,21 @@ impl Upstreams {
         let _permit = self.in_flight.try_acquire().map_err(|_| ForwardError::Busy(self.max_in_flight))?;
         let mut outgoing = query.clone();
         let mut last = None;
-        for &upstream in &self.servers {
+        for index in self.order() {
+            let upstream = self.servers[index];
             outgoing.metadata.id = fastrand::u16(..);
             let bytes = outgoing.to_vec().map_err(|error| ForwardError::BadQuery(error.to_string()))?;
             let exchange = self.exchange(upstream, &bytes, &outgoing);
             let error = match tokio::time::timeout(self.timeout, exchange).await {
                 Ok(Ok((mut message, over_tcp))) => {
+                    self.answered(index);
                     message.metadata.id = query.metadata.id;
                     return Ok(Answer { message, upstream, over_tcp });
                 }
                 Ok(Err(error)) => error.to_string(),
                 Err(_) => format!("no answer within {:?}", self.timeout),
             };
+            self.failed(index, &error);
             tracing::debug!(%upstream, %error, "upstream failed; trying the next");
             last = Some((upstream, error));
         }
@@ -268,6 +331,46 @@ mod tests {
         let answer = upstreams.forward(&query("example.com.")).await.unwrap();
         assert_eq!(answer.upstream, working);
         assert_eq!(asked.load(Ordering::Relaxed), 1, "the silent upstream was asked first");
+
+        // Passed over now: the next queries go straight to the working one, without waiting.
+        for name in ["a.example.", "b.example."] {
+            let started = std::time::Instant::now();
+            let answer = upstreams.forward(&query(name)).await.unwrap();
+            assert_eq!(answer.upstream, working);
+            assert!(started.elapsed() < Duration::from_millis(150), "{:?}", started.elapsed());
+        }
+        assert_eq!(asked.load(Ordering::Relaxed), 1, "the silent upstream was asked again");
+        // Still tried when nothing else answers.
+        let alone = Upstreams::new(vec![silent], Duration::from_millis(50), 8);
+        for _ in 0..2 {
+            assert!(alone.forward(&query("c.example.")).await.is_err());
+        }
+        assert_eq!(asked.load(Ordering::Relaxed), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_passed_over_upstream_is_tried_first_again_when_its_time_is_up() {
+        let upstreams = Upstreams::new(
+            vec!["127.0.0.1:9".parse().unwrap(), "127.0.0.1:10".parse().unwrap()],
+            Duration::from_secs(1),
+            8,
+        );
+        upstreams.failed(0, "test");
+        assert_eq!(upstreams.order(), [1, 0]);
+        tokio::time::advance(FIRST_PASS_OVER).await;
+        assert_eq!(upstreams.order(), [0, 1]);
+        // Failures in a row double the time, up to a minute.
+        for _ in 0..10 {
+            upstreams.failed(0, "test");
+        }
+        tokio::time::advance(Duration::from_secs(59)).await;
+        assert_eq!(upstreams.order(), [1, 0]);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(upstreams.order(), [0, 1]);
+        upstreams.answered(0);
+        upstreams.failed(0, "test");
+        tokio::time::advance(FIRST_PASS_OVER).await;
+        assert_eq!(upstreams.order(), [0, 1], "an answer resets the doubling");
     }
 
     #[tokio::test]

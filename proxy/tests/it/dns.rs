@@ -240,6 +240,43 @@ async fn a_stale_answer_is_served_when_every_upstream_fails() {
     server.shutdown().await;
 }
 
+/// Fault: the first upstream black-holed (it reads queries and never answers). The first query waits
+/// out the upstream timeout and is answered by the second; the first upstream is then passed over, so
+/// the queries after it are answered at once instead of each paying the timeout.
+#[tokio::test]
+async fn a_black_holed_upstream_costs_one_query_the_timeout_not_every_query() {
+    let black_hole = FakeUpstream::start().await;
+    black_hole.silent.store(true, Ordering::SeqCst);
+    let working = FakeUpstream::start().await;
+    let yaml = format!(
+        "dns:\n  listen: [\"127.0.0.1:0\"]\n  upstreams: [\"{}\", \"{}\"]\n  upstream_timeout: 300ms\n  hijack:\n{HIJACK}",
+        black_hole.addr, working.addr
+    );
+    let server = DnsServer::start(&["127.0.0.1:0".parse().unwrap()], 2, state(&yaml, None)).await.unwrap();
+    let addr = server.local_addrs[0];
+    let mut latencies = Vec::new();
+    for index in 0..50 {
+        let started = std::time::Instant::now();
+        let answer = ask_udp(addr, &query(&format!("name-{index}.example."), RecordType::A, true)).await;
+        assert_eq!(addresses(&answer), ["10.0.0.1"], "query {index}");
+        latencies.push(started.elapsed());
+    }
+    let waited = latencies.iter().filter(|latency| **latency >= Duration::from_millis(300)).count();
+    let mut after_first = latencies[1..].to_vec();
+    after_first.sort();
+    eprintln!(
+        "black-holed upstream: first query {:?}, the next 49: median {:?}, max {:?}",
+        latencies[0],
+        after_first[after_first.len() / 2],
+        after_first[after_first.len() - 1]
+    );
+    assert_eq!(waited, 1, "queries that waited for the black hole: {latencies:?}");
+    assert!(latencies[0] >= Duration::from_millis(300), "{latencies:?}");
+    assert!(after_first[after_first.len() - 1] < Duration::from_millis(150), "{after_first:?}");
+    assert_eq!(black_hole.queries.load(Ordering::SeqCst), 1, "the black hole was asked again");
+    server.shutdown().await;
+}
+
 #[tokio::test]
 async fn large_answers_truncate_for_udp_clients_without_edns_and_come_whole_over_tcp() {
     let upstream = FakeUpstream::start().await;
