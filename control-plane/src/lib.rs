@@ -36,6 +36,9 @@ pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(20);
 /// [`Settings::request_head_timeout`] unless told otherwise (nginx's `client_header_timeout` is 60 s;
 /// a request head is a few hundred bytes).
 pub const DEFAULT_REQUEST_HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// [`Settings::max_connections`] unless told otherwise: room for a large fleet's streams (one per
+/// proxy) and the API's clients, far below what the descriptors of a default container allow.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 20_000;
 
 /// How the control plane runs.
 #[derive(Clone, Debug)]
@@ -51,6 +54,9 @@ pub struct Settings {
     /// How long a client has to send a request's line and headers (HTTP/1.1), or the bytes that say
     /// which HTTP it speaks; slower connections are closed, so that slow clients cannot hold the server.
     pub request_head_timeout: Duration,
+    /// Connections served at once; past it, a new connection is closed as soon as it is accepted (and
+    /// counted in the log), so that a flood cannot take every descriptor.
+    pub max_connections: usize,
     pub netcheck: NetCheckSettings,
 }
 
@@ -163,7 +169,11 @@ impl ControlPlane {
         }
         let app = api::router(Arc::clone(&state));
         let stop = state.stop.clone();
-        let task = tokio::spawn(serve::serve(listener, acceptor, app, stop, settings.request_head_timeout));
+        let limits = serve::Limits {
+            head_timeout: settings.request_head_timeout,
+            max_connections: settings.max_connections,
+        };
+        let task = tokio::spawn(serve::serve(listener, acceptor, app, stop, limits));
         tracing::info!(address = %local_addr, tls = settings.tls.is_some(), "control plane listening");
         Ok(Self { local_addr, state, task })
     }

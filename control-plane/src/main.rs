@@ -1,6 +1,7 @@
 //! `control-plane`: parse arguments, read tokens, set up logging and signals, and run the library.
 
 use std::net::SocketAddr;
+use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -8,6 +9,9 @@ use std::time::Duration;
 use clap::Parser;
 use keel_control_plane::auth::Tokens;
 use keel_control_plane::{ControlPlane, DEFAULT_DEBOUNCE, NetCheckSettings, Settings};
+
+const DEFAULT_MAX_CONNECTIONS: NonZeroUsize =
+    NonZeroUsize::new(keel_control_plane::DEFAULT_MAX_CONNECTIONS).unwrap();
 
 #[derive(Parser)]
 #[command(
@@ -59,6 +63,10 @@ struct Cli {
     /// Log filter, such as `info` or `keel_control_plane=debug`.
     #[arg(long, default_value = "info", env = "KEEL_LOG")]
     log_level: String,
+    /// Connections served at once (proxies' streams and API clients); past it, new connections are
+    /// closed at once.
+    #[arg(long, env = "KEEL_CP_MAX_CONNECTIONS", default_value_t = DEFAULT_MAX_CONNECTIONS)]
+    max_connections: NonZeroUsize,
 }
 
 fn main() -> ExitCode {
@@ -125,6 +133,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         debounce: DEFAULT_DEBOUNCE,
         node_flush_interval: Duration::from_secs(1),
         request_head_timeout: keel_control_plane::DEFAULT_REQUEST_HEAD_TIMEOUT,
+        max_connections: cli.max_connections.get(),
         netcheck: NetCheckSettings {
             expiry: cli.netcheck_expiry,
             report_interval: cli.netcheck_report_interval,

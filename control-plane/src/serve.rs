@@ -20,6 +20,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
@@ -59,16 +60,27 @@ pub fn tls_acceptor(cert: &Path, key: &Path) -> anyhow::Result<TlsAcceptor> {
 /// The HTTP/2 client preface: a connection whose first bytes are not a prefix of it speaks HTTP/1.1.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// Serves `app` on `listener` until `stop`; `head_timeout` bounds how long a client may take to send a
-/// request head.
+/// What one client may take of the server.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// How long a client may take to send a request head (or, in clear, the bytes that say which HTTP).
+    pub head_timeout: Duration,
+    /// Connections served at once.
+    pub max_connections: usize,
+}
+
+/// Serves `app` on `listener` until `stop`, within `limits`.
 pub async fn serve(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     app: Router,
     stop: CancellationToken,
-    head_timeout: Duration,
+    limits: Limits,
 ) {
+    let Limits { head_timeout, max_connections } = limits;
     let connections = tokio_util::task::TaskTracker::new();
+    let slots = Arc::new(Semaphore::new(max_connections));
+    let mut refused = RefusedLog::default();
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -82,6 +94,11 @@ pub async fn serve(
             },
             () = stop.cancelled() => break,
         };
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            refused.count(max_connections);
+            drop(stream);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         // Proxies on HTTP/1.1 get no pings: TCP keepalive finds the ones that vanished.
         let keepalive =
@@ -91,6 +108,7 @@ pub async fn serve(
         let tls = tls.clone();
         let stop = stop.clone();
         connections.spawn(async move {
+            let _slot = slot;
             match tls {
                 None => match tokio::time::timeout(head_timeout, speaks_http2(&stream)).await {
                     Ok(Ok(http2)) => connection(stream, peer, app, stop, http2, head_timeout).await,
@@ -114,6 +132,29 @@ pub async fn serve(
     connections.close();
     if tokio::time::timeout(STOP_GRACE, connections.wait()).await.is_err() {
         tracing::warn!("connections still open after the stop grace period");
+    }
+}
+
+/// Connections closed at the limit, logged at most once a second with how many since the last line.
+#[derive(Debug, Default)]
+struct RefusedLog {
+    since_logged: u64,
+    logged_at: Option<tokio::time::Instant>,
+}
+
+impl RefusedLog {
+    fn count(&mut self, max_connections: usize) {
+        self.since_logged += 1;
+        let now = tokio::time::Instant::now();
+        if self.logged_at.is_none_or(|at| now.duration_since(at) >= Duration::from_secs(1)) {
+            tracing::warn!(
+                refused = self.since_logged,
+                max_connections,
+                "at the connection limit: new connections are closed at once"
+            );
+            self.since_logged = 0;
+            self.logged_at = Some(now);
+        }
     }
 }
 

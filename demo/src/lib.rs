@@ -175,6 +175,7 @@ impl Demo {
             debounce: DEFAULT_DEBOUNCE,
             node_flush_interval: Duration::from_secs(1),
             request_head_timeout: keel_control_plane::DEFAULT_REQUEST_HEAD_TIMEOUT,
+            max_connections: keel_control_plane::DEFAULT_MAX_CONNECTIONS,
             netcheck: NetCheckSettings::default(),
         })
         .await

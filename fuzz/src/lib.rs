@@ -225,6 +225,7 @@ fn control_plane() -> &'static ControlPlaneUnderTest {
             debounce: Duration::from_millis(10),
             node_flush_interval: Duration::from_millis(50),
             request_head_timeout: keel_control_plane::DEFAULT_REQUEST_HEAD_TIMEOUT,
+            max_connections: keel_control_plane::DEFAULT_MAX_CONNECTIONS,
             netcheck: NetCheckSettings::default(),
         };
         let running = runtime.block_on(ControlPlane::start(settings)).expect("the control plane starts");

@@ -69,3 +69,42 @@ async fn a_slowloris_is_cut_off_and_starves_no_one() {
     proxy.close_all_connections().await;
     cp.stop().await;
 }
+
+/// A flood of connections past `max_connections`: each is closed as soon as it is accepted, so the
+/// flood holds no more than the limit; once the slow ones are cut off, the server serves again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_connection_limit_new_connections_are_closed_at_once() {
+    const LIMIT: usize = 40;
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = settings(&database(&dir), "127.0.0.1:0".parse().unwrap());
+    settings.request_head_timeout = HEAD_TIMEOUT;
+    settings.max_connections = LIMIT;
+    let cp = keel_control_plane::ControlPlane::start(settings).await.unwrap();
+    let addr = cp.local_addr;
+
+    let mut held = Vec::new();
+    for _ in 0..LIMIT {
+        held.push(TcpStream::connect(addr).await.unwrap());
+    }
+    // Give the server the time to accept them all.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for attempt in 0..20 {
+        let mut extra = TcpStream::connect(addr).await.unwrap();
+        let started = Instant::now();
+        let _ = extra.write_all(b"GET /healthz HTTP/1.1\r\nHost: cp\r\n\r\n").await;
+        let mut buffer = [0u8; 64];
+        let read = tokio::time::timeout(Duration::from_secs(2), extra.read(&mut buffer)).await;
+        assert!(
+            matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+            "connection {attempt} past the limit was not closed at once: {read:?}"
+        );
+        assert!(started.elapsed() < Duration::from_millis(300), "closed after {:?}", started.elapsed());
+    }
+
+    // The held connections send nothing: cut off after the head timeout, which frees their slots.
+    tokio::time::sleep(HEAD_TIMEOUT * 3).await;
+    let (status, _) = call(addr, "GET", "/healthz", None, None).await;
+    assert_eq!(status, 200);
+    drop(held);
+    cp.stop().await;
+}

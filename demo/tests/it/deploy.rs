@@ -402,6 +402,7 @@ async fn configure_sh_creates_routers_and_the_example_in_a_control_plane() {
         debounce: keel_control_plane::DEFAULT_DEBOUNCE,
         node_flush_interval: std::time::Duration::from_secs(1),
         request_head_timeout: keel_control_plane::DEFAULT_REQUEST_HEAD_TIMEOUT,
+        max_connections: keel_control_plane::DEFAULT_MAX_CONNECTIONS,
         netcheck: keel_control_plane::NetCheckSettings::default(),
     })
     .await

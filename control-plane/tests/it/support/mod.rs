@@ -25,6 +25,7 @@ pub fn settings(database: &Path, listen: SocketAddr) -> Settings {
         debounce: Duration::from_millis(10),
         node_flush_interval: Duration::from_millis(50),
         request_head_timeout: keel_control_plane::DEFAULT_REQUEST_HEAD_TIMEOUT,
+        max_connections: keel_control_plane::DEFAULT_MAX_CONNECTIONS,
         netcheck: keel_control_plane::NetCheckSettings::default(),
     }
 }
