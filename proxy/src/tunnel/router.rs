@@ -195,7 +195,15 @@ impl Drop for Router {
     }
 }
 
+/// Connections that may be in their handshake (TLS, then a `Hello` not yet proven) at once. Each has
+/// [`HELLO_TIMEOUT`] to finish; past the limit new connections are closed at once, so that a flood of
+/// unauthenticated connections cannot take every descriptor. Proven connections do not count.
+pub const MAX_HANDSHAKING: usize = 1024;
+
 async fn accept_loop(listener: TcpListener, inner: Arc<RouterInner>, stop: CancellationToken) {
+    let handshaking = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKING));
+    let mut refused_since_logged = 0u64;
+    let mut logged_at: Option<tokio::time::Instant> = None;
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -203,10 +211,24 @@ async fn accept_loop(listener: TcpListener, inner: Arc<RouterInner>, stop: Cance
         };
         match accepted {
             Ok((stream, peer)) => {
+                let Ok(handshake) = Arc::clone(&handshaking).try_acquire_owned() else {
+                    drop(stream);
+                    refused_since_logged += 1;
+                    let now = tokio::time::Instant::now();
+                    if logged_at.is_none_or(|at| now.duration_since(at) >= Duration::from_secs(1)) {
+                        tracing::warn!(
+                            refused = refused_since_logged,
+                            MAX_HANDSHAKING,
+                            "tunnel router: too many connections in their handshake; new ones are closed at once"
+                        );
+                        (refused_since_logged, logged_at) = (0, Some(now));
+                    }
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
                 // Not tracked for the drain: most connections here are control sessions and idle pooled
                 // ones; a paired connection's relay is tracked when it starts.
-                tokio::spawn(serve(stream, peer, Arc::clone(&inner), stop.clone()));
+                tokio::spawn(serve(stream, peer, Arc::clone(&inner), stop.clone(), handshake));
             }
             Err(error) => {
                 tracing::warn!(%error, "tunnel router: accept failed");
@@ -232,8 +254,15 @@ impl RouterInner {
     }
 }
 
-/// One accepted connection, from its TLS handshake (if any) and its `Hello` on.
-async fn serve(stream: TcpStream, peer: SocketAddr, inner: Arc<RouterInner>, stop: CancellationToken) {
+/// One accepted connection, from its TLS handshake (if any) and its `Hello` on. `handshake` is its place
+/// among the connections in their handshake, given back once the `Hello` is proven.
+async fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    inner: Arc<RouterInner>,
+    stop: CancellationToken,
+    handshake: tokio::sync::OwnedSemaphorePermit,
+) {
     let mut stream = match &inner.tls {
         None => Conn::Plain(stream),
         Some(tls) => match tokio::time::timeout(HELLO_TIMEOUT, tls.accept(stream)).await {
@@ -268,6 +297,7 @@ async fn serve(stream: TcpStream, peer: SocketAddr, inner: Arc<RouterInner>, sto
         inner.refuse(&mut stream, "", reason, format!("from {peer}")).await;
         return;
     }
+    drop(handshake);
     match hello.kind {
         Kind::Control => serve_control(stream, peer, hello, inner, stop).await,
         Kind::PublisherPool => pool_arrived(stream, hello, inner).await,

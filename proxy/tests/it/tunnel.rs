@@ -266,6 +266,41 @@ async fn a_router_restart_keeps_the_visitor_listening_and_service_returns_quickl
     assert!(took < Duration::from_millis(1500), "service returned after {took:?}");
 }
 
+/// A flood of connections that never finish their handshake: past `MAX_HANDSHAKING` the router closes
+/// new ones at once instead of holding a descriptor for each, and connections already through the
+/// tunnel carry on; when the flood goes, new connections get through again.
+#[tokio::test]
+async fn a_flood_of_unfinished_handshakes_is_capped_and_established_tunnels_carry_on() {
+    let local = Upstream::echo().await;
+    let (_router, router_at) = router().await;
+    let _publisher = publisher("node-b", &[router_at], local.addr, false).await;
+    let (visitor, visit_at) = visitor(&[router_at], SECRET).await;
+    publishers_seen(&visitor, 1).await;
+    let mut held = TcpStream::connect(visit_at).await.unwrap();
+    echo_once(&mut held, b"before").await.unwrap();
+
+    let mut flood = Vec::new();
+    for _ in 0..keel_proxy::tunnel::router::MAX_HANDSHAKING {
+        flood.push(TcpStream::connect(router_at).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for _ in 0..5 {
+        let took = refused_fast(router_at).await;
+        assert!(took < Duration::from_millis(300), "a connection past the cap was held {took:?}");
+    }
+    echo_once(&mut held, b"during").await.unwrap();
+
+    drop(flood);
+    eventually(Duration::from_secs(5), "a new connection through the tunnel after the flood", || async {
+        match TcpStream::connect(visit_at).await {
+            Ok(mut stream) => echo_once(&mut stream, b"after").await.is_ok(),
+            Err(_) => false,
+        }
+    })
+    .await;
+    echo_once(&mut held, b"still").await.unwrap();
+}
+
 #[tokio::test]
 async fn two_sharing_publishers_split_the_load_and_one_leaving_moves_it() {
     let a = Upstream::tagged("A").await;
