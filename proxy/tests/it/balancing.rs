@@ -194,3 +194,66 @@ async fn every_endpoint_down_refuses_the_connection() {
     assert_eq!(proxy.metric("keel_cluster_upstream_no_endpoint_total{cluster=\"back\"}").await, 1.0);
     proxy.stop().await;
 }
+
+/// Fault: an endpoint flapping (its listener up 100 ms, down 100 ms) beside a steady one, under a
+/// stream of connections: a connect refused by the flapping one fails over to the steady one, so every
+/// connection is served by one or the other.
+#[tokio::test]
+async fn a_flapping_endpoint_costs_no_connection() {
+    let steady = Upstream::tagged("steady").await;
+    let flapping_at = closed_port().await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let flaps = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut flaps = 0u32;
+            while !stop.is_cancelled() {
+                let up = loop {
+                    match tokio::net::TcpListener::bind(flapping_at).await {
+                        Ok(listener) => break listener,
+                        Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+                    }
+                };
+                let serving = tokio::spawn(async move {
+                    while let Ok((mut stream, _)) = up.accept().await {
+                        tokio::spawn(async move {
+                            let _ = tokio::io::AsyncWriteExt::write_all(&mut stream, b"flapping").await;
+                        });
+                    }
+                });
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                serving.abort();
+                let _ = serving.await;
+                flaps += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            flaps
+        })
+    };
+    let proxy = TestProxy::start(&cluster_config(&[flapping_at, steady.addr], "")).await;
+    let front = proxy.addr("front").await;
+    let started = std::time::Instant::now();
+    let mut served = HashMap::new();
+    let mut slowest = Duration::ZERO;
+    while started.elapsed() < Duration::from_secs(3) {
+        let began = std::time::Instant::now();
+        *served.entry(read_all(front).await).or_insert(0u32) += 1;
+        slowest = slowest.max(began.elapsed());
+    }
+    stop.cancel();
+    let flaps = flaps.await.unwrap();
+    let total: u32 = served.values().sum();
+    let failovers = proxy.metric("keel_cluster_upstream_connect_failures_total{cluster=\"back\"}").await;
+    eprintln!(
+        "flapping endpoint ({flaps} flaps): {total} connections, served {served:?}, {failovers} connects refused and failed over, slowest {slowest:?}"
+    );
+    assert_eq!(
+        served.keys().filter(|tag| !matches!(tag.as_str(), "steady" | "flapping")).count(),
+        0,
+        "{served:?}"
+    );
+    assert!(served.get("flapping").copied().unwrap_or(0) > 0 && served["steady"] > 0, "{served:?}");
+    assert!(failovers >= 1.0, "the flapping endpoint was never found down");
+    assert!(slowest < Duration::from_millis(500), "slowest connection {slowest:?}");
+    proxy.stop().await;
+}
