@@ -1,6 +1,7 @@
 //! DNS records through Cloudflare's API v4, against a local server that checks the documented request
 //! shapes and headers exactly and keeps the zone's records: list, create (POST), update (PUT), read
-//! back; a 429 is retried only after its Retry-After.
+//! back; a 429 is retried only after its Retry-After; through an outage and a control-plane restart the
+//! record converges on the last address, and no older one is written after a newer.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,6 +30,10 @@ struct FakeCloudflare {
     records: Vec<Value>,
     seen: Vec<Seen>,
     rate_limit_once: bool,
+    /// An outage: every call answers 500.
+    down: bool,
+    /// The content of every record written (POST or PUT), in order.
+    written: Vec<String>,
     problems: Vec<String>,
 }
 
@@ -51,6 +56,9 @@ async fn api(
             ),
         )
             .into_response();
+    }
+    if fake.down {
+        return (StatusCode::INTERNAL_SERVER_ERROR, "outage").into_response();
     }
     if fake.rate_limit_once {
         fake.rate_limit_once = false;
@@ -101,6 +109,8 @@ async fn api(
                 return StatusCode::BAD_REQUEST.into_response();
             };
             body["id"] = json!(format!("rec{}", fake.records.len() + 1));
+            let content = body["content"].as_str().unwrap_or_default().to_string();
+            fake.written.push(content);
             fake.records.push(body.clone());
             ok(body)
         }
@@ -110,6 +120,8 @@ async fn api(
                 return StatusCode::BAD_REQUEST.into_response();
             };
             body["id"] = json!(id);
+            let content = body["content"].as_str().unwrap_or_default().to_string();
+            fake.written.push(content);
             match fake.records.iter_mut().find(|r| r["id"] == id.as_str()) {
                 Some(record) => {
                     *record = body.clone();
@@ -200,4 +212,78 @@ async fn eventually_long_enough(addr: std::net::SocketAddr) {
         assert!(Instant::now() < deadline, "not in sync: {}", record["status"]);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Fault: the provider down (every call 500) while the address changes twice and the control plane
+/// restarts. When the provider is back, the record converges on the last address, and nothing older is
+/// written once a newer one has been.
+#[tokio::test]
+async fn through_an_outage_and_a_restart_the_record_converges_in_order() {
+    let fake = Arc::new(Mutex::new(FakeCloudflare::default()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let api_addr = listener.local_addr().unwrap();
+    let app = axum::Router::new().fallback(api).with_state(Arc::clone(&fake));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("cloudflare.token");
+    std::fs::write(&token_file, TOKEN).unwrap();
+    let cp = start(&database(&dir)).await;
+    let provider = json!({
+        "apiVersion": "edge.example.com/v1", "kind": "DnsProvider", "metadata": {"name": "cloudflare"},
+        "spec": {"cloudflare": {"api_token_file": token_file.display().to_string(), "zone_id": ZONE_ID, "api_url": format!("http://{api_addr}/client/v4")}}
+    });
+    assert_eq!(operator(cp.local_addr, "POST", &format!("{V1}/dnsproviders"), Some(&provider)).await.0, 201);
+    let record = json!({
+        "apiVersion": "edge.example.com/v1", "kind": "DnsRecord", "metadata": {"name": "gw"},
+        "spec": {"zone": "example.com", "name": "gw", "type": "AAAA", "ttl": "120s", "address_from": {"node": "gw-1"}, "provider": "cloudflare"}
+    });
+    assert_eq!(operator(cp.local_addr, "POST", &format!("{V1}/dnsrecords"), Some(&record)).await.0, 201);
+    report_address(cp.local_addr, "2001:db8::1").await;
+    eventually("the first address in the zone", || async {
+        fake.lock().await.records.first().is_some_and(|record| record["content"] == "2001:db8::1")
+    })
+    .await;
+
+    // The outage: two changes, a restart in the middle, each attempt refused.
+    fake.lock().await.down = true;
+    let outage = Instant::now();
+    report_address(cp.local_addr, "2001:db8::2").await;
+    eventually("a failed attempt in the record's status", || async {
+        let (_, record) = operator(cp.local_addr, "GET", &format!("{V1}/dnsrecords/gw"), None).await;
+        record["status"]["inSync"] == false && record["status"]["lastError"].is_string()
+    })
+    .await;
+    cp.stop().await;
+    let cp = start(&database(&dir)).await;
+    report_address(cp.local_addr, "2001:db8::3").await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let down_for = outage.elapsed();
+    fake.lock().await.down = false;
+
+    // Back: the last address arrives, and nothing older after it.
+    let healed = Instant::now();
+    let deadline = healed + Duration::from_secs(20);
+    while fake.lock().await.records[0]["content"] != "2001:db8::3" {
+        assert!(Instant::now() < deadline, "the record did not converge: {:?}", fake.lock().await.records);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let converged = healed.elapsed();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let fake = fake.lock().await;
+    assert!(fake.problems.is_empty(), "{:?}", fake.problems);
+    assert_eq!(fake.records.len(), 1, "{:?}", fake.records);
+    assert_eq!(fake.records[0]["content"], "2001:db8::3");
+    let order = |content: &String| content.trim_start_matches("2001:db8::").parse::<u32>().unwrap();
+    assert!(
+        fake.written.windows(2).all(|pair| order(&pair[0]) <= order(&pair[1])),
+        "an older address was written after a newer one: {:?}",
+        fake.written
+    );
+    eprintln!(
+        "provider down {down_for:?} across a restart: converged {converged:?} after it came back; written in order: {:?}",
+        fake.written
+    );
+    let (_, record) = operator(cp.local_addr, "GET", &format!("{V1}/dnsrecords/gw"), None).await;
+    assert_eq!(record["status"]["inSync"], true, "{}", record["status"]);
+    cp.stop().await;
 }
