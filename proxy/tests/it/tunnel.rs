@@ -301,6 +301,92 @@ async fn a_flood_of_unfinished_handshakes_is_capped_and_established_tunnels_carr
     echo_once(&mut held, b"still").await.unwrap();
 }
 
+/// Fault: the router killed under load (four clients opening connections through the tunnel without a
+/// pause) and started again on the same address. While it is gone every attempt is refused at once (none
+/// hangs), and within 1.5 s of its return connections go through again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_killed_under_load_refuses_fast_and_service_returns_quickly() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let local = Upstream::echo().await;
+    let (router, router_at) = router().await;
+    let _publisher = publisher("node-b", &[router_at], local.addr, false).await;
+    let (visitor, visit_at) = visitor(&[router_at], SECRET).await;
+    publishers_seen(&visitor, 1).await;
+
+    let running = Arc::new(AtomicBool::new(true));
+    let (served, refused, slowest_ms) =
+        (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let last_success = Arc::new(tokio::sync::Mutex::new(Instant::now()));
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let (running, served, refused, slowest_ms, last_success) = (
+                Arc::clone(&running),
+                Arc::clone(&served),
+                Arc::clone(&refused),
+                Arc::clone(&slowest_ms),
+                Arc::clone(&last_success),
+            );
+            tokio::spawn(async move {
+                while running.load(Ordering::Relaxed) {
+                    let started = Instant::now();
+                    let attempt = async {
+                        let mut stream = TcpStream::connect(visit_at).await?;
+                        echo_once(&mut stream, b"load").await
+                    };
+                    let outcome = tokio::time::timeout(Duration::from_secs(3), attempt).await;
+                    slowest_ms.fetch_max(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+                    match outcome {
+                        Ok(Ok(())) => {
+                            served.fetch_add(1, Ordering::Relaxed);
+                            *last_success.lock().await = Instant::now();
+                        }
+                        Ok(Err(_)) => {
+                            refused.fetch_add(1, Ordering::Relaxed);
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                        }
+                        Err(_) => panic!("a connection through the tunnel hung for 3 s"),
+                    }
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = served.load(Ordering::Relaxed);
+    assert!(before > 0, "nothing went through before the kill");
+
+    router.stop().await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let during = served.load(Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(served.load(Ordering::Relaxed), during, "served while the router was gone");
+
+    let config = format!(
+        "node: {{id: router-1}}\nadmin: {{address: \"127.0.0.1:0\"}}\ntunnels:\n  server: {{listen: \"{router_at}\", token: {TOKEN}}}\n"
+    );
+    let _router = TestProxy::start(&config).await;
+    let returned = Instant::now();
+    let deadline = returned + Duration::from_secs(5);
+    while *last_success.lock().await < returned {
+        assert!(Instant::now() < deadline, "no connection through the returned router");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let recovery = last_success.lock().await.duration_since(returned);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    running.store(false, Ordering::Relaxed);
+    for client in clients {
+        client.await.unwrap();
+    }
+    eprintln!(
+        "router killed under load: {} connections served, {} refused while it was gone (slowest attempt {} ms); service back {recovery:?} after the restart",
+        served.load(Ordering::Relaxed),
+        refused.load(Ordering::Relaxed),
+        slowest_ms.load(Ordering::Relaxed)
+    );
+    assert!(recovery < Duration::from_millis(1500), "service returned after {recovery:?}");
+    assert!(refused.load(Ordering::Relaxed) > 0);
+}
+
 #[tokio::test]
 async fn two_sharing_publishers_split_the_load_and_one_leaving_moves_it() {
     let a = Upstream::tagged("A").await;
