@@ -3,8 +3,12 @@
 //! instead of copies. Used where the proxy only forwards (the tunnels' hops); same behaviour as
 //! [`crate::relay::relay`]: half-close passed on, idle timeout, closed with the proxy's close token.
 //!
-//! Each direction has its own pipe (two descriptors), held only while the relay runs. The pipe is grown
-//! to [`PIPE_SIZE`] when the kernel allows, so that one `splice` moves a large chunk.
+//! A direction holds a pipe (two descriptors) only while bytes are on their way: when its socket has
+//! nothing more to read, the emptied pipe goes back to a small per-thread pool, and the next burst takes
+//! one from there (or makes one). An idle connection therefore costs its two sockets and nothing more,
+//! which is what lets a sidecar hold tens of thousands of them. Without a pipe to be had (out of
+//! descriptors), a burst is copied through a buffer instead. Pipes are grown to [`PIPE_SIZE`] when the
+//! kernel allows, so that one `splice` moves a large chunk.
 //!
 //! This module and the DNS server's batch I/O are the proxy's only `unsafe` code: the system calls, on
 //! descriptors this module owns or borrows for the duration of the call.
@@ -23,6 +27,33 @@ use crate::relay::{Activity, DirectionCounters, RelayEnd, RelayError, idle};
 const CHUNK: usize = 1 << 20;
 /// The pipe size asked for (the kernel's default ceiling for unprivileged users is 1 MiB).
 const PIPE_SIZE: libc::c_int = 1 << 20;
+
+/// Emptied pipes kept per thread for the next burst; more are closed.
+const SPARE_PIPES: usize = 64;
+/// The buffer a burst is copied through when no pipe can be had.
+const COPY_BUFFER: usize = 16 << 10;
+
+thread_local! {
+    static SPARE: std::cell::RefCell<Vec<Pipe>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A pipe from this thread's spares, or a new one.
+fn take_pipe() -> io::Result<Pipe> {
+    match SPARE.with(|spare| spare.borrow_mut().pop()) {
+        Some(pipe) => Ok(pipe),
+        None => Pipe::new(),
+    }
+}
+
+/// Gives back an empty pipe.
+fn give_back(pipe: Pipe) {
+    SPARE.with(|spare| {
+        let mut spare = spare.borrow_mut();
+        if spare.len() < SPARE_PIPES {
+            spare.push(pipe);
+        }
+    });
+}
 
 /// A pipe, closed when dropped.
 struct Pipe {
@@ -72,17 +103,10 @@ pub async fn relay(
     download: &DirectionCounters,
     close: &CancellationToken,
 ) -> Result<RelayEnd, RelayError> {
-    let (up_pipe, down_pipe) = match (Pipe::new(), Pipe::new()) {
-        (Ok(up), Ok(down)) => (up, down),
-        // Out of descriptors for pipes: the copying relay needs none.
-        _ => return crate::relay::relay(downstream, upstream, idle_timeout, upload, download, close).await,
-    };
     let activity = Activity::new();
     let (down, up): (&TcpStream, &TcpStream) = (downstream, upstream);
-    let upload_pump =
-        pump(down, up, &up_pipe, upload, &activity, RelayError::Downstream, RelayError::Upstream);
-    let download_pump =
-        pump(up, down, &down_pipe, download, &activity, RelayError::Upstream, RelayError::Downstream);
+    let upload_pump = pump(down, up, upload, &activity, RelayError::Downstream, RelayError::Upstream);
+    let download_pump = pump(up, down, download, &activity, RelayError::Upstream, RelayError::Downstream);
     tokio::select! {
         result = async { tokio::try_join!(upload_pump, download_pump) } => result.map(|_| RelayEnd::Closed),
         () = idle(&activity, idle_timeout) => Ok(RelayEnd::IdleTimeout),
@@ -94,29 +118,47 @@ pub async fn relay(
 async fn pump(
     from: &TcpStream,
     to: &TcpStream,
-    pipe: &Pipe,
     counters: &DirectionCounters,
     activity: &Activity,
     read_side: fn(io::Error) -> RelayError,
     write_side: fn(io::Error) -> RelayError,
 ) -> Result<(), RelayError> {
+    let mut pipe: Option<Pipe> = None;
     let mut in_pipe = 0usize;
     loop {
         if in_pipe == 0 {
-            from.readable().await.map_err(read_side)?;
-            match from.try_io(Interest::READABLE, || splice(from.as_raw_fd(), pipe.write.as_raw_fd(), CHUNK))
+            let Some(held) = &pipe else {
+                from.readable().await.map_err(read_side)?;
+                match take_pipe() {
+                    Ok(taken) => pipe = Some(taken),
+                    Err(_) => {
+                        if copy_burst(from, to, counters, activity, read_side, write_side).await? {
+                            break;
+                        }
+                    }
+                }
+                continue;
+            };
+            match from.try_io(Interest::READABLE, || splice(from.as_raw_fd(), held.write.as_raw_fd(), CHUNK))
             {
                 Ok(0) => break,
                 Ok(moved) => {
                     in_pipe = moved;
                     activity.touch();
                 }
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
+                // Nothing more to read for now: the empty pipe goes back until the next burst.
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                    if let Some(empty) = pipe.take() {
+                        give_back(empty);
+                    }
+                    continue;
+                }
                 Err(error) => return Err(read_side(error)),
             }
         }
+        let Some(held) = &pipe else { unreachable!("bytes are in a pipe only while it is held") };
         to.writable().await.map_err(write_side)?;
-        match to.try_io(Interest::WRITABLE, || splice(pipe.read.as_raw_fd(), to.as_raw_fd(), in_pipe)) {
+        match to.try_io(Interest::WRITABLE, || splice(held.read.as_raw_fd(), to.as_raw_fd(), in_pipe)) {
             Ok(moved) => {
                 in_pipe -= moved;
                 counters.from.increment(moved as u64);
@@ -127,12 +169,47 @@ async fn pump(
             Err(error) => return Err(write_side(error)),
         }
     }
+    // A pipe still holding bytes (the writer failed) is closed with them, never reused.
+    if let Some(empty) = pipe.filter(|_| in_pipe == 0) {
+        give_back(empty);
+    }
     // The reader is done: pass the FIN on, and let the other direction finish on its own.
     match socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write) {
         Ok(()) => Ok(()),
         Err(error) if error.kind() == io::ErrorKind::NotConnected => Ok(()),
         Err(error) => Err(write_side(error)),
     }
+}
+
+/// One burst copied through a buffer, for when no pipe can be had; `true` at end of file.
+async fn copy_burst(
+    from: &TcpStream,
+    to: &TcpStream,
+    counters: &DirectionCounters,
+    activity: &Activity,
+    read_side: fn(io::Error) -> RelayError,
+    write_side: fn(io::Error) -> RelayError,
+) -> Result<bool, RelayError> {
+    let mut buffer = vec![0u8; COPY_BUFFER];
+    let read = match from.try_read(&mut buffer) {
+        Ok(0) => return Ok(true),
+        Ok(read) => read,
+        Err(error) if error.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+        Err(error) => return Err(read_side(error)),
+    };
+    activity.touch();
+    let mut written = 0;
+    while written < read {
+        to.writable().await.map_err(write_side)?;
+        match to.try_write(&buffer[written..read]) {
+            Ok(moved) => written += moved,
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+            Err(error) => return Err(write_side(error)),
+        }
+    }
+    counters.from.increment(read as u64);
+    counters.to.increment(read as u64);
+    Ok(false)
 }
 
 #[cfg(test)]
@@ -176,5 +253,47 @@ mod tests {
         server.shutdown().await.unwrap();
         assert_eq!(writer.await.unwrap(), b"done");
         assert_eq!(relay.await.unwrap().unwrap(), RelayEnd::Closed);
+    }
+
+    fn pipes_open() -> usize {
+        std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
+            .filter(|target| target.to_string_lossy().starts_with("pipe:"))
+            .count()
+    }
+
+    #[tokio::test]
+    async fn idle_relays_hold_no_pipes_and_wake_up_with_one() {
+        let before = pipes_open();
+        let counters = || DirectionCounters { from: Counter::noop(), to: Counter::noop() };
+        let mut ends = Vec::new();
+        for _ in 0..200 {
+            let (mut client, mut a) = pair().await;
+            let (mut b, mut server) = pair().await;
+            tokio::spawn(async move {
+                let (up, down, close) = (counters(), counters(), CancellationToken::new());
+                relay(&mut a, &mut b, None, &up, &down, &close).await
+            });
+            client.write_all(b"ping").await.unwrap();
+            let mut got = [0u8; 4];
+            server.read_exact(&mut got).await.unwrap();
+            server.write_all(b"pong").await.unwrap();
+            client.read_exact(&mut got).await.unwrap();
+            assert_eq!(&got, b"pong");
+            ends.push((client, server));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // 200 relays, each having moved bytes both ways, now idle: only the spares stay open (two
+        // descriptors a pipe), where each relay used to hold two pipes for its whole life (800).
+        let held = pipes_open().saturating_sub(before);
+        assert!(held <= 2 * SPARE_PIPES, "{held} pipe descriptors for 200 idle relays");
+        // Each wakes up with a pipe again.
+        for (client, server) in &mut ends {
+            client.write_all(b"again").await.unwrap();
+            let mut got = [0u8; 5];
+            server.read_exact(&mut got).await.unwrap();
+            assert_eq!(&got, b"again");
+        }
     }
 }
