@@ -360,3 +360,85 @@ async fn a_read_only_database_is_served_writes_are_refused_and_proxies_keep_serv
     proxy.stop_tunnels().await;
     sigkill(&mut cp);
 }
+
+/// Snapshot pushes at a high rate under live traffic: 20 connections echo through a listener the
+/// control plane gave the proxy while writers create, change and delete other listeners and clusters as
+/// fast as the API answers. No established connection fails, and the proxy ends on the last snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storm_of_pushes_drops_no_established_connection() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let cp = start(&database(&dir)).await;
+    let listen = cp.local_addr;
+    let cluster = json!({"apiVersion": "edge.example.com/v1", "kind": "Cluster", "metadata": {"name": "echo"},
+                         "spec": {"endpoints": [echo().await.to_string()], "node_selector": {"app": "web"}}});
+    assert_eq!(operator(listen, "POST", &format!("{V1}/clusters"), Some(&cluster)).await.0, 201);
+    assert_eq!(operator(listen, "POST", &format!("{V1}/listeners"), Some(&listener("steady"))).await.0, 201);
+    let proxy = start_proxy(dir.path(), "node-a", &[("app", "web")], listen).await;
+    eventually("the steady listener", || async { proxy.listener_addr("steady").await.is_some() }).await;
+    let steady = proxy.listener_addr("steady").await.unwrap();
+
+    let running = Arc::new(AtomicBool::new(true));
+    let echoes = Arc::new(AtomicU64::new(0));
+    let clients: Vec<_> = (0..20)
+        .map(|client| {
+            let (running, echoes) = (Arc::clone(&running), Arc::clone(&echoes));
+            tokio::spawn(async move {
+                let mut stream = TcpStream::connect(steady).await.unwrap();
+                let mut round = 0u64;
+                while running.load(Ordering::Relaxed) {
+                    let message = format!("client {client} round {round}");
+                    stream.write_all(message.as_bytes()).await.unwrap_or_else(|e| panic!("{message}: {e}"));
+                    let mut back = vec![0u8; message.len()];
+                    tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut back))
+                        .await
+                        .unwrap_or_else(|_| panic!("{message}: no echo within 5 s"))
+                        .unwrap_or_else(|e| panic!("{message}: {e}"));
+                    assert_eq!(back, message.as_bytes());
+                    round += 1;
+                    echoes.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+
+    // Writers: each write is a new snapshot for the proxy.
+    let started = Instant::now();
+    let mut writes = 0u32;
+    for round in 0..100 {
+        let name = format!("churn-{round}");
+        assert_eq!(operator(listen, "POST", &format!("{V1}/listeners"), Some(&listener(&name))).await.0, 201);
+        let patch = json!({"spec": {"idle_timeout": format!("{}s", 60 + round)}});
+        assert_eq!(operator(listen, "PATCH", &format!("{V1}/listeners/{name}"), Some(&patch)).await.0, 200);
+        assert_eq!(operator(listen, "DELETE", &format!("{V1}/listeners/{name}"), None).await.0, 200);
+        writes += 3;
+    }
+    let storm = started.elapsed();
+    let last = json!({"apiVersion": "edge.example.com/v1", "kind": "Listener", "metadata": {"name": "last"},
+                      "spec": {"address": "127.0.0.1:0", "cluster": "echo", "node_selector": {"app": "web"}}});
+    assert_eq!(operator(listen, "POST", &format!("{V1}/listeners"), Some(&last)).await.0, 201);
+    eventually("the proxy on the last snapshot", || async {
+        let mut names: Vec<String> =
+            proxy.listeners().await.into_iter().map(|listener| listener.name).collect();
+        names.sort();
+        names == ["last", "steady"]
+    })
+    .await;
+    running.store(false, Ordering::Relaxed);
+    for client in clients {
+        client.await.expect("an established connection failed during the storm");
+    }
+    let (_, proxies) = operator(listen, "GET", "/debug/proxies", None).await;
+    eprintln!(
+        "push storm: {writes} writes in {storm:?} ({:.0}/s), {} snapshots pushed and applied; 20 connections echoed {} times, none failed",
+        f64::from(writes) / storm.as_secs_f64(),
+        proxies["proxies"][0]["snapshotsSent"],
+        echoes.load(Ordering::Relaxed)
+    );
+    assert_eq!(proxy.listener_addr("steady").await, Some(steady), "the steady listener kept its socket");
+    proxy.shutdown(Shutdown::Fast);
+    proxy.close_all_connections().await;
+    proxy.stop_tunnels().await;
+    cp.stop().await;
+}
