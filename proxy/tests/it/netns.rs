@@ -16,6 +16,8 @@ use tokio::net::{TcpListener, TcpStream};
 
 /// Network namespaces and the processes in them, removed when dropped.
 struct Lab {
+    /// This lab's part of every name: the process and the lab's number in it (tests run in parallel).
+    tag: String,
     names: Vec<String>,
     children: Vec<Child>,
 }
@@ -41,9 +43,11 @@ impl Lab {
     /// Namespaces `r` (router), `p` (publisher) and `v` (visitor); p–r on 10.77.1.0/24, v–r on
     /// 10.77.2.0/24, the router .1 on both.
     fn new() -> Lab {
-        let tag = std::process::id();
+        static LABS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let number = LABS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tag = format!("{}x{number}", std::process::id());
         let name = |role: &str| format!("keel-{role}-{tag}");
-        let mut lab = Lab { names: Vec::new(), children: Vec::new() };
+        let mut lab = Lab { tag: tag.clone(), names: Vec::new(), children: Vec::new() };
         for role in ["r", "p", "v"] {
             ip(&["netns", "add", &name(role)]);
             lab.names.push(name(role));
@@ -75,7 +79,13 @@ impl Lab {
     }
 
     fn ns(&self, role: &str) -> String {
-        format!("keel-{role}-{}", std::process::id())
+        format!("keel-{role}-{}", self.tag)
+    }
+
+    /// The router's end of the veth pair to `side` (`p` or `v`).
+    fn router_link(&self, side: &str) -> String {
+        let name = format!("kr{side}{}", self.tag);
+        name[..name.len().min(15)].to_string()
     }
 
     /// Runs the proxy with `config` in the namespace of `role`.
@@ -124,20 +134,16 @@ fn can_run() -> bool {
     false
 }
 
-#[test]
-fn a_visitor_reaches_a_publisher_on_another_node_through_the_router() {
-    if !can_run() {
-        return;
-    }
+/// The lab with an echo service on the publisher's node, published through the router and visited
+/// from the visitor's node on 127.0.0.1:5432 (in its namespace); the service runs for `service_for`.
+fn tunnel_lab(dir: &std::path::Path, service_for: Duration) -> Lab {
     let mut lab = Lab::new();
-    let dir = tempfile::tempdir().unwrap();
-
     // The service: an echo server on the publisher's node, on its loopback.
     let (service_tx, service_rx) = std::sync::mpsc::channel::<SocketAddr>();
     let _service = in_namespace(&lab.ns("p"), move || async move {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         service_tx.send(listener.local_addr().unwrap()).unwrap();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let deadline = tokio::time::Instant::now() + service_for;
         while let Ok(Ok((mut stream, _))) = tokio::time::timeout_at(deadline, listener.accept()).await {
             tokio::spawn(async move {
                 let (mut read, mut write) = stream.split();
@@ -153,42 +159,63 @@ fn a_visitor_reaches_a_publisher_on_another_node_through_the_router() {
     lab.proxy(
         "r",
         &format!("node: {{id: router}}\nadmin: {{address: \"127.0.0.1:9901\"}}\ntunnels:\n  server: {{listen: \"0.0.0.0:7000\", token: {token}}}\n"),
-        dir.path(),
+        dir,
     );
     lab.proxy(
         "p",
         &format!(
             "node: {{id: db-node}}\nadmin: {{address: \"127.0.0.1:9901\"}}\ntunnels:\n  routers: [{{name: r, address: \"10.77.1.1:7000\", token: {token}}}]\n  publish:\n    - {{name: db, local: \"{service}\", secret: {secret}}}\n"
         ),
-        dir.path(),
+        dir,
     );
     lab.proxy(
         "v",
         &format!(
             "node: {{id: app-node}}\nadmin: {{address: \"127.0.0.1:9901\"}}\ntunnels:\n  routers: [{{name: r, address: \"10.77.2.1:7000\", token: {token}}}]\n  visit:\n    - {{name: db, secret: {secret}, listen: \"127.0.0.1:5432\"}}\n"
         ),
-        dir.path(),
+        dir,
     );
+
+    lab
+}
+
+/// Waits (in the visitor's namespace) until a connection to `visit` echoes.
+async fn wait_through(visit: SocketAddr, limit: Duration) {
+    let started = Instant::now();
+    loop {
+        if echoes(visit, Duration::from_secs(1)).await {
+            return;
+        }
+        assert!(started.elapsed() < limit, "the tunnel never came up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Whether a new connection to `visit` echoes a message within `limit`.
+async fn echoes(visit: SocketAddr, limit: Duration) -> bool {
+    let attempt = async {
+        let mut stream = TcpStream::connect(visit).await.ok()?;
+        stream.write_all(b"ping").await.ok()?;
+        let mut back = [0u8; 4];
+        stream.read_exact(&mut back).await.ok()?;
+        Some(back == *b"ping")
+    };
+    tokio::time::timeout(limit, attempt).await.ok().flatten().unwrap_or(false)
+}
+
+#[test]
+fn a_visitor_reaches_a_publisher_on_another_node_through_the_router() {
+    if !can_run() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let lab = tunnel_lab(dir.path(), Duration::from_secs(60));
 
     // From the visitor's node: the tunnel works once everyone has registered; then bytes both ways,
     // a large transfer, and many connections at once.
     let client = in_namespace(&lab.ns("v"), || async {
         let visit: SocketAddr = "127.0.0.1:5432".parse().unwrap();
-        let started = Instant::now();
-        loop {
-            if let Ok(mut stream) = TcpStream::connect(visit).await {
-                let mut back = [0u8; 4];
-                if stream.write_all(b"ping").await.is_ok()
-                    && tokio::time::timeout(Duration::from_secs(1), stream.read_exact(&mut back))
-                        .await
-                        .is_ok_and(|r| r.is_ok())
-                {
-                    break;
-                }
-            }
-            assert!(started.elapsed() < Duration::from_secs(15), "the tunnel never came up");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_through(visit, Duration::from_secs(15)).await;
         let mut stream = TcpStream::connect(visit).await.unwrap();
         let payload: Vec<u8> = (0..4 * 1024 * 1024u32).map(|i| (i % 241) as u8).collect();
         let (mut read, mut write) = stream.split();
@@ -233,4 +260,61 @@ fn a_visitor_reaches_a_publisher_on_another_node_through_the_router() {
         .status()
         .unwrap();
     assert!(!isolated.success(), "the publisher's node has a route to the visitor's");
+}
+
+/// Fault: the publisher's node cut off (its link to the router loses carrier: packets are dropped, no
+/// error comes back) and healed. While it is cut off, a visitor's connection is refused within the
+/// router's connect timeout (5 s) instead of hanging; once healed, connections get through again.
+#[test]
+fn a_partitioned_publisher_is_refused_in_bounded_time_and_returns_when_healed() {
+    if !can_run() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let lab = tunnel_lab(dir.path(), Duration::from_secs(120));
+    let visit: SocketAddr = "127.0.0.1:5432".parse().unwrap();
+    let router_side = lab.router_link("p");
+    let link = |state: &str| ip(&["-n", &lab.ns("r"), "link", "set", &router_side, state]);
+
+    let up =
+        in_namespace(&lab.ns("v"), move || async move { wait_through(visit, Duration::from_secs(15)).await });
+    up.join().expect("the tunnel came up");
+
+    link("down");
+    let cut = Instant::now();
+    let during = in_namespace(&lab.ns("v"), move || async move {
+        let mut refused = Vec::new();
+        for _ in 0..3 {
+            let started = Instant::now();
+            assert!(!echoes(visit, Duration::from_secs(15)).await, "a connection got through the partition");
+            refused.push(started.elapsed());
+        }
+        refused
+    })
+    .join()
+    .expect("the client during the partition");
+    link("up");
+    let healed = Instant::now();
+    let back = in_namespace(&lab.ns("v"), move || async move {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !echoes(visit, Duration::from_secs(2)).await {
+            assert!(Instant::now() < deadline, "no connection got through 30 s after the partition healed");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .join();
+    if back.is_err() {
+        for role in ["r", "p", "v"] {
+            let log = std::fs::read_to_string(dir.path().join(format!("{role}.log"))).unwrap_or_default();
+            eprintln!("--- {role}.log ---\n{log}");
+        }
+    }
+    back.expect("the client after the partition");
+    let recovery = healed.elapsed();
+    eprintln!(
+        "publisher partitioned for {:?}: connections refused after {during:?}; through again {recovery:?} after healing",
+        healed - cut
+    );
+    assert!(during.iter().all(|took| *took < Duration::from_secs(7)), "refused after {during:?}");
+    assert!(recovery < Duration::from_secs(15), "through again only after {recovery:?}");
 }
