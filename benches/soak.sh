@@ -19,12 +19,13 @@ if [ ${#need[@]} -gt 0 ]; then
     apt-get install -y -qq --no-install-recommends nginx-light wrk dnsperf curl iperf3 >/dev/null
 fi
 ulimit -n 1048576 2>/dev/null || ulimit -n "$(ulimit -Hn)"
-# Each connection held through the tunnel is two sockets in the visitor and two in the router (pipes are
-# taken only while bytes move); the rest of a process needs a few hundred.
+# Each connection held through the tunnel is two sockets in the visitor and two in the router (one from
+# the visitor, one from the publisher; pipes are taken only while bytes move); pools, spare pipes and the
+# rest of a process need up to 2,000 more.
 connections=${CONNECTIONS:-10000}
-fits=$(( ($(ulimit -n) - 500) / 2 ))
+fits=$(( ($(ulimit -n) - 2000) / 2 ))
 if [ "$connections" -gt "$fits" ]; then
-    echo "note: $connections connections need $(( connections * 2 + 500 )) descriptors per process; this" \
+    echo "note: $connections connections need $(( connections * 2 + 2000 )) descriptors per process; this" \
         "machine allows $(ulimit -n) (raising it needs CAP_SYS_RESOURCE): holding $fits instead" >&2
     connections=$fits
 fi

@@ -396,6 +396,9 @@ async fn register(
 }
 
 /// A publisher's pooled connection: into its publisher's pool, or refused when the session is unknown.
+/// Idle pooled connections kept per publisher: the largest pool a publisher may ask for.
+const MAX_IDLE_POOLED: usize = 64;
+
 async fn pool_arrived(mut stream: Conn, hello: Hello, inner: Arc<RouterInner>) {
     let mut services = inner.services.lock().await;
     let service = services.get_mut(&hello.service);
@@ -404,6 +407,14 @@ async fn pool_arrived(mut stream: Conn, hello: Hello, inner: Arc<RouterInner>) {
         service.publishers.iter_mut().find(|publisher| publisher.session == hello.session)
     });
     match (publisher, arrived) {
+        // More idle than any publisher's pool may be (after a burst, each connection taken was replaced):
+        // closed, which ends it on the publisher's side too.
+        (Some(publisher), Some(_)) if publisher.idle.len() >= MAX_IDLE_POOLED => {
+            tracing::debug!(
+                service = hello.service,
+                "tunnel router: pool full; an extra pooled connection closed"
+            );
+        }
         (Some(publisher), Some(arrived)) => {
             publisher.idle.push_back(stream);
             arrived.notify_waiters();
@@ -500,6 +511,9 @@ async fn take_pooled(
     service: &str,
     deadline: tokio::time::Instant,
 ) -> Option<(Conn, Arc<AtomicUsize>)> {
+    // Each waiter asks for one more connection once: an arrival wakes every waiter, and asking again at
+    // each wake-up would grow the publishers' pools with the square of a burst.
+    let mut asked = false;
     loop {
         let arrived = Arc::clone(&inner.services.lock().await.get(service)?.arrived);
         // Listen for arrivals before looking, so that one in between is not missed.
@@ -536,8 +550,11 @@ async fn take_pooled(
                 }
             }
             // Nothing idle: ask every publisher for more, and wait for the first to arrive.
-            for publisher in &entry.publishers {
-                let _ = publisher.control.send(Frame::Need { service: service.to_string(), count: 1 });
+            if !asked {
+                for publisher in &entry.publishers {
+                    let _ = publisher.control.send(Frame::Need { service: service.to_string(), count: 1 });
+                }
+                asked = true;
             }
         }
         if tokio::time::timeout_at(deadline, notified).await.is_err() {
