@@ -204,7 +204,30 @@ struct ControlPlaneUnderTest {
     runtime: tokio::runtime::Runtime,
     app: axum::Router,
     _running: ControlPlane,
-    _directory: tempfile::TempDir,
+    _directory: std::path::PathBuf,
+}
+
+/// The database's directory: in memory where there is a tmpfs (SQLite's syncs would otherwise be most
+/// of each run), named after this process. A process that runs the targets ends without dropping its
+/// statics (libFuzzer exits), so each new one first removes the directories of processes that are gone.
+fn database_directory() -> std::path::PathBuf {
+    let parent = match std::path::Path::new("/dev/shm").is_dir() {
+        true => std::path::PathBuf::from("/dev/shm"),
+        false => std::env::temp_dir(),
+    };
+    if let Ok(entries) = std::fs::read_dir(&parent) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(pid) = name.strip_prefix("keel-fuzz-") else { continue };
+            if !std::path::Path::new("/proc").join(pid).exists() {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+    let directory = parent.join(format!("keel-fuzz-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&directory);
+    std::fs::create_dir_all(&directory).expect("a directory for the fuzz database");
+    directory
 }
 
 fn control_plane() -> &'static ControlPlaneUnderTest {
@@ -215,11 +238,10 @@ fn control_plane() -> &'static ControlPlaneUnderTest {
             .enable_all()
             .build()
             .expect("a tokio runtime");
-        // In memory where there is a tmpfs: SQLite's syncs would otherwise be most of each run.
-        let directory = tempfile::tempdir_in("/dev/shm").or_else(|_| tempfile::tempdir()).expect("a directory");
+        let directory = database_directory();
         let settings = Settings {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-            database: directory.path().join("fuzz.db"),
+            database: directory.join("fuzz.db"),
             tokens: Tokens::new(vec![OPERATOR.into()], vec![PROXY.into()]),
             tls: None,
             debounce: Duration::from_millis(10),
