@@ -169,8 +169,9 @@ async fn pump(
             Err(error) => return Err(write_side(error)),
         }
     }
-    // A pipe still holding bytes (the writer failed) is closed with them, never reused.
-    if let Some(empty) = pipe.filter(|_| in_pipe == 0) {
+    // End of file comes only with the pipe empty: back to the spares. (An error returns above, and the
+    // pipe is closed with whatever it held, never reused.)
+    if let Some(empty) = pipe {
         give_back(empty);
     }
     // The reader is done: pass the FIN on, and let the other direction finish on its own.

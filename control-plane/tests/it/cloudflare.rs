@@ -150,16 +150,7 @@ async fn records_go_through_cloudflares_api_as_documented() {
     std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
     let cp = start(&database(&dir)).await;
     let addr = cp.local_addr;
-    let provider = json!({
-        "apiVersion": "edge.example.com/v1", "kind": "DnsProvider", "metadata": {"name": "cloudflare"},
-        "spec": {"cloudflare": {"api_token_file": token_file.display().to_string(), "zone_id": ZONE_ID, "api_url": format!("http://{api_addr}/client/v4")}}
-    });
-    assert_eq!(operator(addr, "POST", &format!("{V1}/dnsproviders"), Some(&provider)).await.0, 201);
-    let record = json!({
-        "apiVersion": "edge.example.com/v1", "kind": "DnsRecord", "metadata": {"name": "gw"},
-        "spec": {"zone": "example.com", "name": "gw", "type": "AAAA", "ttl": "120s", "address_from": {"node": "gw-1"}, "provider": "cloudflare"}
-    });
-    assert_eq!(operator(addr, "POST", &format!("{V1}/dnsrecords"), Some(&record)).await.0, 201);
+    provider_and_record(addr, api_addr, &token_file).await;
 
     report_address(addr, "2001:db8::1").await;
     eventually_long_enough(addr).await;
@@ -201,6 +192,25 @@ async fn records_go_through_cloudflares_api_as_documented() {
     cp.stop().await;
 }
 
+/// The `cloudflare` DnsProvider (the fake API at `api_addr`) and the record `gw.example.com` (AAAA)
+/// following node gw-1.
+async fn provider_and_record(
+    cp: std::net::SocketAddr,
+    api_addr: std::net::SocketAddr,
+    token_file: &std::path::Path,
+) {
+    let provider = json!({
+        "apiVersion": "edge.example.com/v1", "kind": "DnsProvider", "metadata": {"name": "cloudflare"},
+        "spec": {"cloudflare": {"api_token_file": token_file.display().to_string(), "zone_id": ZONE_ID, "api_url": format!("http://{api_addr}/client/v4")}}
+    });
+    assert_eq!(operator(cp, "POST", &format!("{V1}/dnsproviders"), Some(&provider)).await.0, 201);
+    let record = json!({
+        "apiVersion": "edge.example.com/v1", "kind": "DnsRecord", "metadata": {"name": "gw"},
+        "spec": {"zone": "example.com", "name": "gw", "type": "AAAA", "ttl": "120s", "address_from": {"node": "gw-1"}, "provider": "cloudflare"}
+    });
+    assert_eq!(operator(cp, "POST", &format!("{V1}/dnsrecords"), Some(&record)).await.0, 201);
+}
+
 async fn eventually_long_enough(addr: std::net::SocketAddr) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -228,16 +238,7 @@ async fn through_an_outage_and_a_restart_the_record_converges_in_order() {
     let token_file = dir.path().join("cloudflare.token");
     std::fs::write(&token_file, TOKEN).unwrap();
     let cp = start(&database(&dir)).await;
-    let provider = json!({
-        "apiVersion": "edge.example.com/v1", "kind": "DnsProvider", "metadata": {"name": "cloudflare"},
-        "spec": {"cloudflare": {"api_token_file": token_file.display().to_string(), "zone_id": ZONE_ID, "api_url": format!("http://{api_addr}/client/v4")}}
-    });
-    assert_eq!(operator(cp.local_addr, "POST", &format!("{V1}/dnsproviders"), Some(&provider)).await.0, 201);
-    let record = json!({
-        "apiVersion": "edge.example.com/v1", "kind": "DnsRecord", "metadata": {"name": "gw"},
-        "spec": {"zone": "example.com", "name": "gw", "type": "AAAA", "ttl": "120s", "address_from": {"node": "gw-1"}, "provider": "cloudflare"}
-    });
-    assert_eq!(operator(cp.local_addr, "POST", &format!("{V1}/dnsrecords"), Some(&record)).await.0, 201);
+    provider_and_record(cp.local_addr, api_addr, &token_file).await;
     report_address(cp.local_addr, "2001:db8::1").await;
     eventually("the first address in the zone", || async {
         fake.lock().await.records.first().is_some_and(|record| record["content"] == "2001:db8::1")

@@ -15,23 +15,47 @@ use tokio::net::TcpStream;
 
 const V1: &str = "/apis/edge.example.com/v1";
 
-/// The `control-plane` binary on `listen`, with the test's tokens; returns it once it serves.
-fn spawn_control_plane(database: &Path, listen: SocketAddr) -> Running {
-    let child = Command::new(env!("CARGO_BIN_EXE_control-plane"))
+/// `wrapper` (a `Command` that ends by running its last arguments) running the `control-plane` binary on
+/// `listen` and `database`, with the test's tokens; without a wrapper, the binary itself.
+fn control_plane(wrapper: Option<Command>, database: &Path, listen: SocketAddr) -> Command {
+    let binary = env!("CARGO_BIN_EXE_control-plane");
+    let mut command = match wrapper {
+        Some(mut wrapper) => {
+            wrapper.arg(binary);
+            wrapper
+        }
+        None => Command::new(binary),
+    };
+    command
         .args(["--listen", &listen.to_string(), "--database", database.to_str().unwrap()])
         .env("KEEL_CP_OPERATOR_TOKENS", OPERATOR)
         .env("KEEL_CP_PROXY_TOKENS", PROXY)
-        .env("KEEL_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
+        .stdout(Stdio::null());
+    command
+}
+
+/// Waits until something listens on `listen`.
+fn wait_listening(listen: SocketAddr) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::net::TcpStream::connect(listen).is_err() {
         assert!(Instant::now() < deadline, "the control plane did not listen on {listen}");
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// The `control-plane` binary on `listen`, with the test's tokens; returns it once it serves.
+fn spawn_control_plane(database: &Path, listen: SocketAddr) -> Running {
+    let child = control_plane(None, database, listen).env("KEEL_LOG", "warn").spawn().unwrap();
+    wait_listening(listen);
     Running(child)
+}
+
+/// `sh -c SCRIPT` in a mount namespace of its own, with `directory` as `$1` and the control plane's
+/// command line after it (the script ends with `shift && exec "$@"`).
+fn in_mount_namespace(script: &str, directory: &Path) -> Command {
+    let mut command = Command::new("unshare");
+    command.args(["--mount", "--propagation", "private", "sh", "-c", script, "sh"]).arg(directory);
+    command
 }
 
 /// The control plane's process, killed if the test ends early (it holds the test's standard error open).
@@ -193,25 +217,13 @@ impl OnSmallDisk {
             return None;
         }
         let script = r#"mount -t tmpfs -o size=4m keel-test "$1" && shift && exec "$@""#;
-        let child = Command::new("unshare")
-            .args(["--mount", "--propagation", "private", "sh", "-c", script, "sh"])
-            .arg(directory)
-            .arg(env!("CARGO_BIN_EXE_control-plane"))
-            .args(["--listen", &listen.to_string(), "--database"])
-            .arg(directory.join("cp.db"))
-            .env("KEEL_CP_OPERATOR_TOKENS", OPERATOR)
-            .env("KEEL_CP_PROXY_TOKENS", PROXY)
+        let wrapper = in_mount_namespace(script, directory);
+        let child = control_plane(Some(wrapper), &directory.join("cp.db"), listen)
             .env("KEEL_LOG", "off")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
             .spawn()
             .unwrap();
         let running = Running(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(listen).is_err() {
-            assert!(Instant::now() < deadline, "the control plane did not listen on {listen}");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        wait_listening(listen);
         Some(Self { running, directory: directory.to_path_buf() })
     }
 
@@ -304,25 +316,14 @@ async fn a_read_only_database_is_served_writes_are_refused_and_proxies_keep_serv
     // write with 503 and why; the proxy serves on throughout.
     let script = r#"mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && shift && exec "$@""#;
     let mut read_only = Running(
-        Command::new("unshare")
-            .args(["--mount", "--propagation", "private", "sh", "-c", script, "sh"])
-            .arg(dir.path())
-            .arg(env!("CARGO_BIN_EXE_control-plane"))
-            .args(["--listen", &listen.to_string(), "--database", database.to_str().unwrap()])
-            .env("KEEL_CP_OPERATOR_TOKENS", OPERATOR)
-            .env("KEEL_CP_PROXY_TOKENS", PROXY)
+        control_plane(Some(in_mount_namespace(script, dir.path())), &database, listen)
             .env("KEEL_LOG", "error")
             .env("NO_COLOR", "1")
-            .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap(),
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(listen).is_err() {
-        assert!(Instant::now() < deadline, "the read-only control plane did not listen on {listen}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_listening(listen);
     let (status, list) = operator(listen, "GET", &format!("{V1}/listeners"), None).await;
     assert_eq!((status, list["items"].as_array().unwrap().len()), (200, 1), "{list}");
     let (status, answer) =

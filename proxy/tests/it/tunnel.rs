@@ -22,6 +22,14 @@ async fn router() -> (TestProxy, SocketAddr) {
     (proxy, addr)
 }
 
+/// A router started again on the address of one that stopped.
+async fn router_on(address: SocketAddr) -> TestProxy {
+    let config = format!(
+        "node: {{id: router-1}}\nadmin: {{address: \"127.0.0.1:0\"}}\ntunnels:\n  server: {{listen: \"{address}\", token: {TOKEN}}}\n"
+    );
+    TestProxy::start(&config).await
+}
+
 fn routers(addrs: &[SocketAddr]) -> String {
     let mut text = String::from("  routers:\n");
     for (i, addr) in addrs.iter().enumerate() {
@@ -250,10 +258,7 @@ async fn a_router_restart_keeps_the_visitor_listening_and_service_returns_quickl
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     // The router comes back on the same address.
-    let config = format!(
-        "node: {{id: router-1}}\nadmin: {{address: \"127.0.0.1:0\"}}\ntunnels:\n  server: {{listen: \"{router_at}\", token: {TOKEN}}}\n"
-    );
-    let _router = TestProxy::start(&config).await;
+    let _router = router_on(router_at).await;
     let returned = Instant::now();
     eventually(Duration::from_secs(5), "a connection through the returned router", || async {
         match TcpStream::connect(visit_at).await {
@@ -361,10 +366,7 @@ async fn a_router_killed_under_load_refuses_fast_and_service_returns_quickly() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(served.load(Ordering::Relaxed), during, "served while the router was gone");
 
-    let config = format!(
-        "node: {{id: router-1}}\nadmin: {{address: \"127.0.0.1:0\"}}\ntunnels:\n  server: {{listen: \"{router_at}\", token: {TOKEN}}}\n"
-    );
-    let _router = TestProxy::start(&config).await;
+    let _router = router_on(router_at).await;
     let returned = Instant::now();
     let deadline = returned + Duration::from_secs(5);
     while *last_success.lock().await < returned {
