@@ -13,6 +13,8 @@ use super::frame::{Hello, Kind, Mac, Nonce, Open, Reason};
 
 /// Nonces remembered at most; past this, new proofs are refused as `Busy` until old ones expire.
 const MAX_REMEMBERED: usize = 200_000;
+/// The fewest nonces held before expired ones are swept out.
+const FIRST_SWEEP: usize = 1024;
 
 /// Seconds since the Unix epoch.
 pub fn unix_now() -> u64 {
@@ -127,12 +129,21 @@ pub fn open_is_signed(secret: &str, open: &Open) -> bool {
 pub struct ReplayGuard {
     window: Duration,
     /// Nonce → the Unix time after which it can be forgotten.
-    seen: Mutex<HashMap<Nonce, u64>>,
+    seen: Mutex<Seen>,
+}
+
+/// The nonces within the window, and how many there may be before the next sweep of expired ones.
+#[derive(Debug)]
+struct Seen {
+    nonces: HashMap<Nonce, u64>,
+    /// Twice what the last sweep kept (at least [`FIRST_SWEEP`]): sweeping costs O(1) per proof, and the
+    /// table follows the rate of proofs in the window instead of filling up to [`MAX_REMEMBERED`].
+    sweep_at: usize,
 }
 
 impl ReplayGuard {
     pub fn new(window: Duration) -> Self {
-        Self { window, seen: Mutex::new(HashMap::new()) }
+        Self { window, seen: Mutex::new(Seen { nonces: HashMap::new(), sweep_at: FIRST_SWEEP }) }
     }
 
     /// Accepts a proof made at `time` with `nonce` once: a second time, or out of the window, is refused.
@@ -146,14 +157,18 @@ impl ReplayGuard {
             return Err(Reason::ClockSkew);
         }
         let mut seen = self.seen.lock().await;
-        if seen.len() >= MAX_REMEMBERED / 2 {
-            seen.retain(|_, forget_after| *forget_after >= now);
+        if seen.nonces.len() >= seen.sweep_at {
+            seen.nonces.retain(|_, forget_after| *forget_after >= now);
+            let kept = seen.nonces.len();
+            // After a burst, give the memory back too.
+            seen.nonces.shrink_to(kept * 2);
+            seen.sweep_at = (kept * 2).clamp(FIRST_SWEEP, MAX_REMEMBERED);
         }
-        if seen.len() >= MAX_REMEMBERED {
+        if seen.nonces.len() >= MAX_REMEMBERED {
             return Err(Reason::Busy);
         }
         // A nonce can be forgotten once its proof's time is out of the window on either clock.
-        match seen.insert(*nonce, time.max(now) + window) {
+        match seen.nonces.insert(*nonce, time.max(now) + window) {
             Some(_) => Err(Reason::Replayed),
             None => Ok(()),
         }
@@ -161,7 +176,7 @@ impl ReplayGuard {
 
     #[cfg(test)]
     async fn remembered(&self) -> usize {
-        self.seen.lock().await.len()
+        self.seen.lock().await.nonces.len()
     }
 }
 
@@ -209,5 +224,27 @@ mod tests {
         // Long after, the nonce's proof is out of the window: refused for its clock, not remembered forever.
         assert_eq!(guard.check_at(now + 100, now - 5, &[1; 16]).await, Err(Reason::ClockSkew));
         assert_eq!(guard.remembered().await, 2);
+    }
+
+    #[tokio::test]
+    async fn expired_nonces_are_swept_so_the_table_follows_the_rate() {
+        let guard = ReplayGuard::new(Duration::from_secs(30));
+        let start = 1_000_000u64;
+        // 100 proofs a second for ten minutes: about 6,000 within the window at any time.
+        let mut most = 0;
+        for second in 0..600u64 {
+            for index in 0..100u64 {
+                let mut nonce = [0u8; 16];
+                nonce[..8].copy_from_slice(&second.to_be_bytes());
+                nonce[8..].copy_from_slice(&index.to_be_bytes());
+                assert_eq!(guard.check_at(start + second, start + second, &nonce).await, Ok(()));
+            }
+            most = most.max(guard.remembered().await);
+        }
+        // Never more than twice the window's proofs (the sweep comes at twice what the last one kept),
+        // where sweeping only at half the cap let the table grow to 100,000.
+        assert!(most <= 2 * 31 * 100 + FIRST_SWEEP, "{most} nonces remembered at once");
+        let Seen { nonces, .. } = &*guard.seen.lock().await;
+        assert!(nonces.capacity() <= 4 * 31 * 100 + 2 * FIRST_SWEEP, "capacity {}", nonces.capacity());
     }
 }
