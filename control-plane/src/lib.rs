@@ -60,6 +60,25 @@ pub struct Settings {
     pub netcheck: NetCheckSettings,
 }
 
+impl Settings {
+    /// The settings `control-plane` runs with by default, for `listen`, `database` and `tokens`: no TLS,
+    /// [`DEFAULT_DEBOUNCE`], nodes flushed every second, [`DEFAULT_REQUEST_HEAD_TIMEOUT`],
+    /// [`DEFAULT_MAX_CONNECTIONS`], network checking's defaults. Change a field to differ.
+    pub fn new(listen: SocketAddr, database: PathBuf, tokens: Tokens) -> Self {
+        Self {
+            listen,
+            database,
+            tokens,
+            tls: None,
+            debounce: DEFAULT_DEBOUNCE,
+            node_flush_interval: Duration::from_secs(1),
+            request_head_timeout: DEFAULT_REQUEST_HEAD_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            netcheck: NetCheckSettings::default(),
+        }
+    }
+}
+
 /// Network checking's settings.
 #[derive(Clone, Debug)]
 pub struct NetCheckSettings {

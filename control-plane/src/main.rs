@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use keel_control_plane::auth::Tokens;
-use keel_control_plane::{ControlPlane, DEFAULT_DEBOUNCE, NetCheckSettings, Settings};
+use keel_control_plane::{ControlPlane, NetCheckSettings, Settings};
 
 const DEFAULT_MAX_CONNECTIONS: NonZeroUsize =
     NonZeroUsize::new(keel_control_plane::DEFAULT_MAX_CONNECTIONS).unwrap();
@@ -126,13 +126,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         );
     }
     let settings = Settings {
-        listen: cli.listen,
-        database: cli.database,
-        tokens,
         tls: cli.tls_cert_file.zip(cli.tls_key_file),
-        debounce: DEFAULT_DEBOUNCE,
-        node_flush_interval: Duration::from_secs(1),
-        request_head_timeout: keel_control_plane::DEFAULT_REQUEST_HEAD_TIMEOUT,
         max_connections: cli.max_connections.get(),
         netcheck: NetCheckSettings {
             expiry: cli.netcheck_expiry,
@@ -140,6 +134,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             anonymous: cli.netcheck_anonymous,
             pair_metrics: cli.netcheck_pair_metrics,
         },
+        ..Settings::new(cli.listen, cli.database, tokens)
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use ipnet::Ipv4Net;
-use keel_control_plane::{ControlPlane, DEFAULT_DEBOUNCE, NetCheckSettings, Settings, auth::Tokens};
+use keel_control_plane::{ControlPlane, Settings, auth::Tokens};
 use keel_proxy::{ProcessEnvironment, Proxy, Shutdown};
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
@@ -165,21 +165,13 @@ impl Demo {
     pub async fn start(plan: Plan, dir: &Path) -> anyhow::Result<Self> {
         plan.check()?;
         let web = serve_web(plan.web()).await?;
-        let control_plane = ControlPlane::start(Settings {
-            listen: plan.control_plane(),
-            database: dir.join("keel.db"),
-            // Loopback only: the demo's REST API and stream are open to local users, as `control-plane`
-            // allows without tokens on a loopback address.
-            tokens: Tokens::new(Vec::new(), Vec::new()),
-            tls: None,
-            debounce: DEFAULT_DEBOUNCE,
-            node_flush_interval: Duration::from_secs(1),
-            request_head_timeout: keel_control_plane::DEFAULT_REQUEST_HEAD_TIMEOUT,
-            max_connections: keel_control_plane::DEFAULT_MAX_CONNECTIONS,
-            netcheck: NetCheckSettings::default(),
-        })
-        .await
-        .with_context(|| format!("cannot start the control plane on {}", plan.control_plane()))?;
+        // Loopback only: the demo's REST API and stream are open to local users, as `control-plane`
+        // allows without tokens on a loopback address.
+        let tokens = Tokens::new(Vec::new(), Vec::new());
+        let control_plane =
+            ControlPlane::start(Settings::new(plan.control_plane(), dir.join("keel.db"), tokens))
+                .await
+                .with_context(|| format!("cannot start the control plane on {}", plan.control_plane()))?;
 
         let mut proxies = Vec::new();
         for role in Role::ALL {

@@ -24,7 +24,7 @@ use axum::http::{Method, Request, StatusCode, header};
 use http_body_util::BodyExt;
 use keel_control_plane::auth::Tokens;
 use keel_control_plane::stream::PeerAddr;
-use keel_control_plane::{ControlPlane, NetCheckSettings, Settings};
+use keel_control_plane::{ControlPlane, Settings};
 use keel_proxy::dns::server::DnsState;
 use keel_proxy::metrics::{DnsMetrics, Metrics};
 use keel_proxy::tunnel::frame;
@@ -239,17 +239,12 @@ fn control_plane() -> &'static ControlPlaneUnderTest {
             .build()
             .expect("a tokio runtime");
         let directory = database_directory();
-        let settings = Settings {
-            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-            database: directory.join("fuzz.db"),
-            tokens: Tokens::new(vec![OPERATOR.into()], vec![PROXY.into()]),
-            tls: None,
-            debounce: Duration::from_millis(10),
-            node_flush_interval: Duration::from_millis(50),
-            request_head_timeout: keel_control_plane::DEFAULT_REQUEST_HEAD_TIMEOUT,
-            max_connections: keel_control_plane::DEFAULT_MAX_CONNECTIONS,
-            netcheck: NetCheckSettings::default(),
-        };
+        let mut settings = Settings::new(
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            directory.join("fuzz.db"),
+            Tokens::new(vec![OPERATOR.into()], vec![PROXY.into()]),
+        );
+        (settings.debounce, settings.node_flush_interval) = (Duration::from_millis(10), Duration::from_millis(50));
         let running = runtime.block_on(ControlPlane::start(settings)).expect("the control plane starts");
         let app = keel_control_plane::api::router(Arc::clone(&running.state));
         let control_plane = ControlPlaneUnderTest { runtime, app, _running: running, _directory: directory };

@@ -140,10 +140,7 @@ async fn api(
 #[tokio::test]
 async fn records_go_through_cloudflares_api_as_documented() {
     let fake = Arc::new(Mutex::new(FakeCloudflare { rate_limit_once: true, ..Default::default() }));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let api_addr = listener.local_addr().unwrap();
-    let app = axum::Router::new().fallback(api).with_state(Arc::clone(&fake));
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let api_addr = serve_fake(&fake).await;
 
     let dir = tempfile::tempdir().unwrap();
     let token_file = dir.path().join("cloudflare.token");
@@ -194,6 +191,15 @@ async fn records_go_through_cloudflares_api_as_documented() {
 
 /// The `cloudflare` DnsProvider (the fake API at `api_addr`) and the record `gw.example.com` (AAAA)
 /// following node gw-1.
+/// Serves the fake API on 127.0.0.1:0; its address.
+async fn serve_fake(fake: &Arc<Mutex<FakeCloudflare>>) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let api_addr = listener.local_addr().unwrap();
+    let app = axum::Router::new().fallback(api).with_state(Arc::clone(fake));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    api_addr
+}
+
 async fn provider_and_record(
     cp: std::net::SocketAddr,
     api_addr: std::net::SocketAddr,
@@ -230,10 +236,7 @@ async fn eventually_long_enough(addr: std::net::SocketAddr) {
 #[tokio::test]
 async fn through_an_outage_and_a_restart_the_record_converges_in_order() {
     let fake = Arc::new(Mutex::new(FakeCloudflare::default()));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let api_addr = listener.local_addr().unwrap();
-    let app = axum::Router::new().fallback(api).with_state(Arc::clone(&fake));
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let api_addr = serve_fake(&fake).await;
     let dir = tempfile::tempdir().unwrap();
     let token_file = dir.path().join("cloudflare.token");
     std::fs::write(&token_file, TOKEN).unwrap();

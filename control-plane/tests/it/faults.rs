@@ -8,7 +8,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::support::*;
-use keel_proxy::Shutdown;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -194,9 +193,7 @@ async fn sigkill_mid_writes_and_pushes_loses_no_acknowledged_write() {
     })
     .await;
 
-    proxy.shutdown(Shutdown::Fast);
-    proxy.close_all_connections().await;
-    proxy.stop_tunnels().await;
+    stop_proxy(&proxy).await;
     sigkill(&mut cp);
 }
 
@@ -285,9 +282,7 @@ async fn a_full_disk_refuses_writes_clearly_and_proxies_keep_serving() {
         .collect();
     assert_eq!(names, ["after-full", "first"]);
 
-    proxy.shutdown(Shutdown::Fast);
-    proxy.close_all_connections().await;
-    proxy.stop_tunnels().await;
+    stop_proxy(&proxy).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -356,9 +351,7 @@ async fn a_read_only_database_is_served_writes_are_refused_and_proxies_keep_serv
     .await;
     assert_eq!(proxy.listener_addr("first").await, Some(first));
 
-    proxy.shutdown(Shutdown::Fast);
-    proxy.close_all_connections().await;
-    proxy.stop_tunnels().await;
+    stop_proxy(&proxy).await;
     sigkill(&mut cp);
 }
 
@@ -438,8 +431,6 @@ async fn a_storm_of_pushes_drops_no_established_connection() {
         echoes.load(Ordering::Relaxed)
     );
     assert_eq!(proxy.listener_addr("steady").await, Some(steady), "the steady listener kept its socket");
-    proxy.shutdown(Shutdown::Fast);
-    proxy.close_all_connections().await;
-    proxy.stop_tunnels().await;
+    stop_proxy(&proxy).await;
     cp.stop().await;
 }

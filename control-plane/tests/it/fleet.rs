@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::support::*;
-use keel_proxy::{ProcessEnvironment, Proxy, Shutdown};
+use keel_proxy::{ProcessEnvironment, Proxy};
 use serde_json::{Value, json};
 
 const V1: &str = "/apis/edge.example.com/v1";
@@ -23,12 +23,6 @@ async fn web_proxy_acked(dir: &Path, addr: SocketAddr) -> Proxy {
     })
     .await;
     a
-}
-
-async fn stop_proxy(proxy: &Proxy) {
-    proxy.shutdown(Shutdown::Fast);
-    proxy.close_all_connections().await;
-    proxy.stop_tunnels().await;
 }
 
 fn object(kind: &str, name: &str, spec: Value) -> Value {

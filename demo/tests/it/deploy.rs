@@ -391,20 +391,13 @@ async fn configure_sh_creates_routers_and_the_example_in_a_control_plane() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let control_plane = keel_control_plane::ControlPlane::start(keel_control_plane::Settings {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        database: dir.path().join("keel.db"),
-        tokens: keel_control_plane::auth::Tokens::new(
-            vec!["operator-token".into()],
-            vec!["proxy-token".into()],
-        ),
-        tls: None,
-        debounce: keel_control_plane::DEFAULT_DEBOUNCE,
-        node_flush_interval: std::time::Duration::from_secs(1),
-        request_head_timeout: keel_control_plane::DEFAULT_REQUEST_HEAD_TIMEOUT,
-        max_connections: keel_control_plane::DEFAULT_MAX_CONNECTIONS,
-        netcheck: keel_control_plane::NetCheckSettings::default(),
-    })
+    let tokens =
+        keel_control_plane::auth::Tokens::new(vec!["operator-token".into()], vec!["proxy-token".into()]);
+    let control_plane = keel_control_plane::ControlPlane::start(keel_control_plane::Settings::new(
+        "127.0.0.1:0".parse().unwrap(),
+        dir.path().join("keel.db"),
+        tokens,
+    ))
     .await
     .unwrap();
     let url = format!("http://{}", control_plane.local_addr);

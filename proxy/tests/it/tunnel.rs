@@ -62,6 +62,26 @@ async fn visitor(routers_at: &[SocketAddr], secret: &str) -> (TestProxy, SocketA
     (proxy, addr)
 }
 
+/// An echo service published by node-b through one router and visited by pod-a, once the visitor sees
+/// the publisher: what most tests here start from.
+struct Chain {
+    local: Upstream,
+    router: TestProxy,
+    router_at: SocketAddr,
+    publisher: TestProxy,
+    visitor: TestProxy,
+    visit_at: SocketAddr,
+}
+
+async fn chain() -> Chain {
+    let local = Upstream::echo().await;
+    let (router, router_at) = router().await;
+    let publisher = publisher("node-b", &[router_at], local.addr, false).await;
+    let (visitor, visit_at) = visitor(&[router_at], SECRET).await;
+    publishers_seen(&visitor, 1).await;
+    Chain { local, router, router_at, publisher, visitor, visit_at }
+}
+
 /// Waits until the visitor's first router reports `publishers` publishers of the service.
 async fn publishers_seen(visitor: &TestProxy, publishers: u16) {
     eventually(Duration::from_secs(5), "the visitor to see the publishers", || async {
@@ -83,11 +103,7 @@ async fn refused_fast(addr: SocketAddr) -> Duration {
 
 #[tokio::test]
 async fn a_visitor_reaches_a_published_service_through_a_router() {
-    let local = Upstream::echo().await;
-    let (router, router_at) = router().await;
-    let publisher = publisher("node-b", &[router_at], local.addr, false).await;
-    let (visitor, visit_at) = visitor(&[router_at], SECRET).await;
-    publishers_seen(&visitor, 1).await;
+    let Chain { local: _local, router, router_at: _, publisher, visitor, visit_at } = chain().await;
 
     // Bytes both ways, and the first byte quickly.
     let started = Instant::now();
@@ -227,11 +243,7 @@ async fn without_a_live_publisher_the_visitor_refuses_at_once() {
 
 #[tokio::test]
 async fn a_router_restart_keeps_the_visitor_listening_and_service_returns_quickly() {
-    let local = Upstream::echo().await;
-    let (router, router_at) = router().await;
-    let publisher = publisher("node-b", &[router_at], local.addr, false).await;
-    let (visitor, visit_at) = visitor(&[router_at], SECRET).await;
-    publishers_seen(&visitor, 1).await;
+    let Chain { local: _local, router, router_at, publisher, visitor, visit_at } = chain().await;
     let mut held = TcpStream::connect(visit_at).await.unwrap();
     echo_once(&mut held, b"before").await.unwrap();
     // What the tunnel-down alerts read: sessions up, and the publishers each router has.
@@ -276,11 +288,14 @@ async fn a_router_restart_keeps_the_visitor_listening_and_service_returns_quickl
 /// tunnel carry on; when the flood goes, new connections get through again.
 #[tokio::test]
 async fn a_flood_of_unfinished_handshakes_is_capped_and_established_tunnels_carry_on() {
-    let local = Upstream::echo().await;
-    let (_router, router_at) = router().await;
-    let _publisher = publisher("node-b", &[router_at], local.addr, false).await;
-    let (visitor, visit_at) = visitor(&[router_at], SECRET).await;
-    publishers_seen(&visitor, 1).await;
+    let Chain {
+        local: _local,
+        router: _router,
+        router_at,
+        publisher: _publisher,
+        visitor: _visitor,
+        visit_at,
+    } = chain().await;
     let mut held = TcpStream::connect(visit_at).await.unwrap();
     echo_once(&mut held, b"before").await.unwrap();
 
@@ -589,11 +604,8 @@ async fn tunnels_run_over_tls_with_client_certificates() {
 
 #[tokio::test]
 async fn a_reload_leaves_untouched_tunnels_and_their_connections_alone() {
-    let local = Upstream::echo().await;
-    let (_router, router_at) = router().await;
-    let _publisher = publisher("node-b", &[router_at], local.addr, false).await;
-    let (visitor, visit_at) = visitor(&[router_at], SECRET).await;
-    publishers_seen(&visitor, 1).await;
+    let Chain { local: _local, router: _router, router_at, publisher: _publisher, visitor, visit_at } =
+        chain().await;
     let mut held = TcpStream::connect(visit_at).await.unwrap();
     echo_once(&mut held, b"before").await.unwrap();
 

@@ -17,17 +17,18 @@ pub const OPERATOR: &str = "operator-token";
 pub const PROXY: &str = "proxy-token";
 
 pub fn settings(database: &Path, listen: SocketAddr) -> Settings {
-    Settings {
-        listen,
-        database: database.to_path_buf(),
-        tokens: Tokens::new(vec![OPERATOR.into()], vec![PROXY.into()]),
-        tls: None,
-        debounce: Duration::from_millis(10),
-        node_flush_interval: Duration::from_millis(50),
-        request_head_timeout: keel_control_plane::DEFAULT_REQUEST_HEAD_TIMEOUT,
-        max_connections: keel_control_plane::DEFAULT_MAX_CONNECTIONS,
-        netcheck: keel_control_plane::NetCheckSettings::default(),
-    }
+    let tokens = Tokens::new(vec![OPERATOR.into()], vec![PROXY.into()]);
+    let mut settings = Settings::new(listen, database.to_path_buf(), tokens);
+    (settings.debounce, settings.node_flush_interval) =
+        (Duration::from_millis(10), Duration::from_millis(50));
+    settings
+}
+
+/// Stops a proxy started with [`start_proxy`] at once: listeners, connections and tunnels.
+pub async fn stop_proxy(proxy: &keel_proxy::Proxy) {
+    proxy.shutdown(keel_proxy::Shutdown::Fast);
+    proxy.close_all_connections().await;
+    proxy.stop_tunnels().await;
 }
 
 pub async fn start(database: &Path) -> ControlPlane {
