@@ -95,6 +95,19 @@ fn listener(name: &str) -> Value {
            "spec": {"address": "127.0.0.1:0", "cluster": "echo", "node_selector": {"app": "web"}}})
 }
 
+/// Through the control plane at `listen`: an echo cluster and listener `name` for app=web nodes, and a
+/// proxy (node-a, app=web) following it, once it runs that listener; the proxy and the listener's address.
+async fn relaying(dir: &Path, listen: SocketAddr, name: &str) -> (keel_proxy::Proxy, SocketAddr) {
+    let cluster = json!({"apiVersion": "edge.example.com/v1", "kind": "Cluster", "metadata": {"name": "echo"},
+                         "spec": {"endpoints": [echo().await.to_string()], "node_selector": {"app": "web"}}});
+    assert_eq!(try_write(listen, &format!("{V1}/clusters"), &cluster).await, Some(201));
+    assert_eq!(try_write(listen, &format!("{V1}/listeners"), &listener(name)).await, Some(201));
+    let proxy = start_proxy(dir, "node-a", &[("app", "web")], listen).await;
+    eventually("the first listener", || async { proxy.listener_addr(name).await.is_some() }).await;
+    let address = proxy.listener_addr(name).await.unwrap();
+    (proxy, address)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_writes_and_pushes_loses_no_acknowledged_write() {
     let dir = tempfile::tempdir().unwrap();
@@ -106,13 +119,7 @@ async fn sigkill_mid_writes_and_pushes_loses_no_acknowledged_write() {
     let mut cp = spawn_control_plane(&database, listen);
 
     // A proxy following it, relaying one listener.
-    let cluster = json!({"apiVersion": "edge.example.com/v1", "kind": "Cluster", "metadata": {"name": "echo"},
-                         "spec": {"endpoints": [echo().await.to_string()], "node_selector": {"app": "web"}}});
-    assert_eq!(try_write(listen, &format!("{V1}/clusters"), &cluster).await, Some(201));
-    assert_eq!(try_write(listen, &format!("{V1}/listeners"), &listener("first")).await, Some(201));
-    let proxy = start_proxy(dir.path(), "node-a", &[("app", "web")], listen).await;
-    eventually("the first listener", || async { proxy.listener_addr("first").await.is_some() }).await;
-    let first = proxy.listener_addr("first").await.unwrap();
+    let (proxy, first) = relaying(dir.path(), listen, "first").await;
 
     // Writers create listeners the proxy gets (each write is also a push) as fast as they are answered;
     // the control plane is killed in the middle.
@@ -240,13 +247,7 @@ async fn a_full_disk_refuses_writes_clearly_and_proxies_keep_serving() {
     let dir = tempfile::tempdir().unwrap();
     let listen = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let Some(cp) = OnSmallDisk::spawn(dir.path(), listen) else { return };
-    let cluster = json!({"apiVersion": "edge.example.com/v1", "kind": "Cluster", "metadata": {"name": "echo"},
-                         "spec": {"endpoints": [echo().await.to_string()], "node_selector": {"app": "web"}}});
-    assert_eq!(try_write(listen, &format!("{V1}/clusters"), &cluster).await, Some(201));
-    assert_eq!(try_write(listen, &format!("{V1}/listeners"), &listener("first")).await, Some(201));
-    let proxy = start_proxy(dir.path(), "node-a", &[("app", "web")], listen).await;
-    eventually("the first listener", || async { proxy.listener_addr("first").await.is_some() }).await;
-    let first = proxy.listener_addr("first").await.unwrap();
+    let (proxy, first) = relaying(dir.path(), listen, "first").await;
 
     // Full: every write is refused with 507 and says why; reads, the stream and the proxy go on.
     cp.inside(r#"dd if=/dev/zero of="$1/filler" bs=64k 2>/dev/null; test -s "$1/filler""#);
@@ -297,13 +298,7 @@ async fn a_read_only_database_is_served_writes_are_refused_and_proxies_keep_serv
     let database = database(&dir);
     let listen = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let mut cp = spawn_control_plane(&database, listen);
-    let cluster = json!({"apiVersion": "edge.example.com/v1", "kind": "Cluster", "metadata": {"name": "echo"},
-                         "spec": {"endpoints": [echo().await.to_string()], "node_selector": {"app": "web"}}});
-    assert_eq!(try_write(listen, &format!("{V1}/clusters"), &cluster).await, Some(201));
-    assert_eq!(try_write(listen, &format!("{V1}/listeners"), &listener("first")).await, Some(201));
-    let proxy = start_proxy(dir.path(), "node-a", &[("app", "web")], listen).await;
-    eventually("the first listener", || async { proxy.listener_addr("first").await.is_some() }).await;
-    let first = proxy.listener_addr("first").await.unwrap();
+    let (proxy, first) = relaying(dir.path(), listen, "first").await;
     sigkill(&mut cp);
 
     // The database's directory read-only (a bind mount of it, in a mount namespace of its own): the
@@ -365,13 +360,7 @@ async fn a_storm_of_pushes_drops_no_established_connection() {
     let dir = tempfile::tempdir().unwrap();
     let cp = start(&database(&dir)).await;
     let listen = cp.local_addr;
-    let cluster = json!({"apiVersion": "edge.example.com/v1", "kind": "Cluster", "metadata": {"name": "echo"},
-                         "spec": {"endpoints": [echo().await.to_string()], "node_selector": {"app": "web"}}});
-    assert_eq!(operator(listen, "POST", &format!("{V1}/clusters"), Some(&cluster)).await.0, 201);
-    assert_eq!(operator(listen, "POST", &format!("{V1}/listeners"), Some(&listener("steady"))).await.0, 201);
-    let proxy = start_proxy(dir.path(), "node-a", &[("app", "web")], listen).await;
-    eventually("the steady listener", || async { proxy.listener_addr("steady").await.is_some() }).await;
-    let steady = proxy.listener_addr("steady").await.unwrap();
+    let (proxy, steady) = relaying(dir.path(), listen, "steady").await;
 
     let running = Arc::new(AtomicBool::new(true));
     let echoes = Arc::new(AtomicU64::new(0));
