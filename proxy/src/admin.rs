@@ -17,9 +17,14 @@
 //!
 //! Slow clients cannot hold it: a connection must send its request head within
 //! [`REQUEST_HEAD_TIMEOUT`], and each connection carries one request (probes and scrapes are one request
-//! each), so no idle connection lingers either.
+//! each), so no idle connection lingers either. At most [`MAX_CONNECTIONS`] are served at once; at that
+//! limit the ones still waiting for their request head are closed to make room
+//! ([`crate::limit::ConnectionLimit`]), so a flood of slow connections can neither lock out a probe nor
+//! take the descriptors the data plane needs.
 
 use std::fmt::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use axum::Router;
@@ -33,16 +38,21 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::limit::{Admission, ConnectionLimit};
 use crate::runtime::{Proxy, ReloadError, Shutdown};
 
 /// How long a client has to send its request line and headers.
 pub const REQUEST_HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Connections served at once. Probes and scrapes hold one each for a moment.
+pub const MAX_CONNECTIONS: usize = 128;
 
 /// Serves the admin API on `listener` until `stop` is cancelled; requests in progress then finish.
 pub async fn serve(listener: TcpListener, proxy: Proxy, stop: CancellationToken) -> std::io::Result<()> {
     use tower::ServiceExt;
     let app = router(proxy);
     let connections = tokio_util::task::TaskTracker::new();
+    let mut limit = ConnectionLimit::new("admin", MAX_CONNECTIONS);
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -56,15 +66,27 @@ pub async fn serve(listener: TcpListener, proxy: Proxy, stop: CancellationToken)
             },
             () = stop.cancelled() => break,
         };
+        let Some(Admission { slot, shed }) = limit.admit().await else {
+            continue;
+        };
         let app = app.clone();
         let stop = stop.clone();
         connections.spawn(async move {
+            let _slot = slot;
             // A connection that sends nothing is closed like one that sends half a head.
-            if tokio::time::timeout(REQUEST_HEAD_TIMEOUT, stream.readable()).await.is_err() {
-                return;
+            tokio::select! {
+                readable = tokio::time::timeout(REQUEST_HEAD_TIMEOUT, stream.readable()) => {
+                    if readable.is_err() {
+                        return;
+                    }
+                }
+                () = shed.cancelled() => return,
             }
+            let has_request = Arc::new(AtomicBool::new(false));
+            let request_seen = Arc::clone(&has_request);
             let service =
                 hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+                    request_seen.store(true, Ordering::Relaxed);
                     app.clone().oneshot(request.map(axum::body::Body::new))
                 });
             let mut builder = hyper::server::conn::http1::Builder::new();
@@ -80,6 +102,13 @@ pub async fn serve(listener: TcpListener, proxy: Proxy, stop: CancellationToken)
                     connection.as_mut().graceful_shutdown();
                     let _ = connection.await;
                 }
+                // Shed while its head is still coming; a request being served is left to finish.
+                () = async {
+                    shed.cancelled().await;
+                    if has_request.load(Ordering::Relaxed) {
+                        std::future::pending::<()>().await;
+                    }
+                } => {}
             }
         });
     }

@@ -17,6 +17,7 @@ pub mod control_plane;
 pub mod diff;
 pub mod dns;
 mod env;
+pub mod limit;
 pub mod listener;
 pub mod metrics;
 pub mod probe;

@@ -1,6 +1,7 @@
 //! The proxy's DNS server: hijacked service names answered with VIPs, everything else forwarded.
 //!
-//! - [`server`]: how a query is answered, Keel's UDP front end, the worker threads, hickory's TCP;
+//! - [`server`]: how a query is answered, Keel's UDP front end, the worker threads;
+//! - [`tcp`]: DNS over TCP, with hickory's framing, under a connection limit;
 //! - [`batch`]: `recvmmsg`/`sendmmsg` for the UDP front end;
 //! - [`wire`]: plain A/AAAA queries for hijacked names answered from the bytes;
 //! - [`upstream`]: forwarding to the configured resolvers;
@@ -11,5 +12,6 @@
 pub mod batch;
 pub mod cache;
 pub mod server;
+pub mod tcp;
 pub mod upstream;
 pub mod wire;

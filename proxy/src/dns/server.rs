@@ -16,7 +16,6 @@
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsFd;
 use std::sync::Arc;
-use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use hickory_proto::ProtoError;
@@ -26,7 +25,6 @@ use hickory_proto::op::{
 use hickory_proto::rr::rdata::{A, AAAA, SOA};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 use hickory_proto::serialize::binary::BinEncoder;
-use hickory_server::Server;
 use hickory_server::net::runtime::Time;
 use hickory_server::net::xfer::Protocol;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
@@ -43,10 +41,6 @@ use super::upstream::{ForwardError, Upstreams};
 use super::wire;
 use crate::metrics::{DnsMetrics, DnsOutcome};
 
-/// How long a TCP client may stay silent before its connection is closed.
-const TCP_TIMEOUT: Duration = Duration::from_secs(10);
-/// Responses queued per TCP connection (pipelined queries answered out of order).
-const TCP_RESPONSE_BUFFER: usize = 32;
 /// EDNS payload size Keel asks upstreams for (the DNS Flag Day 2020 value).
 const UPSTREAM_PAYLOAD: u16 = 1232;
 
@@ -349,7 +343,7 @@ pub enum StartError {
     Thread(std::io::Error),
 }
 
-/// One worker: a thread running a single-threaded runtime with its own hickory server.
+/// One worker: a thread running a single-threaded runtime with its own sockets.
 struct Worker {
     stop: tokio_util::sync::CancellationToken,
     thread: std::thread::JoinHandle<()>,
@@ -644,7 +638,7 @@ async fn send_replies(socket: &UdpSocket, replies: &mut SendBatch) {
 }
 
 /// FORMERR for a packet with a readable header (its ID and opcode echoed), or nothing.
-fn form_error(packet: &[u8]) -> Option<Vec<u8>> {
+pub(super) fn form_error(packet: &[u8]) -> Option<Vec<u8>> {
     let header = packet.get(..12)?;
     let mut reply = vec![0u8; 12];
     reply[..2].copy_from_slice(&header[..2]);
@@ -677,17 +671,18 @@ fn run_worker(
                 Err(error) => tracing::error!(%error, "DNS UDP socket unusable"),
             }
         }
-        let mut server = Server::new(handler);
+        let tcp_servers = tokio_util::task::TaskTracker::new();
         for listener in tcp {
             match TcpListener::from_std(listener) {
-                Ok(listener) => server.register_listener(listener, TCP_TIMEOUT, TCP_RESPONSE_BUFFER),
+                Ok(listener) => {
+                    tcp_servers.spawn(super::tcp::serve(listener, handler.clone(), stop.clone()));
+                }
                 Err(error) => tracing::error!(%error, "DNS TCP socket unusable"),
             }
         }
         stop.cancelled().await;
-        if let Err(error) = server.shutdown_gracefully().await {
-            tracing::warn!(%error, "DNS worker did not shut down cleanly");
-        }
+        tcp_servers.close();
+        tcp_servers.wait().await;
     });
 }
 

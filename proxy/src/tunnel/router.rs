@@ -29,6 +29,7 @@ use super::frame::{
 };
 use super::proof::{self, ReplayGuard};
 use super::{Answered, Context, HELLO_TIMEOUT, ServiceMetrics, control_loop, forward_until_answer};
+use crate::limit::RefusedLog;
 
 /// A running router.
 #[derive(Debug)]
@@ -202,8 +203,7 @@ pub const MAX_HANDSHAKING: usize = 1024;
 
 async fn accept_loop(listener: TcpListener, inner: Arc<RouterInner>, stop: CancellationToken) {
     let handshaking = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKING));
-    let mut refused_since_logged = 0u64;
-    let mut logged_at: Option<tokio::time::Instant> = None;
+    let mut refused = RefusedLog::new("tunnel router (in their handshake)", MAX_HANDSHAKING);
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -213,16 +213,7 @@ async fn accept_loop(listener: TcpListener, inner: Arc<RouterInner>, stop: Cance
             Ok((stream, peer)) => {
                 let Ok(handshake) = Arc::clone(&handshaking).try_acquire_owned() else {
                     drop(stream);
-                    refused_since_logged += 1;
-                    let now = tokio::time::Instant::now();
-                    if logged_at.is_none_or(|at| now.duration_since(at) >= Duration::from_secs(1)) {
-                        tracing::warn!(
-                            refused = refused_since_logged,
-                            MAX_HANDSHAKING,
-                            "tunnel router: too many connections in their handshake; new ones are closed at once"
-                        );
-                        (refused_since_logged, logged_at) = (0, Some(now));
-                    }
+                    refused.count();
                     continue;
                 };
                 let _ = stream.set_nodelay(true);

@@ -171,6 +171,31 @@ async fn ready_is_503_until_a_config_is_applied() {
 }
 
 #[tokio::test]
+async fn a_flood_of_slow_connections_is_shed_for_a_probe() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = Upstream::echo().await;
+    let proxy = TestProxy::start(&config(upstream.addr, "")).await;
+    // Every slot taken by a connection that sent half a request head.
+    let mut slow = Vec::new();
+    for _ in 0..keel_proxy::admin::MAX_CONNECTIONS {
+        let mut stream = TcpStream::connect(proxy.admin).await.unwrap();
+        stream.write_all(b"GET /ready HTTP/1.1\r\nHost: admin\r\n").await.unwrap();
+        slow.push(stream);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = std::time::Instant::now();
+    assert_eq!(proxy.get("/ready").await, (200, "LIVE\n".into()));
+    assert!(started.elapsed() < Duration::from_millis(500), "answered after {:?}", started.elapsed());
+    // They were closed to make room, well before their head timeout.
+    for (index, stream) in slow.iter_mut().enumerate() {
+        let mut buffer = [0u8; 256];
+        let read = tokio::time::timeout(Duration::from_millis(500), stream.read(&mut buffer)).await;
+        assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "slow connection {index} is still open: {read:?}");
+    }
+    proxy.stop().await;
+}
+
+#[tokio::test]
 async fn slow_clients_are_cut_off_and_starve_no_one() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let upstream = Upstream::echo().await;

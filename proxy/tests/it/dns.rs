@@ -334,6 +334,61 @@ async fn a_new_state_changes_names_without_restarting_and_keeps_vips() {
 }
 
 #[tokio::test]
+async fn idle_tcp_connections_are_shed_at_the_limit_for_a_new_client() {
+    use keel_proxy::dns::tcp::{IDLE_TIMEOUT, MAX_CONNECTIONS};
+    let upstream = FakeUpstream::start().await;
+    let server = start(upstream.addr, HIJACK).await;
+    let addr = server.local_addrs[0];
+    // Every slot taken: half of them silent, half in the middle of a message (a length, then 3 bytes).
+    let mut idle = Vec::new();
+    for index in 0..MAX_CONNECTIONS {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        if index % 2 == 1 {
+            stream.write_all(&[0, 40, 1, 2, 3]).await.unwrap();
+        }
+        idle.push(stream);
+    }
+    // Let the server accept them all before the next client comes.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = std::time::Instant::now();
+    let answer = ask_tcp(addr, &query("mysql.", RecordType::A, false)).await;
+    assert_eq!(addresses(&answer), ["127.0.66.5"]);
+    assert!(started.elapsed() < Duration::from_millis(500), "answered after {:?}", started.elapsed());
+    // The idle ones were closed to make room, long before their idle timeout.
+    for (index, stream) in idle.iter_mut().enumerate() {
+        let mut buffer = [0u8; 16];
+        let read = tokio::time::timeout(IDLE_TIMEOUT / 10, stream.read(&mut buffer)).await;
+        assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "idle connection {index} is still open: {read:?}");
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_unreadable_tcp_message_gets_formerr_and_the_connection_goes_on() {
+    let upstream = FakeUpstream::start().await;
+    let server = start(upstream.addr, HIJACK).await;
+    let mut stream = TcpStream::connect(server.local_addrs[0]).await.unwrap();
+    // A header that promises a question, and no question.
+    let junk = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\xff";
+    stream.write_u16(junk.len() as u16).await.unwrap();
+    stream.write_all(junk).await.unwrap();
+    let length = stream.read_u16().await.unwrap();
+    let mut buffer = vec![0u8; usize::from(length)];
+    stream.read_exact(&mut buffer).await.unwrap();
+    let answer = Message::from_vec(&buffer).unwrap();
+    assert_eq!((answer.metadata.id, answer.metadata.response_code), (0x1234, ResponseCode::FormErr));
+    let question = query("mysql.", RecordType::A, false);
+    let bytes = question.to_vec().unwrap();
+    stream.write_u16(bytes.len() as u16).await.unwrap();
+    stream.write_all(&bytes).await.unwrap();
+    let length = stream.read_u16().await.unwrap();
+    let mut buffer = vec![0u8; usize::from(length)];
+    stream.read_exact(&mut buffer).await.unwrap();
+    assert_eq!(addresses(&Message::from_vec(&buffer).unwrap()), ["127.0.66.5"]);
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn malformed_packets_do_no_harm() {
     let upstream = FakeUpstream::start().await;
     let server = start(upstream.addr, HIJACK).await;
