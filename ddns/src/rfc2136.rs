@@ -86,6 +86,14 @@ impl Server {
         let response = tokio::time::timeout(TIMEOUT, exchange(self.address, &message))
             .await
             .map_err(|_| format!("{} did not answer within {TIMEOUT:?}", self.address))??;
+        self.check_answer(&response, id, &request_mac)
+    }
+
+    /// Whether the server's answer to the update with `id`, signed with `request_mac`, confirms it: the
+    /// same ID, NOERROR, and a TSIG made with our key. Public for the fuzz target (`fuzz/`): these are
+    /// bytes from the network.
+    #[doc(hidden)]
+    pub fn check_answer(&self, response: &[u8], id: u16, request_mac: &[u8]) -> Result<(), String> {
         if response.len() < 12 || response[0..2] != id.to_be_bytes() {
             return Err("the answer does not match the update".to_string());
         }
@@ -93,7 +101,7 @@ impl Server {
         if rcode != 0 {
             return Err(format!("the server refused the update: {}", rcode_name(rcode)));
         }
-        self.verify(&response, &request_mac)
+        self.verify(response, request_mac)
     }
 
     /// Appends a TSIG record to `message` (whose additional count is 0), returning the MAC.

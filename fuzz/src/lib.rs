@@ -9,6 +9,8 @@
 //! | `dns_query` | a DNS client | the fast path answers exactly as the decoding path does |
 //! | `rest_body` | an API client | a bad request is a 4xx, never a 5xx; nothing hangs |
 //! | `proxy_stream` | a proxy's stream to the control plane | 200 or 400; the session ends with the body |
+//! | `snapshot_lines` | the control plane's stream to a proxy | - |
+//! | `rfc2136_answer` | a DNS server's answer to a signed update | only a correctly signed answer confirms |
 //! | `netlink_dump` | the kernel (rtnetlink) | - |
 //! | `stun_response` | a STUN server | - |
 
@@ -30,6 +32,7 @@ use keel_proxy::metrics::{DnsMetrics, Metrics};
 use keel_proxy::tunnel::frame;
 use keel_schemas::MapEnvironment;
 use keel_schemas::resource::Kind;
+use keel_schemas::stream::ServerMessage;
 use tower_service::Service;
 
 /// keel.yaml text, loaded and validated as the proxy loads its file.
@@ -73,6 +76,49 @@ pub fn dns_query(data: &[u8]) {
     };
     let parse = |bytes: &[u8]| hickory_proto::op::Message::from_vec(bytes).map_err(|error| error.to_string());
     assert_eq!(parse(&fast), parse(&decoded), "the fast path's answer differs from the decoding path's");
+}
+
+/// The control plane's side of a proxy's stream: NDJSON lines, each read as the proxy reads it, and a
+/// snapshot merged with a bootstrap file (node, admin, a probe of its own) and validated as the proxy
+/// does before applying it.
+pub fn snapshot_lines(data: &[u8]) {
+    static BOOTSTRAP: OnceLock<keel_schemas::Config> = OnceLock::new();
+    let bootstrap = BOOTSTRAP.get_or_init(|| {
+        let text = "node: {id: fuzz}\nadmin: {address: 127.0.0.1:9901}\nprobes:\n  - name: boot\n    tcp: {targets: [\"127.0.0.1:9\"]}\n";
+        keel_schemas::load(text, "bootstrap.yaml", &MapEnvironment::default())
+            .expect("the fuzz bootstrap loads")
+            .config()
+            .clone()
+    });
+    for line in data.split(|&byte| byte == b'\n') {
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let Ok(ServerMessage::Snapshot { version, nonce: _, config }) = serde_json::from_slice(line) else {
+            continue;
+        };
+        let _ = keel_proxy::control_plane::load_snapshot(
+            &config,
+            &version,
+            bootstrap,
+            &MapEnvironment::default(),
+        );
+    }
+}
+
+/// A DNS server's answer to an RFC 2136 update signed with TSIG. The answer's ID is taken as the
+/// update's, so that the TSIG checks are reached; without the key, no answer may confirm the update.
+pub fn rfc2136_answer(data: &[u8]) {
+    static SERVER: OnceLock<keel_ddns::rfc2136::Server> = OnceLock::new();
+    let server = SERVER.get_or_init(|| {
+        let address = SocketAddr::from(([127, 0, 0, 1], 53));
+        keel_ddns::rfc2136::Server::new(address, "fuzz-key.", "c2VjcmV0LWtleS1mb3ItZnV6emluZw==")
+            .expect("the fuzz key is base64")
+    });
+    let id = data.get(..2).map_or(0, |id| u16::from_be_bytes([id[0], id[1]]));
+    let request_mac = [0x5a; 32];
+    let confirmed = server.check_answer(data, id, &request_mac);
+    assert!(confirmed.is_err(), "an answer made without the key confirmed an update");
 }
 
 /// A message from the kernel's address dump.

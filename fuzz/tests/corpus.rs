@@ -5,7 +5,7 @@ use std::path::Path;
 
 type Target = fn(&[u8]);
 
-const TARGETS: [(&str, Target); 7] = [
+const TARGETS: [(&str, Target); 9] = [
     ("config", keel_fuzz::config),
     ("tunnel_frames", keel_fuzz::tunnel_frames),
     ("dns_query", keel_fuzz::dns_query),
@@ -13,6 +13,8 @@ const TARGETS: [(&str, Target); 7] = [
     ("proxy_stream", keel_fuzz::proxy_stream),
     ("netlink_dump", keel_fuzz::netlink_dump),
     ("stun_response", keel_fuzz::stun_response),
+    ("snapshot_lines", keel_fuzz::snapshot_lines),
+    ("rfc2136_answer", keel_fuzz::rfc2136_answer),
 ];
 
 /// Runs `target` on every file in `directory` (none if it does not exist); returns how many, and the
