@@ -1,24 +1,30 @@
-//! A relay between two TCP connections that never copies the bytes through user space: `splice(2)`
-//! moves them from one socket into a pipe and from the pipe into the other socket, page references
-//! instead of copies. Used where the proxy only forwards (the tunnels' hops); same behaviour as
+//! A relay between two TCP connections that moves long bursts without copying them through user space:
+//! `splice(2)` moves the bytes from one socket into a pipe and from the pipe into the other socket, page
+//! references instead of copies. Used where the proxy only forwards (the tunnels' hops); same behaviour as
 //! [`crate::relay::relay`]: half-close passed on, idle timeout, closed with the proxy's close token.
 //!
-//! A direction holds a pipe (two descriptors) only while bytes are on their way: when its socket has
-//! nothing more to read, the emptied pipe goes back to a small per-thread pool, and the next burst takes
-//! one from there (or makes one). An idle connection therefore costs its two sockets and nothing more,
-//! which is what lets a sidecar hold tens of thousands of them. Without a pipe to be had (out of
-//! descriptors), a burst is copied through a buffer instead. Pipes are grown to [`PIPE_SIZE`] when the
-//! kernel allows, so that one `splice` moves a large chunk.
+//! Small bursts (a request, a reply) are copied instead: for them a read and a write cost less than two
+//! splices and a pipe. Each burst's first [`COPY_FIRST`] bytes go through a per-thread buffer, and only
+//! a burst longer than that is spliced. A direction holds a pipe (two descriptors) only while a long
+//! burst is on its way: when its socket has nothing more to read, the emptied pipe goes back to a small
+//! per-thread pool, and the next long burst takes one from there (or makes one). An idle connection
+//! therefore costs its two sockets and nothing more, which is what lets a sidecar hold tens of
+//! thousands of them. Without a pipe to be had (out of descriptors), bursts are copied whole. Pipes are
+//! grown to [`PIPE_SIZE`] when the kernel allows, so that one `splice` moves a large chunk.
 //!
 //! This module and the DNS server's batch I/O are the proxy's only `unsafe` code: the system calls, on
 //! descriptors this module owns or borrows for the duration of the call.
 
+use std::cell::RefCell;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::pin::Pin;
+use std::task::{Poll, ready};
 use std::time::Duration;
 
-use tokio::io::Interest;
+use tokio::io::{AsyncRead, Interest, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio_util::sync::CancellationToken;
 
 use crate::relay::{Activity, DirectionCounters, RelayEnd, RelayError, idle};
@@ -30,11 +36,13 @@ const PIPE_SIZE: libc::c_int = 1 << 20;
 
 /// Emptied pipes kept per thread for the next burst; more are closed.
 const SPARE_PIPES: usize = 64;
-/// The buffer a burst is copied through when no pipe can be had.
-const COPY_BUFFER: usize = 16 << 10;
+/// Bytes of each burst copied through user space before the rest is spliced (see [`pump`]).
+const COPY_FIRST: usize = 16 << 10;
 
 thread_local! {
-    static SPARE: std::cell::RefCell<Vec<Pipe>> = const { std::cell::RefCell::new(Vec::new()) };
+    static SPARE: RefCell<Vec<Pipe>> = const { RefCell::new(Vec::new()) };
+    /// The buffer a burst's first bytes are copied through: one per thread, used within one poll.
+    static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; COPY_FIRST].into_boxed_slice());
 }
 
 /// A pipe from this thread's spares, or a new one.
@@ -104,9 +112,12 @@ pub async fn relay(
     close: &CancellationToken,
 ) -> Result<RelayEnd, RelayError> {
     let activity = Activity::new();
-    let (down, up): (&TcpStream, &TcpStream) = (downstream, upstream);
-    let upload_pump = pump(down, up, upload, &activity, RelayError::Downstream, RelayError::Upstream);
-    let download_pump = pump(up, down, download, &activity, RelayError::Upstream, RelayError::Downstream);
+    let (down_read, down_write) = downstream.split();
+    let (up_read, up_write) = upstream.split();
+    let upload_pump =
+        pump(down_read, up_write, upload, &activity, RelayError::Downstream, RelayError::Upstream);
+    let download_pump =
+        pump(up_read, down_write, download, &activity, RelayError::Upstream, RelayError::Downstream);
     tokio::select! {
         result = async { tokio::try_join!(upload_pump, download_pump) } => result.map(|_| RelayEnd::Closed),
         () = idle(&activity, idle_timeout) => Ok(RelayEnd::IdleTimeout),
@@ -114,51 +125,131 @@ pub async fn relay(
     }
 }
 
-/// One direction: socket → pipe → socket until end of file, then the write side is shut down.
+/// One direction, burst by burst, until end of file; then the write side is shut down.
+///
+/// A burst starts with a copy through a per-thread buffer of [`COPY_FIRST`] bytes: most bursts are a
+/// request or a reply, smaller than that, and for them one read and one write cost less than two
+/// splices and a pipe (and a short read tells tokio the socket is drained, so no further call is made
+/// to find out). A read that fills the buffer means more is queued: the rest of the burst is spliced.
 async fn pump(
+    mut from: ReadHalf<'_>,
+    to: WriteHalf<'_>,
+    counters: &DirectionCounters,
+    activity: &Activity,
+    read_side: fn(io::Error) -> RelayError,
+    write_side: fn(io::Error) -> RelayError,
+) -> Result<(), RelayError> {
+    let to: &TcpStream = to.as_ref();
+    loop {
+        let copied = copy_first(&mut from, to, counters, activity, read_side, write_side).await?;
+        let ended = match copied {
+            Burst::EndOfFile => true,
+            Burst::Copied => false,
+            Burst::More => splice_rest(from.as_ref(), to, counters, activity, read_side, write_side).await?,
+        };
+        if ended {
+            break;
+        }
+    }
+    // The reader is done: pass the FIN on, and let the other direction finish on its own.
+    match socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write) {
+        Ok(()) => Ok(()),
+        Err(error) if error.kind() == io::ErrorKind::NotConnected => Ok(()),
+        Err(error) => Err(write_side(error)),
+    }
+}
+
+/// What the first read of a burst found.
+enum Burst {
+    EndOfFile,
+    /// All of it, copied.
+    Copied,
+    /// A full buffer, copied; more is queued.
+    More,
+}
+
+/// Waits for a burst and copies its first [`COPY_FIRST`] bytes.
+async fn copy_first(
+    from: &mut ReadHalf<'_>,
+    to: &TcpStream,
+    counters: &DirectionCounters,
+    activity: &Activity,
+    read_side: fn(io::Error) -> RelayError,
+    write_side: fn(io::Error) -> RelayError,
+) -> Result<Burst, RelayError> {
+    // Read into the thread's buffer and write at once, within one poll; only bytes the other socket
+    // has no room for are kept, in a buffer of their own, to wait for room.
+    let mut unwritten = Vec::new();
+    let read = std::future::poll_fn(|cx| {
+        SCRATCH.with_borrow_mut(|scratch| {
+            let mut buffer = ReadBuf::new(&mut scratch[..]);
+            if let Err(error) = ready!(Pin::new(&mut *from).poll_read(cx, &mut buffer)) {
+                return Poll::Ready(Err(read_side(error)));
+            }
+            let read = buffer.filled().len();
+            let written = match to.try_write(&scratch[..read]) {
+                Ok(written) => written,
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => 0,
+                Err(error) => return Poll::Ready(Err(write_side(error))),
+            };
+            unwritten.extend_from_slice(&scratch[written..read]);
+            Poll::Ready(Ok(read))
+        })
+    })
+    .await?;
+    if read == 0 {
+        return Ok(Burst::EndOfFile);
+    }
+    activity.touch();
+    let mut rest = &unwritten[..];
+    while !rest.is_empty() {
+        to.writable().await.map_err(write_side)?;
+        match to.try_write(rest) {
+            Ok(moved) => rest = &rest[moved..],
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+            Err(error) => return Err(write_side(error)),
+        }
+    }
+    counters.from.increment(read as u64);
+    counters.to.increment(read as u64);
+    Ok(if read == COPY_FIRST { Burst::More } else { Burst::Copied })
+}
+
+/// Splices the rest of a burst, socket to pipe to socket, until `from` has nothing more to read;
+/// `true` at end of file. Without a pipe to be had (out of descriptors), the burst goes on being copied.
+async fn splice_rest(
     from: &TcpStream,
     to: &TcpStream,
     counters: &DirectionCounters,
     activity: &Activity,
     read_side: fn(io::Error) -> RelayError,
     write_side: fn(io::Error) -> RelayError,
-) -> Result<(), RelayError> {
-    let mut pipe: Option<Pipe> = None;
+) -> Result<bool, RelayError> {
+    let Ok(pipe) = take_pipe() else { return Ok(false) };
     let mut in_pipe = 0usize;
     loop {
         if in_pipe == 0 {
-            let Some(held) = &pipe else {
-                from.readable().await.map_err(read_side)?;
-                match take_pipe() {
-                    Ok(taken) => pipe = Some(taken),
-                    Err(_) => {
-                        if copy_burst(from, to, counters, activity, read_side, write_side).await? {
-                            break;
-                        }
-                    }
-                }
-                continue;
-            };
-            match from.try_io(Interest::READABLE, || splice(from.as_raw_fd(), held.write.as_raw_fd(), CHUNK))
+            match from.try_io(Interest::READABLE, || splice(from.as_raw_fd(), pipe.write.as_raw_fd(), CHUNK))
             {
-                Ok(0) => break,
+                Ok(0) => {
+                    give_back(pipe);
+                    return Ok(true);
+                }
                 Ok(moved) => {
                     in_pipe = moved;
                     activity.touch();
                 }
-                // Nothing more to read for now: the empty pipe goes back until the next burst.
+                // Nothing more to read for now: the empty pipe goes back until the next long burst.
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
-                    if let Some(empty) = pipe.take() {
-                        give_back(empty);
-                    }
-                    continue;
+                    give_back(pipe);
+                    return Ok(false);
                 }
+                // The pipe is closed with the connection, never reused.
                 Err(error) => return Err(read_side(error)),
             }
         }
-        let Some(held) = &pipe else { unreachable!("bytes are in a pipe only while it is held") };
         to.writable().await.map_err(write_side)?;
-        match to.try_io(Interest::WRITABLE, || splice(held.read.as_raw_fd(), to.as_raw_fd(), in_pipe)) {
+        match to.try_io(Interest::WRITABLE, || splice(pipe.read.as_raw_fd(), to.as_raw_fd(), in_pipe)) {
             Ok(moved) => {
                 in_pipe -= moved;
                 counters.from.increment(moved as u64);
@@ -169,48 +260,6 @@ async fn pump(
             Err(error) => return Err(write_side(error)),
         }
     }
-    // End of file comes only with the pipe empty: back to the spares. (An error returns above, and the
-    // pipe is closed with whatever it held, never reused.)
-    if let Some(empty) = pipe {
-        give_back(empty);
-    }
-    // The reader is done: pass the FIN on, and let the other direction finish on its own.
-    match socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write) {
-        Ok(()) => Ok(()),
-        Err(error) if error.kind() == io::ErrorKind::NotConnected => Ok(()),
-        Err(error) => Err(write_side(error)),
-    }
-}
-
-/// One burst copied through a buffer, for when no pipe can be had; `true` at end of file.
-async fn copy_burst(
-    from: &TcpStream,
-    to: &TcpStream,
-    counters: &DirectionCounters,
-    activity: &Activity,
-    read_side: fn(io::Error) -> RelayError,
-    write_side: fn(io::Error) -> RelayError,
-) -> Result<bool, RelayError> {
-    let mut buffer = vec![0u8; COPY_BUFFER];
-    let read = match from.try_read(&mut buffer) {
-        Ok(0) => return Ok(true),
-        Ok(read) => read,
-        Err(error) if error.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-        Err(error) => return Err(read_side(error)),
-    };
-    activity.touch();
-    let mut written = 0;
-    while written < read {
-        to.writable().await.map_err(write_side)?;
-        match to.try_write(&buffer[written..read]) {
-            Ok(moved) => written += moved,
-            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
-            Err(error) => return Err(write_side(error)),
-        }
-    }
-    counters.from.increment(read as u64);
-    counters.to.increment(read as u64);
-    Ok(false)
 }
 
 #[cfg(test)]
@@ -254,6 +303,8 @@ mod tests {
         server.shutdown().await.unwrap();
         assert_eq!(writer.await.unwrap(), b"done");
         assert_eq!(relay.await.unwrap().unwrap(), RelayEnd::Closed);
+        // The long burst was spliced: its pipe is back among this thread's spares.
+        assert!(SPARE.with_borrow(Vec::len) > 0, "4 MiB crossed without a pipe");
     }
 
     fn pipes_open() -> usize {
@@ -265,7 +316,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn idle_relays_hold_no_pipes_and_wake_up_with_one() {
+    async fn short_messages_take_no_pipe_and_idle_relays_hold_none() {
         let before = pipes_open();
         let counters = || DirectionCounters { from: Counter::noop(), to: Counter::noop() };
         let mut ends = Vec::new();
@@ -285,16 +336,19 @@ mod tests {
             ends.push((client, server));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
-        // 200 relays, each having moved bytes both ways, now idle: only the spares stay open (two
+        // 200 relays, each having moved a short message both ways: copied, no pipe opened.
+        assert_eq!(pipes_open().saturating_sub(before), 0, "pipes opened for short messages");
+        // Each then carries a long burst, spliced: the pipes go back to the spares when it ends (two
         // descriptors a pipe), where each relay used to hold two pipes for its whole life (800).
-        let held = pipes_open().saturating_sub(before);
-        assert!(held <= 2 * SPARE_PIPES, "{held} pipe descriptors for 200 idle relays");
-        // Each wakes up with a pipe again.
+        let long = vec![7u8; 4 * COPY_FIRST];
         for (client, server) in &mut ends {
-            client.write_all(b"again").await.unwrap();
-            let mut got = [0u8; 5];
+            client.write_all(&long).await.unwrap();
+            let mut got = vec![0u8; long.len()];
             server.read_exact(&mut got).await.unwrap();
-            assert_eq!(&got, b"again");
+            assert!(got == long);
         }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let held = pipes_open().saturating_sub(before);
+        assert!(held > 0 && held <= 2 * SPARE_PIPES, "{held} pipe descriptors for 200 idle relays");
     }
 }
