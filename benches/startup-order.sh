@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Regenerates proxy/startup-order.txt: the functions the proxy runs when it starts, while it idles, and on
-# its first relayed connections, in the order they first ran (valgrind's callgrind records them). The
+# its first relayed connections, as a relay (the embedded default) and then as a tunnel's router,
+# publisher and visitor, in the order they first ran (valgrind's callgrind records them). The
 # static build (`cargo build-static`) asks the linker to place them next to each other
 # (`--symbol-ordering-file`), so the 64 KiB windows the kernel maps around each page fault hold code the
 # proxy uses: less idle memory. Names that no longer exist are ignored, so a stale file only costs
@@ -11,17 +12,64 @@ cargo build-static -q
 binary=target/x86_64-unknown-linux-gnu/release/proxy
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-valgrind --tool=callgrind --demangle=no --callgrind-out-file="$work/callgrind.out" "$binary" >"$work/log" 2>&1 &
-pid=$!
-for _ in $(seq 150); do curl -fs 127.0.0.1:9901/ready >/dev/null 2>&1 && break; sleep 0.2; done
+# Runs the proxy under callgrind as ROLE with CONFIG (none: the embedded default), in the background;
+# its process ID in $recorded.
+record() {
+    local role=$1
+    shift
+    valgrind --tool=callgrind --demangle=no --callgrind-out-file="$work/callgrind.$role" "$binary" "$@" \
+        >"$work/$role.log" 2>&1 &
+    recorded=$!
+}
+wait_ready() { for _ in $(seq 150); do curl -fs "127.0.0.1:$1/ready" >/dev/null 2>&1 && return; sleep 0.2; done; }
+
+# 1. The embedded default: a relay to the admin API.
+record quickstart
+pid=$recorded
+wait_ready 9901
 for _ in 1 2 3; do curl -fs 127.0.0.1:10000/ready >/dev/null; done   # through the relay
 curl -fs 127.0.0.1:9901/stats/prometheus >/dev/null
 sleep 2
 kill -TERM "$pid"
 wait "$pid" || true
+
+# 2. A tunnel: router, publisher and visitor, a few requests through them to the router's admin API.
+# (Fixed ports in the 19xxx range: this script is run by hand on a quiet machine.)
+cat >"$work/router.yaml" <<'YAML'
+admin: {address: "127.0.0.1:19811"}
+tunnels:
+  server: {listen: "127.0.0.1:19812", token: startup-order}
+YAML
+cat >"$work/publisher.yaml" <<'YAML'
+admin: {address: "127.0.0.1:19813"}
+tunnels:
+  routers: [{name: r, address: "127.0.0.1:19812", token: startup-order}]
+  publish: [{name: admin, local: "127.0.0.1:19811", secret: startup-order}]
+YAML
+cat >"$work/visitor.yaml" <<'YAML'
+admin: {address: "127.0.0.1:19814"}
+tunnels:
+  routers: [{name: r, address: "127.0.0.1:19812", token: startup-order}]
+  visit: [{name: admin, listen: "127.0.0.1:19815", secret: startup-order}]
+YAML
+pids=()
+for role in router publisher visitor; do
+    record "$role" --config "$work/$role.yaml"
+    pids+=("$recorded")
+done
+for port in 19811 19813 19814; do wait_ready "$port"; done
+for _ in $(seq 30); do curl -fs 127.0.0.1:19815/ready >/dev/null 2>&1 && break; sleep 0.2; done
+for _ in 1 2 3; do curl -fs 127.0.0.1:19815/stats/prometheus >/dev/null; done   # through the tunnel
+sleep 2
+kill -TERM "${pids[@]}"
+wait "${pids[@]}" || true
+
 # callgrind names the C library's functions but gives the Rust ones as addresses (the static-pie binary
-# is loaded at 0 under valgrind): map those to the symbols that contain them.
-grep -E '^fn=' "$work/callgrind.out" | sed -E 's/^fn=\([0-9]+\) ?//' | grep -v '^$' >"$work/executed"
+# is loaded at 0 under valgrind): map those to the symbols that contain them. The runs are read in turn,
+# so what the relay needs comes first, then what only the tunnel roles add.
+for role in quickstart router publisher visitor; do
+    grep -E '^fn=' "$work/callgrind.$role" | sed -E 's/^fn=\([0-9]+\) ?//' | grep -v '^$'
+done >"$work/executed"
 nm -n --defined-only "$binary" | awk '$2 ~ /^[tTwW]$/ {print $1, $3}' >"$work/symbols"
 python3 - "$work/executed" "$work/symbols" >proxy/startup-order.txt <<'PY'
 import bisect, sys
