@@ -151,9 +151,18 @@ pub async fn ask_udp(server: SocketAddr, question: &Message) -> Message {
 
 async fn ask_tcp(server: SocketAddr, question: &Message) -> Message {
     let mut stream = TcpStream::connect(server).await.unwrap();
-    let bytes = question.to_vec().unwrap();
+    send_tcp(&mut stream, &question.to_vec().unwrap()).await;
+    receive_tcp(&mut stream).await
+}
+
+/// Writes one DNS message over TCP: its length, then its bytes.
+async fn send_tcp(stream: &mut TcpStream, bytes: &[u8]) {
     stream.write_u16(bytes.len() as u16).await.unwrap();
-    stream.write_all(&bytes).await.unwrap();
+    stream.write_all(bytes).await.unwrap();
+}
+
+/// Reads one DNS message from TCP.
+async fn receive_tcp(stream: &mut TcpStream) -> Message {
     let length = stream.read_u16().await.unwrap();
     let mut buffer = vec![0u8; usize::from(length)];
     stream.read_exact(&mut buffer).await.unwrap();
@@ -369,22 +378,11 @@ async fn an_unreadable_tcp_message_gets_formerr_and_the_connection_goes_on() {
     let server = start(upstream.addr, HIJACK).await;
     let mut stream = TcpStream::connect(server.local_addrs[0]).await.unwrap();
     // A header that promises a question, and no question.
-    let junk = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\xff";
-    stream.write_u16(junk.len() as u16).await.unwrap();
-    stream.write_all(junk).await.unwrap();
-    let length = stream.read_u16().await.unwrap();
-    let mut buffer = vec![0u8; usize::from(length)];
-    stream.read_exact(&mut buffer).await.unwrap();
-    let answer = Message::from_vec(&buffer).unwrap();
+    send_tcp(&mut stream, b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\xff").await;
+    let answer = receive_tcp(&mut stream).await;
     assert_eq!((answer.metadata.id, answer.metadata.response_code), (0x1234, ResponseCode::FormErr));
-    let question = query("mysql.", RecordType::A, false);
-    let bytes = question.to_vec().unwrap();
-    stream.write_u16(bytes.len() as u16).await.unwrap();
-    stream.write_all(&bytes).await.unwrap();
-    let length = stream.read_u16().await.unwrap();
-    let mut buffer = vec![0u8; usize::from(length)];
-    stream.read_exact(&mut buffer).await.unwrap();
-    assert_eq!(addresses(&Message::from_vec(&buffer).unwrap()), ["127.0.66.5"]);
+    send_tcp(&mut stream, &query("mysql.", RecordType::A, false).to_vec().unwrap()).await;
+    assert_eq!(addresses(&receive_tcp(&mut stream).await), ["127.0.66.5"]);
     server.shutdown().await;
 }
 
@@ -484,16 +482,11 @@ async fn tcp_pipelining_answers_every_query_on_one_connection() {
         .collect();
     // All three written before any answer is read.
     for question in &questions {
-        let bytes = question.to_vec().unwrap();
-        stream.write_u16(bytes.len() as u16).await.unwrap();
-        stream.write_all(&bytes).await.unwrap();
+        send_tcp(&mut stream, &question.to_vec().unwrap()).await;
     }
     let mut ids = Vec::new();
     for _ in &questions {
-        let length = stream.read_u16().await.unwrap();
-        let mut buffer = vec![0u8; usize::from(length)];
-        stream.read_exact(&mut buffer).await.unwrap();
-        let answer = Message::from_vec(&buffer).unwrap();
+        let answer = receive_tcp(&mut stream).await;
         assert_eq!(answer.answers.len(), 1);
         ids.push(answer.metadata.id);
     }
