@@ -71,10 +71,12 @@ async fn connection(
     let Admission { slot: _slot, shed } = admission;
     let (messages, mut answers) =
         TcpStream::from_stream_with_buffer_size(AsyncIoTokioAsStd(stream), client, RESPONSE_BUFFER);
-    // Polling `messages` also writes the queued answers.
+    // Polling `messages` also writes the queued answers, all of them before it reads again.
     let mut messages = TimeoutStream::new(messages, IDLE_TIMEOUT);
     loop {
         let message = tokio::select! {
+            // First, so that the last answer is written before a shed or a stop closes the connection.
+            biased;
             message = messages.next() => message,
             () = shed.cancelled() => return,
             () = stop.cancelled() => return,
