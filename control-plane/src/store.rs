@@ -203,13 +203,13 @@ impl std::fmt::Debug for Store {
 }
 
 impl Store {
-    /// Opens (creating and migrating as needed) the database at `path`.
     /// Whether SQLite opened the database read-only (a read-only file system or file): everything is
     /// served from it, and every write is refused with [`Unwritable::Unavailable`].
     pub fn read_only(&self) -> bool {
         self.connection.is_readonly(rusqlite::MAIN_DB).unwrap_or(false)
     }
 
+    /// Opens (creating and migrating as needed) the database at `path`.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let mut connection = Connection::open(path)?;
         connection.pragma_update(None, "journal_mode", "WAL")?;

@@ -325,8 +325,8 @@ fn check_router_refs(problems: &mut Problems, path: &ConfigPath, names: &[String
     }
 }
 
-/// Most pooled connections per router for one entry.
-const MAX_POOL: u16 = 64;
+/// Most pooled connections per router for one entry (`publish[].pool`, `visit[].pool`).
+pub const MAX_POOL: u16 = 64;
 
 fn check_tunnels(problems: &mut Problems, path: &ConfigPath, tunnels: &Tunnels, config: &Config) {
     problems.check_positive(&path.key("max_skew"), tunnels.max_skew);

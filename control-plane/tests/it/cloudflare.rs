@@ -47,7 +47,7 @@ async fn api(
     let mut fake = fake.lock().await;
     let path = uri.path().to_string();
     fake.seen.push(Seen { method: method.to_string(), path: uri.to_string(), at: Instant::now() });
-    if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some(&format!("Bearer {TOKEN}")) {
+    if !has_bearer(&headers, TOKEN) {
         fake.problems.push(format!("{method} {uri}: wrong or missing Authorization"));
         return (
             StatusCode::FORBIDDEN,

@@ -95,6 +95,11 @@ fn listener(name: &str) -> Value {
            "spec": {"address": "127.0.0.1:0", "cluster": "echo", "node_selector": {"app": "web"}}})
 }
 
+/// Writes listener `name` through the control plane at `listen`: the status and the answer.
+async fn post_listener(listen: SocketAddr, name: &str) -> (u16, Value) {
+    operator(listen, "POST", &format!("{V1}/listeners"), Some(&listener(name))).await
+}
+
 /// Through the control plane at `listen`: an echo cluster and listener `name` for app=web nodes, and a
 /// proxy (node-a, app=web) following it, once it runs that listener; the proxy and the listener's address.
 async fn relaying(dir: &Path, listen: SocketAddr, name: &str) -> (keel_proxy::Proxy, SocketAddr) {
@@ -253,8 +258,7 @@ async fn a_full_disk_refuses_writes_clearly_and_proxies_keep_serving() {
     cp.inside(r#"dd if=/dev/zero of="$1/filler" bs=64k 2>/dev/null; test -s "$1/filler""#);
     for attempt in 0..3 {
         let name = format!("while-full-{attempt}");
-        let (status, answer) =
-            operator(listen, "POST", &format!("{V1}/listeners"), Some(&listener(&name))).await;
+        let (status, answer) = post_listener(listen, &name).await;
         assert_eq!(status, 507, "{answer}");
         let message = answer["message"].as_str().unwrap();
         assert!(message.contains("disk is full") && message.contains("nothing was changed"), "{message}");
@@ -266,8 +270,7 @@ async fn a_full_disk_refuses_writes_clearly_and_proxies_keep_serving() {
 
     // Space again: the next write lands and reaches the proxy.
     cp.inside(r#"rm "$1/filler""#);
-    let (status, answer) =
-        operator(listen, "POST", &format!("{V1}/listeners"), Some(&listener("after-full"))).await;
+    let (status, answer) = post_listener(listen, "after-full").await;
     assert_eq!(status, 201, "{answer}");
     eventually("the listener written after the disk was freed", || async {
         proxy.listener_addr("after-full").await.is_some()
@@ -316,8 +319,7 @@ async fn a_read_only_database_is_served_writes_are_refused_and_proxies_keep_serv
     wait_listening(listen);
     let (status, list) = operator(listen, "GET", &format!("{V1}/listeners"), None).await;
     assert_eq!((status, list["items"].as_array().unwrap().len()), (200, 1), "{list}");
-    let (status, answer) =
-        operator(listen, "POST", &format!("{V1}/listeners"), Some(&listener("refused"))).await;
+    let (status, answer) = post_listener(listen, "refused").await;
     assert_eq!(status, 503, "{answer}");
     let message = answer["message"].as_str().unwrap();
     assert!(message.contains("cannot be written") && message.contains("nothing was changed"), "{message}");
@@ -337,8 +339,7 @@ async fn a_read_only_database_is_served_writes_are_refused_and_proxies_keep_serv
 
     // Writable again: it starts with what it held, and the proxy resyncs.
     let mut cp = spawn_control_plane(&database, listen);
-    let (status, answer) =
-        operator(listen, "POST", &format!("{V1}/listeners"), Some(&listener("second"))).await;
+    let (status, answer) = post_listener(listen, "second").await;
     assert_eq!(status, 201, "{answer}");
     eventually("the listener written after the restart", || async {
         proxy.listener_addr("second").await.is_some()
@@ -391,7 +392,7 @@ async fn a_storm_of_pushes_drops_no_established_connection() {
     let mut writes = 0u32;
     for round in 0..100 {
         let name = format!("churn-{round}");
-        assert_eq!(operator(listen, "POST", &format!("{V1}/listeners"), Some(&listener(&name))).await.0, 201);
+        assert_eq!(post_listener(listen, &name).await.0, 201);
         let patch = json!({"spec": {"idle_timeout": format!("{}s", 60 + round)}});
         assert_eq!(operator(listen, "PATCH", &format!("{V1}/listeners/{name}"), Some(&patch)).await.0, 200);
         assert_eq!(operator(listen, "DELETE", &format!("{V1}/listeners/{name}"), None).await.0, 200);

@@ -30,7 +30,7 @@ async fn api(
     body: Bytes,
 ) -> Response {
     let mut fake = fake.lock().await;
-    if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some(&format!("Bearer {TOKEN}")) {
+    if !has_bearer(&headers, TOKEN) {
         fake.problems.push(format!("{method} {uri}: wrong or missing Authorization"));
         return (StatusCode::FORBIDDEN, axum::Json(json!({"code": 403, "message": "Access was denied"})))
             .into_response();

@@ -386,10 +386,10 @@ async fn register(
     true
 }
 
-/// A publisher's pooled connection: into its publisher's pool, or refused when the session is unknown.
-/// Idle pooled connections kept per publisher: the largest pool a publisher may ask for.
-const MAX_IDLE_POOLED: usize = 64;
+/// Idle pooled connections kept per publisher: the largest pool a publisher may be configured with.
+const MAX_IDLE_POOLED: usize = keel_schemas::validate::MAX_POOL as usize;
 
+/// A publisher's pooled connection: into its publisher's pool, or refused when the session is unknown.
 async fn pool_arrived(mut stream: Conn, hello: Hello, inner: Arc<RouterInner>) {
     let mut services = inner.services.lock().await;
     let service = services.get_mut(&hello.service);

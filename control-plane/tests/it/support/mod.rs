@@ -143,6 +143,11 @@ pub async fn report_address_as(cp: SocketAddr, node: &str, address: &str) {
 }
 
 /// Runs a command; panics with its error output when it fails; returns its output.
+/// Whether a fake provider's request carries `Authorization: Bearer <token>`.
+pub fn has_bearer(headers: &axum::http::HeaderMap, token: &str) -> bool {
+    headers.get("authorization").and_then(|value| value.to_str().ok()) == Some(&format!("Bearer {token}"))
+}
+
 pub fn run(program: &str, args: &[&str]) -> String {
     let output = std::process::Command::new(program).args(args).output().expect("run a command");
     assert!(
