@@ -1,25 +1,32 @@
 #!/usr/bin/env bash
-# Regenerates proxy/startup-order.txt: the functions the proxy runs when it starts, while it idles, and on
-# its first relayed connections, as a relay (the embedded default) and then as a tunnel's router,
-# publisher and visitor, in the order they first ran (valgrind's callgrind records them). The
-# static build (`cargo build-static`) asks the linker to place them next to each other
-# (`--symbol-ordering-file`), so the 64 KiB windows the kernel maps around each page fault hold code the
-# proxy uses: less idle memory. Names that no longer exist are ignored, so a stale file only costs
-# memory; run this after changes that move start-up code around. Needs valgrind and curl.
+# Regenerates proxy/startup-order.txt: the functions the proxy runs, as a relay (the embedded default)
+# and then as a tunnel's router, publisher and visitor, in the order they first ran (valgrind's callgrind
+# records them). First the steady state's: what runs after start-up memory was given back (the
+# `resident` module drops the code pages once the config holds still), idling and relaying its first
+# connections; then start-up's. The static build (`cargo build-static`) asks the linker to place them in
+# that order (`--symbol-ordering-file`), so the 64 KiB windows the kernel maps around each page fault
+# hold code the proxy runs, and the steady state's code, the part that stays resident, is packed
+# together. Names that no longer exist are ignored, so a stale file only costs memory; run this after
+# changes that move code around. Needs valgrind and curl.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build-static -q
 binary=target/x86_64-unknown-linux-gnu/release/proxy
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-# Runs the proxy under callgrind as ROLE with CONFIG (none: the embedded default), in the background;
-# its process ID in $recorded.
+# Runs the proxy under callgrind as ROLE with CONFIG (none: the embedded default), in the background,
+# and waits until it has given its start-up memory back; then has callgrind write what ran so far to
+# callgrind.ROLE.1 (start-up), so that callgrind.ROLE, written at exit, holds the steady state.
+# Its process ID in $recorded.
 record() {
     local role=$1
     shift
-    valgrind --tool=callgrind --demangle=no --callgrind-out-file="$work/callgrind.$role" "$binary" "$@" \
-        >"$work/$role.log" 2>&1 &
+    valgrind --tool=callgrind --demangle=no --compress-strings=no --callgrind-out-file="$work/callgrind.$role" \
+        "$binary" --log-level "info,keel_proxy::resident=debug" "$@" >"$work/$role.log" 2>&1 &
     recorded=$!
+    for _ in $(seq 150); do grep -q "start-up memory given back" "$work/$role.log" && break; sleep 0.2; done
+    grep -q "start-up memory given back" "$work/$role.log" || { echo "$role: no release in its log" >&2; exit 1; }
+    callgrind_control --dump=startup "$recorded" >/dev/null 2>&1
 }
 wait_ready() { for _ in $(seq 150); do curl -fs "127.0.0.1:$1/ready" >/dev/null 2>&1 && return; sleep 0.2; done; }
 
@@ -52,6 +59,8 @@ tunnels:
   routers: [{name: r, address: "127.0.0.1:19812", token: startup-order}]
   visit: [{name: admin, listen: "127.0.0.1:19815", secret: startup-order}]
 YAML
+# Each role starts once the one before has given its start-up memory back (`record` waits): the
+# router's handling of the publisher's and the visitor's registrations is its steady state.
 pids=()
 for role in router publisher visitor; do
     record "$role" --config "$work/$role.yaml"
@@ -60,15 +69,18 @@ done
 for port in 19811 19813 19814; do wait_ready "$port"; done
 for _ in $(seq 30); do curl -fs 127.0.0.1:19815/ready >/dev/null 2>&1 && break; sleep 0.2; done
 for _ in 1 2 3; do curl -fs 127.0.0.1:19815/stats/prometheus >/dev/null; done   # through the tunnel
-sleep 2
+sleep 12   # past a keepalive (tunnel::KEEPALIVE)
 kill -TERM "${pids[@]}"
 wait "${pids[@]}" || true
 
 # callgrind names the C library's functions but gives the Rust ones as addresses (the static-pie binary
-# is loaded at 0 under valgrind): map those to the symbols that contain them. The runs are read in turn,
-# so what the relay needs comes first, then what only the tunnel roles add.
-for role in quickstart router publisher visitor; do
-    grep -E '^fn=' "$work/callgrind.$role" | sed -E 's/^fn=\([0-9]+\) ?//' | grep -v '^$'
+# is loaded at 0 under valgrind): map those to the symbols that contain them. The steady states are read
+# first, then the start-ups, each in turn, so what the relay needs comes first, then what only the
+# tunnel roles add.
+for part in "" .1; do
+    for role in quickstart router publisher visitor; do
+        grep -E '^fn=' "$work/callgrind.$role$part" | sed -E 's/^fn=//' | grep -v '^$'
+    done
 done >"$work/executed"
 nm -n --defined-only "$binary" | awk '$2 ~ /^[tTwW]$/ {print $1, $3}' >"$work/symbols"
 python3 - "$work/executed" "$work/symbols" >proxy/startup-order.txt <<'PY'

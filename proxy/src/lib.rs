@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod probe;
 pub mod relay;
 pub mod reporter;
+pub mod resident;
 pub mod runtime;
 pub mod shorthand;
 pub mod source;

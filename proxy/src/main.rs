@@ -177,6 +177,11 @@ fn run(config: Option<PathBuf>, concurrency: Option<u16>) -> anyhow::Result<()> 
             None => "embedded:quickstart.yaml".to_string(),
         };
         let proxy = Proxy::new(Arc::new(ProcessEnvironment), config.clone());
+        // Code that only start-up and reloads run leaves the resident set once the config holds still.
+        tokio::spawn(keel_proxy::resident::release_after_applies(
+            proxy.applies(),
+            keel_proxy::resident::release_and_log,
+        ));
         let admin = keel_proxy::bind_admin(&loaded.config).context("cannot bind the admin API")?;
         if loaded.config.control_plane.is_some() {
             // The file is a bootstrap; the control plane (or, until it answers, the cache) gives the rest.

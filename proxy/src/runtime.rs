@@ -136,6 +136,8 @@ struct Inner {
     close_all: CancellationToken,
     all_connections: TaskTracker,
     shutdown: watch::Sender<Option<Shutdown>>,
+    /// How many configs have been applied; bumped after each, for whoever waits on a change.
+    applies: watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -181,6 +183,7 @@ impl Proxy {
                 close_all,
                 all_connections,
                 shutdown: watch::channel(None).0,
+                applies: watch::channel(0).0,
             }),
         }
     }
@@ -332,6 +335,7 @@ impl Proxy {
                 self.inner.config_metrics.last_success.set(now.as_secs_f64());
                 self.refresh_ready_gauge();
                 tracing::info!(version = %report.version, source, changes = %report.summary, "config applied");
+                self.inner.applies.send_modify(|applies| *applies += 1);
             }
             Err(ApplyError::Bind(errors)) => self.record_rejected(source, Some(version), errors, false),
             Err(ApplyError::Dns(errors)) => self.record_rejected(source, Some(version), errors, true),
@@ -804,6 +808,11 @@ impl Proxy {
     /// Resolves with the next shutdown request.
     pub fn shutdown_requests(&self) -> watch::Receiver<Option<Shutdown>> {
         self.inner.shutdown.subscribe()
+    }
+
+    /// Changes after every config applied (its value: how many have been).
+    pub fn applies(&self) -> watch::Receiver<u64> {
+        self.inner.applies.subscribe()
     }
 
     fn refresh_ready_gauge(&self) {
