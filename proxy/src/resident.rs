@@ -12,7 +12,9 @@
 //!
 //! Only mappings of the binary that are not writable and hold no page the process wrote are dropped:
 //! dropping one maps the same bytes from the page cache again. A relocated read-only mapping (RELRO:
-//! written at start-up, then made read-only) holds written pages, and is never touched.
+//! written at start-up, then made read-only) holds written pages, and is never touched. The file under
+//! the mapping cannot change while the proxy runs: the kernel refuses writes to a running executable
+//! (ETXTBSY), and an upgrade that renames a new binary into place leaves this one's inode as it was.
 
 use std::io;
 use std::path::Path;
