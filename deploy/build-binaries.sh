@@ -6,6 +6,9 @@
 # stripped (8.5 MB instead of 31 MB for the proxy); symbols stay, so backtraces still name functions.
 #
 #   deploy/build-binaries.sh [OUT [proxy|control-plane|all]]     # defaults: target/images all
+#
+# Honours CARGO_TARGET_DIR (the image test builds in a directory of its own, so that its quicker build
+# never replaces the binary the benchmarks measure).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-target/images}
@@ -15,9 +18,10 @@ case "$which" in
     *) echo "build-binaries: unknown binary $which (proxy, control-plane or all)" >&2; exit 2 ;;
 esac
 mkdir -p "$out"
+target=${CARGO_TARGET_DIR:-target}
 if [ "$which" != control-plane ]; then
     cargo build-static --locked
-    objcopy --strip-debug target/x86_64-unknown-linux-gnu/release/proxy "$out/proxy"
+    objcopy --strip-debug "$target/x86_64-unknown-linux-gnu/release/proxy" "$out/proxy"
     # No program interpreter: static. A dynamic binary would not start on the static base image.
     if readelf --program-headers "$out/proxy" | grep -q INTERP; then
         echo "build-binaries: $out/proxy is dynamically linked; the image's static base cannot run it" >&2
@@ -27,7 +31,7 @@ if [ "$which" != control-plane ]; then
 fi
 if [ "$which" != proxy ]; then
     cargo build --release --locked -p keel-control-plane --bin control-plane
-    objcopy --strip-debug target/release/control-plane "$out/control-plane"
+    objcopy --strip-debug "$target/release/control-plane" "$out/control-plane"
     "$out/control-plane" --version
 fi
 ls -l "$out"
