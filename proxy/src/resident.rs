@@ -62,15 +62,16 @@ pub struct Released {
     pub heap_trimmed: bool,
 }
 
-/// Unmaps the binary's clean read-only pages and trims the heap; see the module docs.
+/// Unmaps the binary's read-only pages and trims the heap; see the module docs.
 pub fn release_startup_memory() -> io::Result<Released> {
     let exe = std::fs::read_link("/proc/self/exe")?;
     let smaps = std::fs::read_to_string("/proc/self/smaps")?;
     let mut released = Released::default();
     for mapping in droppable(&parse_smaps(&smaps), &exe) {
         // SAFETY: the range is a whole mapping of this process's binary, not writable, with no page
-        // the process wrote (checked by `droppable`): MADV_DONTNEED only removes its page table entries, and the next
-        // access reads the same bytes from the file again. No Rust reference can observe a change.
+        // the process wrote (checked by `droppable`): MADV_DONTNEED only removes its page table
+        // entries, and the next access maps the same bytes from the file again. No Rust reference can
+        // observe a change.
         let result = unsafe {
             libc::madvise(
                 mapping.start as *mut libc::c_void,
