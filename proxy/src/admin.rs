@@ -53,22 +53,7 @@ pub async fn serve(listener: TcpListener, proxy: Proxy, stop: CancellationToken)
     let app = router(proxy);
     let connections = tokio_util::task::TaskTracker::new();
     let mut limit = ConnectionLimit::new("admin", MAX_CONNECTIONS);
-    loop {
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(error) => {
-                    // Out of file descriptors, mostly: wait rather than spin.
-                    tracing::warn!(%error, "admin: accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            () = stop.cancelled() => break,
-        };
-        let Some(Admission { slot, shed }) = limit.admit().await else {
-            continue;
-        };
+    while let Some((stream, _, Admission { slot, shed })) = limit.accept(&listener, &stop).await {
         let app = app.clone();
         let stop = stop.clone();
         connections.spawn(async move {

@@ -9,14 +9,18 @@
 //! are all busy at once make new ones wait, and then be closed. [`RefusedLog`] says how many were
 //! closed without logging a line for each.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 /// How long a new connection waits at the limit for a shed connection's slot before it is closed.
 const SHED_WAIT: Duration = Duration::from_millis(100);
+/// How long to wait after a failed accept (out of file descriptors, mostly) rather than spin.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 
 /// A listener's connection cap; see the module documentation.
 #[derive(Debug)]
@@ -42,6 +46,35 @@ impl ConnectionLimit {
             slots: Arc::new(Semaphore::new(max)),
             shed: CancellationToken::new(),
             refused: RefusedLog::new(listener, max),
+        }
+    }
+
+    /// The next connection on `listener` that got a slot, or `None` once `stop` is cancelled. A failed
+    /// accept is logged and retried after a pause; a connection that found every slot busy is closed.
+    pub async fn accept(
+        &mut self,
+        listener: &TcpListener,
+        stop: &CancellationToken,
+    ) -> Option<(TcpStream, SocketAddr, Admission)> {
+        loop {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                () = stop.cancelled() => return None,
+            };
+            match accepted {
+                Ok((stream, peer)) => {
+                    if let Some(admission) = self.admit().await {
+                        return Some((stream, peer, admission));
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(listener = self.refused.listener, %error, "accept failed");
+                    tokio::select! {
+                        () = tokio::time::sleep(ACCEPT_PAUSE) => {}
+                        () = stop.cancelled() => return None,
+                    }
+                }
+            }
         }
     }
 

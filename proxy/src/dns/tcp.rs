@@ -36,23 +36,7 @@ const RESPONSE_BUFFER: usize = 32;
 pub async fn serve(listener: TcpListener, handler: Handler, stop: CancellationToken) {
     let mut limit = ConnectionLimit::new("DNS TCP", MAX_CONNECTIONS);
     let connections = tokio_util::task::TaskTracker::new();
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            () = stop.cancelled() => break,
-        };
-        let (stream, client) = match accepted {
-            Ok(accepted) => accepted,
-            Err(error) => {
-                // Out of file descriptors, mostly: wait rather than spin.
-                tracing::warn!(%error, "DNS TCP accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let Some(admission) = limit.admit().await else {
-            continue;
-        };
+    while let Some((stream, client, admission)) = limit.accept(&listener, &stop).await {
         connections.spawn(connection(stream, client, handler.clone(), admission, stop.clone()));
     }
     connections.close();
