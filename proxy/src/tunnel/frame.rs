@@ -382,6 +382,38 @@ pub async fn read_frame<S: AsyncRead + Unpin>(stream: &mut S) -> Result<Frame, F
     Frame::decode(code, &read_payload(stream, length).await?)
 }
 
+/// Reads one frame and whatever bytes had arrived behind it, up to `most` of them: for the last frame
+/// before raw bytes (`Open` at a router, `Connect` at a publisher), so that what an application sent
+/// along with it costs no read of its own and goes on in the same write.
+pub async fn read_frame_and_following<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    most: usize,
+) -> Result<(Frame, Vec<u8>), FrameError> {
+    let mut bytes = Vec::new();
+    let mut chunk = vec![0u8; most.max(4096)];
+    loop {
+        if let Some((frame, used)) = parse_frame(&bytes)? {
+            bytes.drain(..used);
+            return Ok((frame, bytes));
+        }
+        // Never read further past the frame than `most`: the rest is the relay's.
+        let wanted = match bytes.get(1..3) {
+            Some(length) => 3 + usize::from(u16::from_be_bytes([length[0], length[1]])) + most - bytes.len(),
+            None => 3 + most - bytes.len(),
+        };
+        let room = wanted.min(chunk.len());
+        let read = stream.read(&mut chunk[..room]).await?;
+        if read == 0 {
+            return Err(if bytes.is_empty() {
+                FrameError::Closed
+            } else {
+                FrameError::Malformed("connection closed inside a frame")
+            });
+        }
+        bytes.extend_from_slice(&chunk[..read]);
+    }
+}
+
 /// A frame's type and payload length.
 async fn read_header<S: AsyncRead + Unpin>(stream: &mut S) -> Result<(u8, usize), FrameError> {
     let mut header = [0u8; 3];
@@ -486,6 +518,51 @@ mod tests {
         let mut rest = Vec::new();
         server.read_to_end(&mut rest).await.unwrap();
         assert_eq!(rest, b"raw bytes");
+    }
+
+    #[tokio::test]
+    async fn a_frame_is_read_with_the_bytes_behind_it_up_to_a_bound() {
+        let open = every_frame().into_iter().find(|frame| matches!(frame, Frame::Open(_))).unwrap();
+        // The frame and an application's first bytes in one write, as a visitor sends them.
+        let (mut client, mut server) = tokio::io::duplex(64 * 1024);
+        let mut sent = open.encode();
+        sent.extend_from_slice(b"GET / HTTP/1.1\r\n\r\n");
+        client.write_all(&sent).await.unwrap();
+        let (frame, following) = read_frame_and_following(&mut server, 1024).await.unwrap();
+        assert_eq!(frame, open);
+        assert_eq!(following, b"GET / HTTP/1.1\r\n\r\n");
+
+        // More behind the frame than the bound: the rest stays in the stream, in order.
+        let mut sent = open.encode();
+        sent.extend(0..100u8);
+        client.write_all(&sent).await.unwrap();
+        drop(client);
+        let (frame, following) = read_frame_and_following(&mut server, 10).await.unwrap();
+        assert_eq!(frame, open);
+        assert_eq!(following, (0..10u8).collect::<Vec<_>>());
+        let mut rest = Vec::new();
+        server.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, (10..100u8).collect::<Vec<_>>());
+
+        // A frame that arrives a few bytes at a time, with nothing behind it.
+        let (mut client, mut server) = tokio::io::duplex(64 * 1024);
+        let reader = tokio::spawn(async move { read_frame_and_following(&mut server, 1024).await });
+        for piece in open.encode().chunks(7) {
+            client.write_all(piece).await.unwrap();
+            tokio::task::yield_now().await;
+        }
+        let (frame, following) = reader.await.unwrap().unwrap();
+        assert_eq!(frame, open);
+        assert!(following.is_empty());
+
+        // Closed before a byte, and closed inside a frame.
+        let (client, mut server) = tokio::io::duplex(1024);
+        drop(client);
+        assert!(matches!(read_frame_and_following(&mut server, 1024).await, Err(FrameError::Closed)));
+        let (mut client, mut server) = tokio::io::duplex(1024);
+        client.write_all(&open.encode()[..20]).await.unwrap();
+        drop(client);
+        assert!(matches!(read_frame_and_following(&mut server, 1024).await, Err(FrameError::Malformed(_))));
     }
 
     #[tokio::test]

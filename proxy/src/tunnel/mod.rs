@@ -78,6 +78,13 @@ impl ServiceMetrics {
         self.handles.router_gauge(&self.registry, "keel_tunnel_router_up", router)
     }
 
+    /// Bytes that crossed before the relay started: what went on ahead of the answer (`sent`) and what
+    /// came in behind it (`received`).
+    pub fn count_before_relay(&self, sent: usize, received: usize) {
+        self.handles.sent.increment(sent as u64);
+        self.handles.received.increment(received as u64);
+    }
+
     /// `keel_tunnel_publishers`: the service's publishers at `router`.
     pub fn publishers_at(&self, router: &str) -> metrics::Gauge {
         self.handles.router_gauge(&self.registry, "keel_tunnel_publishers", router)
@@ -128,6 +135,10 @@ const COPY_BUFFER: usize = 64 * 1024;
 /// How long a pool waits before replacing a connection that was taken.
 pub const REFILL_DELAY: Duration = Duration::from_millis(3);
 
+/// Most bytes read at once from an application or a peer before the relay starts: the early bytes read
+/// along with `Open` or `Connect`, and each read of [`forward_until_answer`].
+pub const EARLY_CHUNK: usize = 16 * 1024;
+
 /// Most bytes sent on ahead of an answer (see [`forward_until_answer`]).
 pub const EARLY_DATA_LIMIT: usize = 64 * 1024;
 
@@ -153,7 +164,7 @@ pub async fn forward_until_answer(
     let deadline = tokio::time::Instant::now() + limit;
     let mut answer: Vec<u8> = Vec::with_capacity(64);
     let mut answer_chunk = [0u8; 4096];
-    let mut chunk = vec![0u8; 16 * 1024];
+    let mut chunk = vec![0u8; EARLY_CHUNK];
     let mut local_open = true;
     let start = sent.len();
     loop {
@@ -168,7 +179,7 @@ pub async fn forward_until_answer(
                 0 => return Err(frame::FrameError::Closed),
                 read => answer.extend_from_slice(&answer_chunk[..read]),
             },
-            read = local.read(&mut chunk[..room.min(16 * 1024)]), if may_read_local => match read? {
+            read = local.read(&mut chunk[..room.min(EARLY_CHUNK)]), if may_read_local => match read? {
                 0 => local_open = false,
                 read => {
                     remote.write_all(&chunk[..read]).await?;

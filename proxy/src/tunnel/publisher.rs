@@ -15,7 +15,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use super::conn::Conn;
-use super::frame::{Frame, Kind, Open, Reason, read_frame, write_frame};
+use super::frame::{Frame, Kind, Open, Reason, read_frame, read_frame_and_following, write_frame};
 use super::proof::{self, ReplayGuard};
 use super::{Backoff, Context, HELLO_TIMEOUT, RouterEndpoint, ServiceMetrics, control_loop, relay_counted};
 use crate::cluster::connect_to;
@@ -279,16 +279,16 @@ async fn pooled(settings: Arc<Settings>, link: Arc<Link>, session: u64, stop: Ca
     };
     link.idle.fetch_add(1, Ordering::Relaxed);
     let frame = tokio::select! {
-        frame = read_frame(&mut stream) => frame,
+        frame = read_frame_and_following(&mut stream, super::EARLY_CHUNK) => frame,
         () = stop.cancelled() => Err(super::frame::FrameError::Closed),
     };
     link.idle.fetch_sub(1, Ordering::Relaxed);
     match frame {
-        Ok(Frame::Connect(open)) => {
+        Ok((Frame::Connect(open), early)) => {
             let tracker = settings.context.connections.clone();
-            tracker.track_future(serve_visitor(&settings, stream, open)).await;
+            tracker.track_future(serve_visitor(&settings, stream, open, early)).await;
         }
-        Ok(Frame::Refused { reason, detail }) => {
+        Ok((Frame::Refused { reason, detail }, _)) => {
             settings.metrics.handshake_failed(reason);
             tracing::debug!(service = settings.service, %reason, detail, "tunnel publisher: pooled connection refused");
         }
@@ -296,8 +296,9 @@ async fn pooled(settings: Arc<Settings>, link: Arc<Link>, session: u64, stop: Ca
     }
 }
 
-/// A visitor's connection, paired by the router: check its proof, dial the local service, relay.
-async fn serve_visitor(settings: &Settings, mut stream: Conn, open: Open) {
+/// A visitor's connection, paired by the router: check its proof, dial the local service, pass on the
+/// `early` bytes that came with `Connect`, relay.
+async fn serve_visitor(settings: &Settings, mut stream: Conn, open: Open, early: Vec<u8>) {
     let checked = check_open(settings, &open).await;
     let mut local = match checked {
         Ok(()) => match tokio::time::timeout(settings.connect_timeout, connect_to(&settings.local)).await {
@@ -318,6 +319,13 @@ async fn serve_visitor(settings: &Settings, mut stream: Conn, open: Open) {
         },
         Err(reason) => return reject(settings, &mut stream, reason, format!("from {}", open.node)).await,
     };
+    if !early.is_empty() {
+        if let Err(error) = tokio::io::AsyncWriteExt::write_all(&mut local, &early).await {
+            let detail = format!("{}: {error}", settings.local);
+            return reject(settings, &mut stream, Reason::LocalUnreachable, detail).await;
+        }
+        settings.metrics.count_before_relay(early.len(), 0);
+    }
     if write_frame(&mut stream, &Frame::Accepted).await.is_err() {
         return;
     }

@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::conn::Conn;
 use super::frame::{
-    Frame, FrameError, Hello, Kind, Open, Reason, VERSION, read_frame, read_hello, write_frame,
+    Frame, FrameError, Hello, Kind, Open, Reason, VERSION, read_frame_and_following, read_hello, write_frame,
 };
 use super::proof::{self, ReplayGuard};
 use super::{Answered, Context, HELLO_TIMEOUT, ServiceMetrics, control_loop, forward_until_answer};
@@ -420,9 +420,9 @@ async fn pool_arrived(mut stream: Conn, hello: Hello, inner: Arc<RouterInner>) {
 
 /// A visitor's pooled connection: idle until `Open`, then paired with a publisher.
 async fn serve_visitor(mut visitor: Conn, inner: Arc<RouterInner>, stop: CancellationToken) {
-    let open = tokio::select! {
-        frame = read_frame(&mut visitor) => match frame {
-            Ok(Frame::Open(open)) => open,
+    let (open, early) = tokio::select! {
+        frame = read_frame_and_following(&mut visitor, super::EARLY_CHUNK) => match frame {
+            Ok((Frame::Open(open), early)) => (open, early),
             Ok(_) => {
                 inner.refuse(&mut visitor, "", Reason::Malformed, "expected Open".into()).await;
                 return;
@@ -436,16 +436,18 @@ async fn serve_visitor(mut visitor: Conn, inner: Arc<RouterInner>, stop: Cancell
         return;
     }
     let metrics = inner.metrics(&open.service).await;
-    let Some((mut publisher, active)) = pair(&inner, &open).await else {
+    let Some((mut publisher, active)) = pair(&inner, &open, &early).await else {
         return refuse_open(&inner, &mut visitor, &open.service).await;
     };
-    // What the visitor sends while the publisher checks the proof and dials goes on ahead; the publisher
-    // passes none of it to its service before the proof is checked.
-    let mut sent_ahead = Vec::new();
+    // What the visitor sends while the publisher checks the proof and dials goes on ahead (what came
+    // with `Open` went with `Connect`); the publisher passes none of it to its service before the proof
+    // is checked.
+    let mut sent_ahead = early;
     let answered =
         forward_until_answer(&mut visitor, &mut publisher, &mut sent_ahead, inner.connect_timeout).await;
     match answered {
         Ok(Answered { frame: Frame::Accepted, after }) => {
+            metrics.count_before_relay(sent_ahead.len(), after.len());
             let mut opened = Frame::Opened.encode();
             opened.extend_from_slice(&after);
             if tokio::io::AsyncWriteExt::write_all(&mut visitor, &opened).await.is_ok() {
@@ -480,14 +482,16 @@ async fn refuse_open(inner: &RouterInner, visitor: &mut Conn, service: &str) {
 /// How many pooled connections a visitor's `Open` may try before giving up.
 const PAIR_ATTEMPTS: usize = 4;
 
-/// A publisher connection with `Connect` written on it: a pooled one is taken (another one tried when
-/// writing fails: it died while idle). `None` when none could be had in time.
-async fn pair(inner: &RouterInner, open: &Open) -> Option<(Conn, Arc<AtomicUsize>)> {
+/// A publisher connection with `Connect` and the visitor's `early` bytes written on it, in one write: a
+/// pooled one is taken (another one tried when writing fails: it died while idle). `None` when none
+/// could be had in time.
+async fn pair(inner: &RouterInner, open: &Open, early: &[u8]) -> Option<(Conn, Arc<AtomicUsize>)> {
     let deadline = tokio::time::Instant::now() + inner.connect_timeout;
-    let connect = Frame::Connect(open.clone());
+    let mut connect = Frame::Connect(open.clone()).encode();
+    connect.extend_from_slice(early);
     for _ in 0..PAIR_ATTEMPTS {
         let (mut stream, active) = take_pooled(inner, &open.service, deadline).await?;
-        if write_frame(&mut stream, &connect).await.is_ok() {
+        if tokio::io::AsyncWriteExt::write_all(&mut stream, &connect).await.is_ok() {
             return Some((stream, active));
         }
         active.fetch_sub(1, Ordering::Relaxed);

@@ -310,6 +310,10 @@ async fn carry(local: TcpStream, settings: &Settings, links: &[Arc<Link>]) {
             continue;
         }
         let Some(mut remote) = take(settings, link).await else { continue };
+        if sent_ahead.is_empty() {
+            // A client that speaks first has usually sent by now: its bytes go with `Open`, in one write.
+            read_waiting(local.tcp(), &mut sent_ahead);
+        }
         let open = proof::open(&settings.secret, &settings.service, &settings.context.node);
         let mut first = Frame::Open(open).encode();
         first.extend_from_slice(&sent_ahead);
@@ -318,6 +322,7 @@ async fn carry(local: TcpStream, settings: &Settings, links: &[Arc<Link>]) {
         }
         match forward_until_answer(&mut local, &mut remote, &mut sent_ahead, HELLO_TIMEOUT).await {
             Ok(Answered { frame: Frame::Opened, after }) => {
+                settings.metrics.count_before_relay(sent_ahead.len(), after.len());
                 if !after.is_empty() && local.write_all(&after).await.is_err() {
                     return;
                 }
@@ -345,6 +350,15 @@ async fn carry(local: TcpStream, settings: &Settings, links: &[Arc<Link>]) {
     // No router could take it: reset the connection at once rather than leave the application waiting.
     tracing::debug!(service = settings.service, "tunnel visitor: no live publisher; connection reset");
     let _ = local.tcp().set_zero_linger();
+}
+
+/// Appends what `local` has already sent (up to [`super::EARLY_CHUNK`] bytes) to `sent`, without
+/// waiting: nothing there, an end of file or an error are all left for the relay to find.
+fn read_waiting(local: &TcpStream, sent: &mut Vec<u8>) {
+    let mut chunk = [0u8; super::EARLY_CHUNK];
+    if let Ok(read) = local.try_read(&mut chunk) {
+        sent.extend_from_slice(&chunk[..read]);
+    }
 }
 
 /// An idle pooled connection (a fresh one when the pool is empty); the pool refills behind it.

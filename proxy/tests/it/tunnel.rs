@@ -154,6 +154,29 @@ async fn a_visitor_reaches_a_published_service_through_a_router() {
 }
 
 #[tokio::test]
+async fn every_role_counts_every_byte_including_those_sent_before_the_relay() {
+    let Chain { local: _local, router, router_at: _, publisher, visitor, visit_at } = chain().await;
+    // The application speaks at once, so its first bytes travel with `Open` and `Connect`, or ahead of
+    // the answers: bytes no relay sees.
+    for _ in 0..3 {
+        let mut stream = TcpStream::connect(visit_at).await.unwrap();
+        stream.write_all(b"hello").await.unwrap();
+        let mut back = [0u8; 5];
+        tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut back)).await.unwrap().unwrap();
+        assert_eq!(&back, b"hello");
+    }
+    for (proxy, role) in [(&visitor, "visitor"), (&router, "router"), (&publisher, "publisher")] {
+        for direction in ["sent", "received"] {
+            let name = format!("keel_tunnel_{direction}_bytes_total{{service=\"mysql\",role=\"{role}\"}}");
+            eventually(Duration::from_secs(5), &format!("{role} to count 15 bytes {direction}"), || async {
+                proxy.metric(&name).await == 15.0
+            })
+            .await;
+        }
+    }
+}
+
+#[tokio::test]
 async fn a_wrong_secret_is_rejected_by_the_publisher() {
     let local = Upstream::echo().await;
     let (_router, router_at) = router().await;
