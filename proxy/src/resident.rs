@@ -64,36 +64,60 @@ pub struct Released {
 
 /// Unmaps the binary's read-only pages and trims the heap; see the module docs.
 pub fn release_startup_memory() -> io::Result<Released> {
-    let exe = std::fs::read_link("/proc/self/exe")?;
-    let smaps = std::fs::read_to_string("/proc/self/smaps")?;
-    let mut released = Released::default();
-    for mapping in droppable(&parse_smaps(&smaps), &exe) {
-        // SAFETY: the range is a whole mapping of this process's binary, not writable, with no page
-        // the process wrote (checked by `droppable`): MADV_DONTNEED only removes its page table
-        // entries, and the next access maps the same bytes from the file again. No Rust reference can
-        // observe a change.
-        let result = unsafe {
-            libc::madvise(
-                mapping.start as *mut libc::c_void,
-                mapping.end - mapping.start,
-                libc::MADV_DONTNEED,
-            )
-        };
-        if result != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        released.code_kib += mapping.resident_kib;
-    }
-    released.heap_trimmed = trim_heap();
+    let release = Release::plan()?;
+    let released = release.released;
+    release.unmap()?;
     Ok(released)
 }
 
-/// [`release_startup_memory`], its outcome logged: what was given back at debug level
-/// (`benches/startup-order.sh` waits for that line), a warning when it failed.
+/// A release worked out and the heap trimmed, the code not unmapped yet. Whatever runs after the
+/// unmapping maps its code back in, and with it the rest of its 64 KiB window: so everything that can
+/// (reading smaps, freeing what that took, trimming the heap, logging) runs before, and the unmapping
+/// is a loop over addresses and nothing more.
+#[derive(Debug)]
+pub struct Release {
+    ranges: Vec<(usize, usize)>,
+    pub released: Released,
+}
+
+impl Release {
+    pub fn plan() -> io::Result<Release> {
+        let exe = std::fs::read_link("/proc/self/exe")?;
+        let mappings = parse_smaps(&std::fs::read_to_string("/proc/self/smaps")?);
+        let mut ranges = Vec::new();
+        let mut code_kib = 0;
+        for mapping in droppable(&mappings, &exe) {
+            ranges.push((mapping.start, mapping.end - mapping.start));
+            code_kib += mapping.resident_kib;
+        }
+        drop(mappings);
+        Ok(Release { ranges, released: Released { code_kib, heap_trimmed: trim_heap() } })
+    }
+
+    pub fn unmap(self) -> io::Result<()> {
+        for &(start, length) in &self.ranges {
+            // SAFETY: the range is a whole mapping of this process's binary, not writable, with no
+            // page the process wrote (checked by `droppable`): MADV_DONTNEED only removes its page
+            // table entries, and the next access maps the same bytes from the file again. No Rust
+            // reference can observe a change.
+            if unsafe { libc::madvise(start as *mut libc::c_void, length, libc::MADV_DONTNEED) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// [`release_startup_memory`], logged: what is given back at debug level just before the code is
+/// unmapped (`benches/startup-order.sh` waits for that line), a warning when it failed.
 pub fn release_and_log() {
-    match release_startup_memory() {
-        Ok(released) => tracing::debug!(?released, "start-up memory given back"),
-        Err(error) => tracing::warn!("cannot give start-up memory back: {error}"),
+    let release = match Release::plan() {
+        Ok(release) => release,
+        Err(error) => return tracing::warn!("cannot give start-up memory back: {error}"),
+    };
+    tracing::debug!(released = ?release.released, "giving start-up memory back");
+    if let Err(error) = release.unmap() {
+        tracing::warn!("cannot give start-up memory back: {error}");
     }
 }
 

@@ -384,34 +384,24 @@ pub async fn read_frame<S: AsyncRead + Unpin>(stream: &mut S) -> Result<Frame, F
 
 /// Reads one frame and whatever bytes had arrived behind it, up to `most` of them: for the last frame
 /// before raw bytes (`Open` at a router, `Connect` at a publisher), so that what an application sent
-/// along with it costs no read of its own and goes on in the same write.
+/// along with it costs no read of its own and goes on in the same write. An idle pooled connection
+/// waits here holding only the three header bytes; the buffer is taken once the frame has begun.
 pub async fn read_frame_and_following<S: AsyncRead + Unpin>(
     stream: &mut S,
     most: usize,
 ) -> Result<(Frame, Vec<u8>), FrameError> {
-    let mut bytes = Vec::new();
-    let mut chunk = vec![0u8; most.max(4096)];
-    loop {
-        if let Some((frame, used)) = parse_frame(&bytes)? {
-            bytes.drain(..used);
-            return Ok((frame, bytes));
+    let (code, length) = read_header(stream).await?;
+    let mut bytes = vec![0u8; length + most];
+    let mut filled = 0;
+    while filled < length {
+        match stream.read(&mut bytes[filled..]).await? {
+            0 => return Err(FrameError::Malformed("connection closed inside a frame")),
+            read => filled += read,
         }
-        // Never read further past the frame than `most`: the rest is the relay's.
-        let wanted = match bytes.get(1..3) {
-            Some(length) => 3 + usize::from(u16::from_be_bytes([length[0], length[1]])) + most - bytes.len(),
-            None => 3 + most - bytes.len(),
-        };
-        let room = wanted.min(chunk.len());
-        let read = stream.read(&mut chunk[..room]).await?;
-        if read == 0 {
-            return Err(if bytes.is_empty() {
-                FrameError::Closed
-            } else {
-                FrameError::Malformed("connection closed inside a frame")
-            });
-        }
-        bytes.extend_from_slice(&chunk[..read]);
     }
+    bytes.truncate(filled);
+    let following = bytes.split_off(length);
+    Ok((Frame::decode(code, &bytes)?, following))
 }
 
 /// A frame's type and payload length.
