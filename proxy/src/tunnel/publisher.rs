@@ -319,15 +319,17 @@ async fn serve_visitor(settings: &Settings, mut stream: Conn, open: Open, early:
         },
         Err(reason) => return reject(settings, &mut stream, reason, format!("from {}", open.node)).await,
     };
-    if !early.is_empty() {
-        if let Err(error) = tokio::io::AsyncWriteExt::write_all(&mut local, &early).await {
-            let detail = format!("{}: {error}", settings.local);
-            return reject(settings, &mut stream, Reason::LocalUnreachable, detail).await;
-        }
-        settings.metrics.count_before_relay(early.len(), 0);
-    }
+    // `Accepted` goes first: until it is sent, no byte of the visitor's has reached the service, which is
+    // what lets a router that hears no answer refuse, and the visitor try another router.
     if write_frame(&mut stream, &Frame::Accepted).await.is_err() {
         return;
+    }
+    if !early.is_empty() {
+        if let Err(error) = tokio::io::AsyncWriteExt::write_all(&mut local, &early).await {
+            tracing::debug!(service = settings.service, %error, "tunnel publisher: the local service closed at once");
+            return;
+        }
+        settings.metrics.count_before_relay(early.len(), 0);
     }
     relay_counted(&mut stream, &mut local, &settings.metrics, &settings.context.close).await;
 }
