@@ -75,13 +75,15 @@ pub fn release_startup_memory() -> io::Result<Released> {
 /// (reading smaps, freeing what that took, trimming the heap, logging) runs before, and the unmapping
 /// is a loop over addresses and nothing more.
 #[derive(Debug)]
-pub struct Release {
+struct Release {
+    /// Start and length of each mapping to drop.
     ranges: Vec<(usize, usize)>,
-    pub released: Released,
+    released: Released,
 }
 
 impl Release {
-    pub fn plan() -> io::Result<Release> {
+    /// Reads this process's mappings, picks those to drop (see [`droppable`]) and trims the heap.
+    fn plan() -> io::Result<Release> {
         let exe = std::fs::read_link("/proc/self/exe")?;
         let mappings = parse_smaps(&std::fs::read_to_string("/proc/self/smaps")?);
         let mut ranges = Vec::new();
@@ -94,7 +96,8 @@ impl Release {
         Ok(Release { ranges, released: Released { code_kib, heap_trimmed: trim_heap() } })
     }
 
-    pub fn unmap(self) -> io::Result<()> {
+    /// Drops the planned mappings' pages from this process.
+    fn unmap(self) -> io::Result<()> {
         for &(start, length) in &self.ranges {
             // SAFETY: the range is a whole mapping of this process's binary, not writable, with no
             // page the process wrote (checked by `droppable`): MADV_DONTNEED only removes its page
