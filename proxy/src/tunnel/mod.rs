@@ -132,7 +132,9 @@ pub async fn relay_counted(
 /// Copy buffer per direction when a side is TLS.
 const COPY_BUFFER: usize = 64 * 1024;
 
-/// How long a pool waits before replacing a connection that was taken.
+/// How long a pool waits before replacing a connection that was taken: the visitor before it dials,
+/// the router before it asks the publisher with `Need`, so that the replacement does not compete with
+/// the connection being set up. A `Need` for a waiting `Open` (no idle connection left) goes at once.
 pub const REFILL_DELAY: Duration = Duration::from_millis(3);
 
 /// Most bytes read at once from an application or a peer before the relay starts: the early bytes read

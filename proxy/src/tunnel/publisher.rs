@@ -268,8 +268,6 @@ async fn session(
 /// One pooled connection: idle until the router pairs it, then one relayed connection.
 async fn pooled(settings: Arc<Settings>, link: Arc<Link>, session: u64, stop: CancellationToken) {
     let node = &settings.context.node;
-    // Most pooled connections replace one the router just used: let that connection be set up first.
-    tokio::time::sleep(super::REFILL_DELAY).await;
     let mut stream = match link.router.connect(Kind::PublisherPool, node, &settings.service, session).await {
         Ok(stream) => stream,
         Err(error) => {

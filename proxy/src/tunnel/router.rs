@@ -536,10 +536,19 @@ async fn take_pooled(
             for index in order {
                 let publisher = &mut entry.publishers[index];
                 while let Some(stream) = publisher.idle.pop_front() {
-                    let _ = publisher.control.send(Frame::Need { service: service.to_string(), count: 1 });
+                    let need = Frame::Need { service: service.to_string(), count: 1 };
                     if stream.is_closed() {
+                        let _ = publisher.control.send(need);
                         continue;
                     }
+                    // The replacement for a connection about to be set up is asked for a moment later:
+                    // a `Need` arriving with the `Connect` would have the publisher open a connection
+                    // before it serves the one that is waiting.
+                    let control = publisher.control.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(super::REFILL_DELAY).await;
+                        let _ = control.send(need);
+                    });
                     publisher.active.fetch_add(1, Ordering::Relaxed);
                     return Some((stream, Arc::clone(&publisher.active)));
                 }
