@@ -9,7 +9,7 @@
 //! Buffers are 64 KiB per direction, allocated when bytes arrive and given back after a read that drained
 //! the socket, so an idle connection holds no buffer memory; reads fill spare capacity without zeroing it.
 //!
-//! One `recv` and one `send` per chunk each way, and no wasted `recv` that only says EAGAIN (see [`pump`]).
+//! One `recv` and one `send` per chunk each way, and no wasted `recv` that only says EAGAIN (see `pump`).
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};

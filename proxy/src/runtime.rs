@@ -793,7 +793,7 @@ impl Proxy {
         self.inner.all_connections.wait().await;
     }
 
-    /// Asks the proxy to stop; [`Proxy::stopped`] resolves with the request. A fast request overrides a
+    /// Asks the proxy to stop; [`Proxy::shutdown_requests`] sees the request. A fast request overrides a
     /// graceful one already under way.
     pub fn shutdown(&self, kind: Shutdown) {
         self.inner.shutdown.send_if_modified(|current| {

@@ -15,7 +15,7 @@
 //! node API server; here they are given, until the control plane hands them out.
 //!
 //! Seed 000's agent variables (`SERVER_URL`, `API_TOKEN`, `CHECK_INTERVAL`, `NETWORK_INTERFACE`) build
-//! its address reporter; see [`agent`].
+//! its address reporter; see `agent`.
 
 use keel_schemas::config::{Dns, Hijack, RouterRef, Tunnels, Visit, defaults};
 use keel_schemas::types::{Cidr, HostPort, Secret, SocketAddress};

@@ -4,13 +4,13 @@
 //! [`crate::relay::relay`]: half-close passed on, idle timeout, closed with the proxy's close token.
 //!
 //! Small bursts (a request, a reply) are copied instead: for them a read and a write cost less than two
-//! splices and a pipe. Each burst's first [`COPY_FIRST`] bytes go through a per-thread buffer, and only
+//! splices and a pipe. Each burst's first `COPY_FIRST` bytes go through a per-thread buffer, and only
 //! a burst longer than that is spliced. A direction holds a pipe (two descriptors) only while a long
 //! burst is on its way: when its socket has nothing more to read, the emptied pipe goes back to a small
 //! per-thread pool, and the next long burst takes one from there (or makes one). An idle connection
 //! therefore costs its two sockets and nothing more, which is what lets a sidecar hold tens of
 //! thousands of them. Without a pipe to be had (out of descriptors), bursts are copied whole. Pipes are
-//! grown to [`PIPE_SIZE`] when the kernel allows, so that one `splice` moves a large chunk.
+//! grown to `PIPE_SIZE` when the kernel allows, so that one `splice` moves a large chunk.
 //!
 //! This module and the DNS server's batch I/O are the proxy's only `unsafe` code: the system calls, on
 //! descriptors this module owns or borrows for the duration of the call.

@@ -6,7 +6,7 @@
 //!
 //! - [`config`]: the structs, their defaults and docs (which become the JSON Schema's descriptions).
 //! - [`types`]: durations, addresses, CIDRs and secrets as keel.yaml spells them.
-//! - [`load`]: text → validated config; [`validate`](validate::validate): the semantic checks.
+//! - [`load`](mod@load): text → validated config; [`validate`](validate::validate): the semantic checks.
 //! - [`dns`]: DNS names and the hijack table (which name answers with which VIP).
 //! - [`resource`]: the control plane's resources (Kubernetes shape) and how their specs are checked.
 //! - [`stream`]: the messages between a proxy and the control plane.

@@ -10,7 +10,7 @@
 //! The response carries an OPT record exactly when the query did, advertising the client's payload size;
 //! hickory's encoder then truncates a UDP answer to that size (512 bytes without EDNS) and sets TC.
 //!
-//! UDP is Keel's own loop ([`serve_udp`]), batched with [`super::batch`]; TCP is hickory-server's, which
+//! UDP is Keel's own loop (`serve_udp`), batched with [`super::batch`]; TCP is hickory-server's, which
 //! frames pipelined queries and answers malformed ones FORMERR itself.
 
 use std::net::{IpAddr, SocketAddr};
@@ -496,7 +496,7 @@ const MAX_UDP_QUERY: usize = 4096;
 
 /// Keel's UDP front end around the handler: receive, answer and send on one task, in batches.
 ///
-/// Each wake-up reads every queued datagram (up to [`batch::BATCH`]) with one system call and sends the
+/// Each wake-up reads every queued datagram (up to [`super::batch::BATCH`]) with one system call and sends the
 /// answers that are ready at once (hijacked names, cache hits, errors) with another. A query that must
 /// wait for an upstream is handed to a task of its own, so it never holds up the queries behind it, and
 /// that task sends its answer itself. A datagram that is not a query but has a header is answered
