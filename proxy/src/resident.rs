@@ -4,7 +4,7 @@
 //! the kernel maps up to 64 KiB around each page it faults in, much code it never ran. Start-up and
 //! reloads run code that the steady state does not (argument and YAML parsing, validation, binding,
 //! the first connections to routers). [`release_after_applies`] waits until a config has been applied
-//! and nothing else was applied for [`SETTLE`], then [`release_startup_memory`] unmaps the binary's
+//! and nothing else was applied for [`SETTLE`], then [`release_and_log`] unmaps the binary's
 //! read-only pages from the process (`MADV_DONTNEED`: they stay in the page cache, shared with every
 //! other proxy on the node) and hands the heap's free memory back (`malloc_trim`). Code that runs
 //! again comes back on first use, a minor fault from the page cache; what stays resident is what the
@@ -53,21 +53,13 @@ struct Mapping {
     resident_kib: u64,
 }
 
-/// What [`release_startup_memory`] gave back.
+/// What a [`Release`] gives back.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Released {
-    /// Resident KiB of the code and read-only data mappings that were unmapped.
-    pub code_kib: u64,
+struct Released {
+    /// Resident KiB of the code and read-only data mappings that are unmapped.
+    code_kib: u64,
     /// Whether the C library returned free heap memory to the kernel.
-    pub heap_trimmed: bool,
-}
-
-/// Unmaps the binary's read-only pages and trims the heap; see the module docs.
-pub fn release_startup_memory() -> io::Result<Released> {
-    let release = Release::plan()?;
-    let released = release.released;
-    release.unmap()?;
-    Ok(released)
+    heap_trimmed: bool,
 }
 
 /// A release worked out and the heap trimmed, the code not unmapped yet. Whatever runs after the
@@ -111,8 +103,8 @@ impl Release {
     }
 }
 
-/// [`release_startup_memory`], logged: what is given back at debug level just before the code is
-/// unmapped (`benches/startup-order.sh` waits for that line), a warning when it failed.
+/// Unmaps the binary's read-only pages and trims the heap (see the module docs), logged: what is given
+/// back at debug level just before the code is unmapped (`benches/startup-order.sh` waits for that line), a warning when it failed.
 pub fn release_and_log() {
     let release = match Release::plan() {
         Ok(release) => release,
@@ -257,11 +249,13 @@ Private_Dirty:         0 kB
 
     #[test]
     fn a_running_process_sheds_code_and_keeps_running() {
-        let released = release_startup_memory().expect("release");
-        assert!(released.code_kib > 0, "the test binary's code was resident: {released:?}");
+        let release = Release::plan().expect("plan");
+        assert!(release.released.code_kib > 0, "the test binary's code was resident: {release:?}");
+        release.unmap().expect("release");
         // The code it dropped runs again (faulted back in from the page cache), this very function
         // among it.
-        let again = release_startup_memory().expect("release again");
-        assert!(again.code_kib > 0, "{again:?}");
+        let again = Release::plan().expect("plan again");
+        assert!(again.released.code_kib > 0, "{again:?}");
+        again.unmap().expect("release again");
     }
 }
