@@ -166,3 +166,74 @@ http {{ access_log off; keepalive_requests 1000000;
     wait_port(iperf_port, work)
     wait_port(origin_port, work)
     return iperf_port, origin_port
+
+
+class CpuLimit:
+    """A CPU limit on a set of processes, the way a pod's `resources.limits.cpu` is enforced: a CFS quota
+    on a cgroup of their own (cgroup v2 `cpu.max`, or v1 `cpu.cfs_quota_us`). A short period (10 ms)
+    spreads the quota evenly, so a limited server is throttled in small steps rather than stopped for
+    tens of milliseconds.
+
+    `CpuLimit.available()` says whether this machine lets the benchmark make cgroups (as root, with the
+    cpu controller mounted). Removing the limit moves the processes back to the cgroup they came from."""
+
+    PERIOD_US = 10_000
+
+    def __init__(self, name, cores, pids):
+        self.root, self.version = self._root()
+        self.path = os.path.join(self.root, f"keel-bench-{name}-{os.getpid()}")
+        quota = int(cores * self.PERIOD_US)
+        self.origins = {pid: self._cgroup_of(pid) for pid in pids}
+        if self.version == 2:
+            os.mkdir(self.path)
+            self._write("cpu.max", f"{quota} {self.PERIOD_US}")
+        else:
+            os.mkdir(self.path)
+            self._write("cpu.cfs_period_us", str(self.PERIOD_US))
+            self._write("cpu.cfs_quota_us", str(quota))
+        for pid in pids:
+            self._write("cgroup.procs", str(pid))
+
+    @staticmethod
+    def _root():
+        v2 = "/sys/fs/cgroup"
+        try:
+            with open(os.path.join(v2, "cgroup.subtree_control")) as f:
+                if "cpu" in f.read().split():
+                    return v2, 2
+        except OSError:
+            pass
+        v1 = "/sys/fs/cgroup/cpu"
+        if os.path.exists(os.path.join(v1, "cpu.cfs_quota_us")):
+            return v1, 1
+        raise OSError("no cgroup cpu controller: neither /sys/fs/cgroup (v2, cpu enabled) nor /sys/fs/cgroup/cpu")
+
+    @staticmethod
+    def available():
+        try:
+            root, _ = CpuLimit._root()
+        except OSError:
+            return False
+        return os.access(root, os.W_OK)
+
+    def _cgroup_of(self, pid):
+        controller = "" if self.version == 2 else "cpu"
+        with open(f"/proc/{pid}/cgroup") as f:
+            for line in f:
+                _, controllers, path = line.rstrip("\n").split(":", 2)
+                if controller in controllers.split(",") or (self.version == 2 and controllers == ""):
+                    return os.path.join(self.root, path.lstrip("/"))
+        return self.root
+
+    def _write(self, name, value):
+        with open(os.path.join(self.path, name), "w") as f:
+            f.write(value)
+
+    def remove(self):
+        for pid, origin in self.origins.items():
+            try:
+                with open(os.path.join(origin, "cgroup.procs"), "w") as f:
+                    f.write(str(pid))
+            except (OSError, ProcessLookupError):
+                pass  # the process has exited
+        os.rmdir(self.path)

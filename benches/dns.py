@@ -7,7 +7,7 @@ import statistics
 import subprocess
 import sys
 
-from benchlib import cpu_seconds, free_port, options_and_workdir, start, stop, wait_port
+from benchlib import CpuLimit, cpu_seconds, free_port, options_and_workdir, start, stop, wait_port
 
 SERVICES = 50
 
@@ -41,6 +41,48 @@ def p99(latencies):
         return float("nan")
     ordered = sorted(latencies)
     return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+
+
+LIMIT_CORES = 0.5
+
+
+def measure(scenarios, pids, opts):
+    """Runs every scenario once a round, in a shuffled order; returns the medians per scenario."""
+    results = {(s, n): {"qps": [], "avg": [], "p99": [], "cpu": []} for s, n, _, _ in scenarios}
+    rng = random.Random(11)
+    for round_number in range(opts.rounds):
+        print(f"round {round_number + 1}/{opts.rounds}", file=sys.stderr)
+        order = scenarios[:]
+        rng.shuffle(order)
+        for scenario, name, port, queries in order:
+            cpu_before = cpu_seconds(pids[name])
+            qps, average, _, completed = dnsperf(port, queries, opts.seconds)
+            # The server's own CPU time per answered query: what QPS cannot show once the client,
+            # sharing the cores, is the bottleneck.
+            cpu_us = (cpu_seconds(pids[name]) - cpu_before) * 1e6 / max(completed, 1)
+            # p99 from a shorter run with per-query output, which slows dnsperf, so QPS is not taken from it.
+            _, _, latencies, _ = dnsperf(port, queries, 2, verbose=True)
+            r = results[(scenario, name)]
+            r["qps"].append(qps)
+            r["avg"].append(average)
+            r["p99"].append(p99(latencies))
+            r["cpu"].append(cpu_us)
+    return {key: {k: statistics.median(v) for k, v in r.items()} for key, r in results.items()}
+
+
+def report(med, title, suffix):
+    print(title)
+    print(f"{'scenario':<10} {'server':<8} {'QPS':>9} {'avg ms':>8} {'p99 ms':>8} {'CPU us/query':>13}")
+    for (scenario, name), m in med.items():
+        print(f"{scenario:<10} {name:<8} {m['qps']:>9.0f} {m['avg']:>8.3f} {m['p99']:>8.3f} {m['cpu']:>13.2f}")
+    k_h, d_h, u_h = (med[("hijacked", n)]["qps"] for n in ("keel", "dnsmasq", "unbound"))
+    k_c, u_c = (med[("cache-hit", n)]["qps"] for n in ("keel", "unbound"))
+    print(f"keel hijacked QPS{suffix}: {k_h / d_h:.2f}x dnsmasq, {k_h / u_h:.2f}x unbound (bar >= 1.50 both); "
+          f"keel cache-hit QPS{suffix}: {k_c / u_c:.2f}x unbound (bar >= 1.00)")
+    k_hc, d_hc, u_hc = (med[("hijacked", n)]["cpu"] for n in ("keel", "dnsmasq", "unbound"))
+    k_cc, u_cc = (med[("cache-hit", n)]["cpu"] for n in ("keel", "unbound"))
+    print(f"server CPU per query, hijacked: dnsmasq/keel {d_hc / k_hc:.2f}x, unbound/keel {u_hc / k_hc:.2f}x; "
+          f"cache-hit: unbound/keel {u_cc / k_cc:.2f}x (higher is better for keel)")
 
 
 def main():
@@ -116,41 +158,25 @@ dns:
         scenarios = [("hijacked", "keel", keel, hijack_file), ("hijacked", "dnsmasq", dnsmasq, hijack_file),
                      ("hijacked", "unbound", unbound, hijack_file), ("cache-hit", "keel", keel, cached_file),
                      ("cache-hit", "unbound", unbound, cached_file)]
-        results = {(s, n): {"qps": [], "avg": [], "p99": [], "cpu": []} for s, n, _, _ in scenarios}
-        rng = random.Random(11)
-        for round_number in range(opts.rounds):
-            print(f"round {round_number + 1}/{opts.rounds}", file=sys.stderr)
-            order = scenarios[:]
-            rng.shuffle(order)
-            for scenario, name, port, queries in order:
-                cpu_before = cpu_seconds(pids[name])
-                qps, average, _, completed = dnsperf(port, queries, opts.seconds)
-                # The server's own CPU time per answered query: what QPS cannot show once the client,
-                # sharing the cores, is the bottleneck.
-                cpu_us = (cpu_seconds(pids[name]) - cpu_before) * 1e6 / max(completed, 1)
-                # p99 from a shorter run with per-query output, which slows dnsperf, so QPS is not taken from it.
-                _, _, latencies, _ = dnsperf(port, queries, 2, verbose=True)
-                r = results[(scenario, name)]
-                r["qps"].append(qps)
-                r["avg"].append(average)
-                r["p99"].append(p99(latencies))
-                r["cpu"].append(cpu_us)
+        med = measure(scenarios, pids, opts)
+        report(med, f"dns benchmark: {opts.rounds} rounds x {opts.seconds}s, medians, {os.cpu_count()} cores, "
+                    f"all servers in one run (dnsperf -c 8 -T 2 -q 200)", "")
 
-        med = {key: {k: statistics.median(v) for k, v in r.items()} for key, r in results.items()}
-        print(f"\ndns benchmark: {opts.rounds} rounds x {opts.seconds}s, medians, {os.cpu_count()} cores, "
-              f"all servers in one run (dnsperf -c 8 -T 2 -q 200)")
-        print(f"{'scenario':<10} {'server':<8} {'QPS':>9} {'avg ms':>8} {'p99 ms':>8} {'CPU us/query':>13}")
-        for scenario, name, _, _ in scenarios:
-            m = med[(scenario, name)]
-            print(f"{scenario:<10} {name:<8} {m['qps']:>9.0f} {m['avg']:>8.3f} {m['p99']:>8.3f} {m['cpu']:>13.2f}")
-        k_h, d_h, u_h = (med[("hijacked", n)]["qps"] for n in ("keel", "dnsmasq", "unbound"))
-        k_c, u_c = (med[("cache-hit", n)]["qps"] for n in ("keel", "unbound"))
-        print(f"keel hijacked QPS: {k_h / d_h:.2f}x dnsmasq, {k_h / u_h:.2f}x unbound (bar >= 1.50 both); "
-              f"keel cache-hit QPS: {k_c / u_c:.2f}x unbound (bar >= 1.00)")
-        k_hc, d_hc, u_hc = (med[("hijacked", n)]["cpu"] for n in ("keel", "dnsmasq", "unbound"))
-        k_cc, u_cc = (med[("cache-hit", n)]["cpu"] for n in ("keel", "unbound"))
-        print(f"server CPU per query, hijacked: dnsmasq/keel {d_hc / k_hc:.2f}x, unbound/keel {u_hc / k_hc:.2f}x; "
-              f"cache-hit: unbound/keel {u_cc / k_cc:.2f}x (higher is better for keel)")
+        # The same load with every server held to the same CPU limit, as a sidecar's
+        # resources.limits.cpu holds it. Unlimited, the servers share two cores with dnsperf, which needs
+        # more than one of them: QPS then measures the client as much as the server. Limited, dnsperf has
+        # the rest of the machine and each server's QPS is what its limit buys.
+        if CpuLimit.available():
+            limits = [CpuLimit(name, LIMIT_CORES, [pid]) for name, pid in pids.items()]
+            try:
+                med = measure(scenarios, pids, opts)
+            finally:
+                for limit in limits:
+                    limit.remove()
+            report(med, f"\nthe same, each server limited to {LIMIT_CORES} core (CFS quota, as "
+                        f"resources.limits.cpu: {int(LIMIT_CORES * 1000)}m)", " at the limit")
+        else:
+            print("\n(no writable cgroup cpu controller here: the run at an equal CPU limit is skipped)")
     finally:
         stop(procs)
 
