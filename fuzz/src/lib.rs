@@ -6,7 +6,7 @@
 //! | --- | --- | --- |
 //! | `config` | a keel.yaml file or a snapshot | - |
 //! | `tunnel_frames` | a tunnel peer | a decoded frame encodes and decodes to itself |
-//! | `dns_query` | a DNS client | the fast path answers exactly as the decoding path does |
+//! | `dns_query` | a DNS client | the wire path (hijacked names, cache hits) answers exactly as the decoding path does |
 //! | `rest_body` | an API client | a bad request is a 4xx, never a 5xx; nothing hangs |
 //! | `proxy_stream` | a proxy's stream to the control plane | 200 or 400; the session ends with the body |
 //! | `snapshot_lines` | the control plane's stream to a proxy | - |
@@ -67,7 +67,9 @@ pub fn dns_query(data: &[u8]) {
         let text = "dns:\n  listen: [127.0.0.1:0]\n  upstreams: [127.0.0.1:9]\n  hijack:\n    - service: mysql\n    - {name: v6.example, address: \"fd00::7\"}\n    - {name: \"*.internal.example\", address: 127.0.66.9}\n    - {name: web.default.svc.cluster.local, address: 127.0.66.10}\n";
         let config = keel_schemas::load(text, "fuzz.yaml", &MapEnvironment::default()).expect("the fuzz config loads");
         let dns = config.dns.as_ref().expect("the fuzz config has dns");
-        DnsState::new(dns, None, DnsMetrics::new(&Metrics::new())).expect("the fuzz DNS state builds")
+        let state = DnsState::new(dns, None, DnsMetrics::new(&Metrics::new())).expect("the fuzz DNS state builds");
+        cache_upstream_answers(&state);
+        state
     });
     let (fast, decoded) = state.answer_both_ways(data);
     let Some(fast) = fast else { return };
@@ -76,6 +78,46 @@ pub fn dns_query(data: &[u8]) {
     };
     let parse = |bytes: &[u8]| hickory_proto::op::Message::from_vec(bytes).map_err(|error| error.to_string());
     assert_eq!(parse(&fast), parse(&decoded), "the fast path's answer differs from the decoding path's");
+}
+
+/// Fills the fuzz state's cache with what an upstream could have answered: `fwd.example.` A (two
+/// addresses, an NS and its glue) and `gone.example.` AAAA (NXDOMAIN with an SOA), each asked with and
+/// without the DO bit, so that queries for them are answered from the cache both ways.
+fn cache_upstream_answers(state: &DnsState) {
+    use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
+    use hickory_proto::rr::rdata::{A, NS, SOA};
+    use hickory_proto::rr::{Name, RData, Record, RecordType};
+
+    let name = |text: &str| Name::from_ascii(text).expect("a valid name");
+    let question = |owner: &str, record_type: RecordType, dnssec_ok: bool| {
+        let mut query = Message::new(1, MessageType::Query, OpCode::Query);
+        query.add_query(Query::query(name(owner), record_type));
+        let mut edns = Edns::new();
+        edns.set_dnssec_ok(dnssec_ok);
+        query.set_edns(edns);
+        query
+    };
+    let mut found = question("fwd.example.", RecordType::A, false);
+    found.metadata.message_type = MessageType::Response;
+    found.metadata.recursion_available = true;
+    for last in [1, 2] {
+        found.answers.push(Record::from_rdata(name("fwd.example."), 300, RData::A(A::new(10, 0, 0, last))));
+    }
+    found.authorities.push(Record::from_rdata(name("example."), 3600, RData::NS(NS(name("ns1.example.")))));
+    found.additionals.push(Record::from_rdata(name("ns1.example."), 3600, RData::A(A::new(10, 0, 0, 53))));
+    let mut gone = question("gone.example.", RecordType::AAAA, false);
+    gone.metadata.message_type = MessageType::Response;
+    gone.metadata.response_code = ResponseCode::NXDomain;
+    let soa = SOA::new(name("example."), name("hostmaster.example."), 1, 60, 60, 60, 60);
+    gone.authorities.push(Record::from_rdata(name("example."), 60, RData::SOA(soa)));
+    for (owner, record_type, answer) in
+        [("fwd.example.", RecordType::A, found), ("gone.example.", RecordType::AAAA, gone)]
+    {
+        for dnssec_ok in [false, true] {
+            let query = question(owner, record_type, dnssec_ok).to_vec().expect("the query encodes");
+            assert!(state.cache_answer(&query, &answer), "the fuzz cache takes {owner}");
+        }
+    }
 }
 
 /// The control plane's side of a proxy's stream: NDJSON lines, each read as the proxy reads it, and a

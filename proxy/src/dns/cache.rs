@@ -1,8 +1,11 @@
 //! The cache of forwarded answers.
 //!
-//! Answers are stored parsed, because hickory-server sends responses built from records (its
-//! `ResponseHandler` takes no raw bytes). A hit clones the answer's records with each TTL lowered by the
-//! time the answer has spent in the cache. The decisions are made once, when an answer is stored:
+//! Answers are stored in wire form: hickory's encoding of the upstream's answer without its OPT record,
+//! with where each record's TTL is. A hit of the plain shape (see [`super::wire`]) is written from those
+//! bytes with the client's ID, question and OPT record and each TTL lowered by the time the answer has
+//! spent in the cache; any other hit (over TCP, one that must be truncated, a stale answer) is decoded
+//! into hickory's `Message` and lowered the same way. The decisions are made once, when an answer is
+//! stored:
 //!
 //! - positive answers live for their smallest answer TTL, clamped to `min_ttl..=max_ttl`;
 //! - negative answers (NXDOMAIN, or NOERROR with no answer) live for the SOA's minimum (or the SOA
@@ -14,6 +17,7 @@
 //! Freshness is measured on tokio's clock (so tests can step through it); moka bounds the number of
 //! entries and evicts each one once its stale window has passed.
 
+use std::borrow::Borrow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,25 +26,61 @@ use hickory_proto::rr::{DNSClass, LowerName, RData, RecordType};
 use keel_schemas::config::DnsCache;
 use tokio::time::Instant;
 
+use super::wire::{self, CachedAnswer, PlainQuery};
+
 /// TTL of an answer served stale (RFC 8767 section 4).
 const STALE_TTL: u32 = 30;
 
-/// What a cached answer is the answer to.
+/// What a cached answer is the answer to, as bytes: the question's name in wire form and lower case,
+/// its type and class, and whether the client asked for DNSSEC records (the answers differ). The wire
+/// path writes the same bytes straight from a query ([`PlainQuery::cache_key`]) and looks them up
+/// without building a key.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct CacheKey {
-    pub name: LowerName,
-    pub record_type: RecordType,
-    pub class: DNSClass,
-    /// Whether the client asked for DNSSEC records: the answers differ.
-    pub dnssec_ok: bool,
+pub struct CacheKey(Box<[u8]>);
+
+impl CacheKey {
+    pub fn new(name: &LowerName, record_type: RecordType, class: DNSClass, dnssec_ok: bool) -> Self {
+        let mut bytes = Vec::with_capacity(wire::MAX_KEY);
+        for label in name.iter() {
+            // A decoded name's labels are at most 63 bytes.
+            bytes.push(label.len() as u8);
+            bytes.extend(label.iter().map(u8::to_ascii_lowercase));
+        }
+        bytes.push(0);
+        bytes.extend_from_slice(&u16::from(record_type).to_be_bytes());
+        bytes.extend_from_slice(&u16::from(class).to_be_bytes());
+        bytes.push(u8::from(dnssec_ok));
+        Self(bytes.into_boxed_slice())
+    }
+
+    pub fn dnssec_ok(&self) -> bool {
+        self.0.last() == Some(&1)
+    }
+}
+
+/// Derived `Hash` and `Eq` of the one field are those of the bytes, as `Borrow` requires.
+impl Borrow<[u8]> for CacheKey {
+    fn borrow(&self) -> &[u8] {
+        &self.0
+    }
 }
 
 #[derive(Debug)]
 struct Entry {
-    message: Message,
+    /// The answer without its OPT record, as hickory encodes it, under the upstream's ID.
+    wire: Box<[u8]>,
+    question_end: u16,
+    ttl_offsets: Box<[u16]>,
     stored: Instant,
     fresh_for: u32,
     stale_for: u32,
+}
+
+impl Entry {
+    /// Seconds in the cache.
+    fn age(&self) -> u32 {
+        u32::try_from(self.stored.elapsed().as_secs()).unwrap_or(u32::MAX)
+    }
 }
 
 /// How fresh a served answer is.
@@ -95,10 +135,52 @@ impl AnswerCache {
     /// Stores `answer`, the upstream's answer to `key`, if it may be cached. Returns whether it was.
     pub fn insert(&self, key: CacheKey, answer: &Message) -> bool {
         let Some(fresh_for) = self.lifetime(answer) else { return false };
+        // The OPT record was the upstream's to Keel, and each client gets its own; a signature is not
+        // the client's either.
+        let mut records = answer.clone();
+        records.edns = None;
+        records.signature = None;
+        let encoded = records.to_vec().map_err(|error| error.to_string()).and_then(|wire| {
+            let (question_end, ttl_offsets) =
+                wire::records_ttl_offsets(&wire).ok_or("its encoding does not read back")?;
+            Ok((wire, question_end, ttl_offsets))
+        });
+        let (wire, question_end, ttl_offsets) = match encoded {
+            Ok(encoded) => encoded,
+            Err(error) => {
+                tracing::debug!(%error, "an upstream's answer is not cached");
+                return false;
+            }
+        };
         let stale_for = u32::try_from(self.settings.serve_stale.get().as_secs()).unwrap_or(u32::MAX);
-        let entry = Entry { message: answer.clone(), stored: Instant::now(), fresh_for, stale_for };
+        let entry = Entry {
+            wire: wire.into_boxed_slice(),
+            question_end,
+            ttl_offsets: ttl_offsets.into_boxed_slice(),
+            stored: Instant::now(),
+            fresh_for,
+            stale_for,
+        };
         self.entries.insert(key, Arc::new(entry));
         true
+    }
+
+    /// The answer to a plain query whose key is `key`, written from a fresh entry's wire form; `None`
+    /// when there is none, or when it must go through hickory (see [`wire::answer_cached`]).
+    pub fn answer_plain(&self, query: &PlainQuery<'_>, key: &[u8]) -> Option<Vec<u8>> {
+        let entry = self.entries.get(key)?;
+        let elapsed = entry.age();
+        let remaining = entry.fresh_for.checked_sub(elapsed).filter(|&left| left > 0)?;
+        wire::answer_cached(
+            query,
+            CachedAnswer {
+                wire: &entry.wire,
+                question_end: entry.question_end,
+                ttl_offsets: &entry.ttl_offsets,
+                elapsed,
+                remaining,
+            },
+        )
     }
 
     /// A fresh answer to `key`, with `id` and TTLs lowered by its time in the cache.
@@ -113,7 +195,7 @@ impl AnswerCache {
 
     fn lookup(&self, key: &CacheKey, id: u16, allow_stale: bool) -> Option<(Message, Freshness)> {
         let entry = self.entries.get(key)?;
-        let elapsed = u32::try_from(entry.stored.elapsed().as_secs()).unwrap_or(u32::MAX);
+        let elapsed = entry.age();
         let freshness = if elapsed < entry.fresh_for {
             Freshness::Fresh
         } else if allow_stale && elapsed - entry.fresh_for < entry.stale_for {
@@ -122,7 +204,7 @@ impl AnswerCache {
             return None;
         };
         let remaining = entry.fresh_for.saturating_sub(elapsed);
-        let mut message = entry.message.clone();
+        let mut message = Message::from_vec(&entry.wire).ok()?;
         message.metadata.id = id;
         let records =
             message.answers.iter_mut().chain(&mut message.authorities).chain(&mut message.additionals);
@@ -179,12 +261,7 @@ mod tests {
     }
 
     fn key(name: &str) -> CacheKey {
-        CacheKey {
-            name: LowerName::from(Name::from_ascii(name).unwrap()),
-            record_type: RecordType::A,
-            class: DNSClass::IN,
-            dnssec_ok: false,
-        }
+        CacheKey::new(&LowerName::from(Name::from_ascii(name).unwrap()), RecordType::A, DNSClass::IN, false)
     }
 
     fn answer(name: &str, code: ResponseCode, ttls: &[u32], soa: Option<(u32, u32)>) -> Message {

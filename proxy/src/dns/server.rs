@@ -107,12 +107,8 @@ impl DnsState {
             self.metrics.count(query_type, DnsOutcome::Hijacked);
             return Resolution::Now(Answer::hijacked(request, query, vip, self.ttl));
         }
-        let key = CacheKey {
-            name: query.name().clone(),
-            record_type: query.query_type(),
-            class: query.query_class(),
-            dnssec_ok: request.edns.as_ref().is_some_and(|edns| edns.flags().dnssec_ok),
-        };
+        let dnssec_ok = request.edns.as_ref().is_some_and(|edns| edns.flags().dnssec_ok);
+        let key = CacheKey::new(query.name(), query.query_type(), query.query_class(), dnssec_ok);
         match self.cache.get(&key, request.metadata.id) {
             Some(hit) => {
                 self.metrics.count(query_type, DnsOutcome::CacheHit);
@@ -284,7 +280,7 @@ async fn forward(state: &DnsState, request: &Request, key: CacheKey) -> Answer {
     upstream_query.add_query(query.original().clone());
     let mut upstream_edns = Edns::new();
     upstream_edns.set_max_payload(UPSTREAM_PAYLOAD);
-    upstream_edns.set_dnssec_ok(key.dnssec_ok);
+    upstream_edns.set_dnssec_ok(key.dnssec_ok());
     upstream_query.set_edns(upstream_edns);
     let started = tokio::time::Instant::now();
     match state.upstreams.forward(&upstream_query).await {
@@ -540,31 +536,63 @@ enum Reply {
 }
 
 impl DnsState {
-    /// The reply to a datagram: a hijacked A or AAAA query straight from the wire, anything else
-    /// through hickory's types.
+    /// The reply to a datagram: a plain query answered straight from the wire when it can be, anything
+    /// else through hickory's types.
     fn reply(&self, datagram: Datagram<'_>) -> Reply {
         if !datagram.truncated
-            && let Some(hijacked) = wire::answer_hijacked(datagram.bytes, &self.table, self.ttl)
+            && let Some(answered) = self.answer_plain(datagram.bytes)
         {
-            self.metrics.count(hijacked.query_type, DnsOutcome::Hijacked);
-            return Reply::Send(hijacked.response);
+            return Reply::Send(answered.response);
         }
         self.reply_decoded(datagram)
     }
 
+    /// The answer to a plain query (see [`wire`]) that needs neither hickory nor an upstream: a hijacked
+    /// name's VIP, or a fresh cached answer that fits the client's payload size. `None` leaves the query
+    /// to the generic path, which answers it the same way or differently (NODATA for a hijacked name's
+    /// other types, truncation, forwarding).
+    fn answer_plain(&self, packet: &[u8]) -> Option<wire::Answered> {
+        let query = wire::read_query(packet)?;
+        if let Some(vip) = self.table.lookup_labels(query.labels()) {
+            let answered = wire::answer_hijacked(&query, vip, self.ttl)?;
+            self.metrics.count(answered.query_type, DnsOutcome::Hijacked);
+            return Some(answered);
+        }
+        let mut key = [0; wire::MAX_KEY];
+        let response = self.cache.answer_plain(&query, query.cache_key(&mut key))?;
+        let query_type: &'static str = RecordType::from(query.query_type()).into();
+        self.metrics.count(query_type, DnsOutcome::CacheHit);
+        Some(wire::Answered { query_type, response })
+    }
+
     /// A UDP query answered both ways it can be without an upstream, for the fuzz targets (`fuzz/`):
-    /// by the fast path (hijacked A and AAAA straight from the wire), if it answers, and through
-    /// hickory's types (`None` when the query would be forwarded, or dropped). Whenever the fast path
+    /// straight from the wire (a hijacked A or AAAA, a cache hit), if that answers, and through
+    /// hickory's types (`None` when the query would be forwarded, or dropped). Whenever the wire path
     /// answers, the two answers must say the same.
     #[doc(hidden)]
     pub fn answer_both_ways(&self, bytes: &[u8]) -> (Option<Vec<u8>>, Option<Vec<u8>>) {
-        let fast = wire::answer_hijacked(bytes, &self.table, self.ttl).map(|hijacked| hijacked.response);
+        let fast = self.answer_plain(bytes).map(|answered| answered.response);
         let datagram = Datagram { bytes, sender: SocketAddr::from(([127, 0, 0, 1], 53)), truncated: false };
         let decoded = match self.reply_decoded(datagram) {
             Reply::Send(bytes) => Some(bytes),
             Reply::Forward(..) | Reply::Drop => None,
         };
         (fast, decoded)
+    }
+
+    /// Stores `answer` as the upstream's answer to `query` (a whole query message), for the fuzz targets
+    /// to have something in the cache. Returns whether it was cached.
+    #[doc(hidden)]
+    pub fn cache_answer(&self, query: &[u8], answer: &Message) -> bool {
+        let Ok(request) =
+            Request::from_bytes(query.to_vec(), SocketAddr::from(([127, 0, 0, 1], 53)), Protocol::Udp)
+        else {
+            return false;
+        };
+        match self.resolve_now(&request) {
+            Resolution::Forward(key) => self.cache.insert(key, answer),
+            Resolution::Now(_) => false,
+        }
     }
 
     /// The reply to a datagram, decoded with hickory.
@@ -744,7 +772,7 @@ mod tests {
                 for flags in [(true, false), (false, true)] {
                     for edns in [None, Some((4096, false)), Some((1232, true)), Some((100, false))] {
                         let bytes = query(0x4b1d, name, record_type, flags, edns);
-                        let Some(fast) = wire::answer_hijacked(&bytes, &state.table, state.ttl) else {
+                        let Some(fast) = state.answer_plain(&bytes) else {
                             // Only a VIP of the other family leaves the fast path.
                             let v6_name = name == "v6.example.";
                             assert_eq!(record_type == RecordType::AAAA, !v6_name, "{name} {record_type}");
@@ -771,7 +799,7 @@ mod tests {
     #[test]
     fn anything_unusual_goes_to_the_generic_path() {
         let state = state();
-        let fast = |bytes: &[u8]| wire::answer_hijacked(bytes, &state.table, state.ttl).map(|h| h.response);
+        let fast = |bytes: &[u8]| state.answer_plain(bytes).map(|answered| answered.response);
         let plain = query(7, "mysql.", RecordType::A, (true, false), Some((1232, false)));
         assert!(fast(&plain).is_some());
 
@@ -830,5 +858,160 @@ mod tests {
             Message::from_vec(&fast(&cookie).unwrap()).unwrap(),
             Message::from_vec(&decoded(&state, &cookie)).unwrap()
         );
+    }
+
+    /// An upstream's answer to `name`/`record_type`: `ttls.len()` A records (or one CNAME to
+    /// `target.example.` and its A record), an NS in the authority section with its glue, and the
+    /// upstream's OPT record; NXDOMAIN with an SOA when `ttls` is empty.
+    fn upstream_answer(name: &str, record_type: RecordType, ttls: &[u32]) -> Message {
+        use hickory_proto::rr::rdata::{CNAME, NS};
+        let owner = Name::from_ascii(name).unwrap();
+        let zone = Name::from_ascii("example.").unwrap();
+        let mut answer = Message::new(99, MessageType::Response, OpCode::Query);
+        answer.metadata.recursion_desired = true;
+        answer.metadata.recursion_available = true;
+        answer.metadata.authentic_data = true;
+        answer.add_query(Query::query(owner.clone(), record_type));
+        if ttls.is_empty() {
+            answer.metadata.response_code = ResponseCode::NXDomain;
+            let soa =
+                SOA::new(zone.clone(), Name::from_ascii("hostmaster.example.").unwrap(), 1, 60, 60, 60, 45);
+            answer.authorities.push(Record::from_rdata(zone, 50, RData::SOA(soa)));
+        } else if record_type == RecordType::CNAME {
+            let target = Name::from_ascii("target.example.").unwrap();
+            answer.answers.push(Record::from_rdata(owner, ttls[0], RData::CNAME(CNAME(target.clone()))));
+            answer.answers.push(Record::from_rdata(target, ttls[0], RData::A(A::new(10, 0, 0, 9))));
+        } else {
+            for (index, ttl) in ttls.iter().enumerate() {
+                let address = A::new(10, 1, (index / 250) as u8, (index % 250) as u8 + 1);
+                answer.answers.push(Record::from_rdata(owner.clone(), *ttl, RData::A(address)));
+            }
+            let server = Name::from_ascii("ns1.example.").unwrap();
+            answer.authorities.push(Record::from_rdata(zone, 3600, RData::NS(NS(server.clone()))));
+            answer.additionals.push(Record::from_rdata(server, 3600, RData::A(A::new(10, 0, 0, 53))));
+        }
+        let mut edns = Edns::new();
+        edns.set_max_payload(1232);
+        answer.set_edns(edns);
+        answer
+    }
+
+    /// `state` with every answer stored as the upstream's, under both DNSSEC-OK and not.
+    fn cache_answers(state: &DnsState, answers: &[(&str, RecordType, Message)]) {
+        for (name, record_type, answer) in answers {
+            for dnssec_ok in [false, true] {
+                let asked = query(1, name, *record_type, (true, false), Some((1232, dnssec_ok)));
+                assert!(state.cache_answer(&asked, answer), "{name} {record_type} cached");
+            }
+        }
+    }
+
+    fn ttls(bytes: &[u8]) -> Vec<u32> {
+        Message::from_vec(bytes).unwrap().all_sections().map(|record| record.ttl).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cache_hits_from_the_wire_answer_as_the_generic_path_does() {
+        let state = state();
+        let answers = [
+            ("fwd.example.", RecordType::A, upstream_answer("fwd.example.", RecordType::A, &[300, 100])),
+            (
+                "alias.example.",
+                RecordType::CNAME,
+                upstream_answer("alias.example.", RecordType::CNAME, &[200]),
+            ),
+            ("gone.example.", RecordType::AAAA, upstream_answer("gone.example.", RecordType::AAAA, &[])),
+        ];
+        cache_answers(&state, &answers);
+        tokio::time::advance(std::time::Duration::from_secs(7)).await;
+        let mut checked = 0;
+        for (name, record_type, _) in &answers {
+            for asked in [name.to_string(), name.to_uppercase()] {
+                for flags in [(true, false), (false, true)] {
+                    for edns in [None, Some((4096, false)), Some((1232, true)), Some((100, false))] {
+                        let bytes = query(0x7e57, &asked, *record_type, flags, edns);
+                        let fast =
+                            state.answer_plain(&bytes).expect("a fresh hit answers from the wire").response;
+                        let generic = decoded(&state, &bytes);
+                        assert_eq!(
+                            Message::from_vec(&fast).unwrap(),
+                            Message::from_vec(&generic).unwrap(),
+                            "{asked} {record_type} {flags:?} {edns:?}"
+                        );
+                        // The client's question, as it wrote it, and its ID.
+                        assert_eq!(fast[..2], [0x7e, 0x57]);
+                        assert_eq!(fast[12..12 + asked.len() + 1], generic[12..12 + asked.len() + 1]);
+                        checked += 1;
+                    }
+                }
+            }
+        }
+        assert_eq!(checked, 48);
+
+        // Every TTL is lowered by the 7 s spent in the cache, and none outlives the answer's freshness
+        // (100 s for fwd.example., its smallest TTL; 45 s, the SOA minimum, for gone.example.).
+        let fwd = query(1, "fwd.example.", RecordType::A, (true, false), None);
+        assert_eq!(ttls(&state.answer_plain(&fwd).unwrap().response), [93, 93, 93, 93]);
+        let gone = query(1, "gone.example.", RecordType::AAAA, (true, false), None);
+        assert_eq!(ttls(&state.answer_plain(&gone).unwrap().response), [38]);
+        tokio::time::advance(std::time::Duration::from_secs(40)).await;
+        assert!(state.answer_plain(&gone).is_none(), "expired: the generic path forwards it");
+        assert!(matches!(state.reply_decoded(datagram(&gone)), Reply::Forward(..)));
+        assert_eq!(ttls(&state.answer_plain(&fwd).unwrap().response), [53, 53, 53, 53]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cached_answer_too_large_for_the_client_is_truncated_by_the_generic_path() {
+        let state = state();
+        let large = upstream_answer("big.example.", RecordType::A, &[60; 40]);
+        cache_answers(&state, &[("big.example.", RecordType::A, large)]);
+        let plain = query(3, "big.example.", RecordType::A, (true, false), None);
+        assert!(state.answer_plain(&plain).is_none(), "over 512 bytes without EDNS");
+        let truncated = decoded(&state, &plain);
+        assert!(truncated.len() <= 512);
+        assert!(Message::from_vec(&truncated).unwrap().metadata.truncation, "TC set");
+        let edns = query(3, "big.example.", RecordType::A, (true, false), Some((4096, false)));
+        let whole = state.answer_plain(&edns).expect("fits 4096 bytes").response;
+        assert!(whole.len() > 512);
+        assert_eq!(Message::from_vec(&whole).unwrap().answers.len(), 40);
+    }
+
+    #[test]
+    fn a_name_hijacked_after_its_answer_was_cached_is_answered_as_hijacked() {
+        let metrics = DnsMetrics::new(&Metrics::new());
+        let load = |text: &str| {
+            keel_schemas::load(text, "test.yaml", &keel_schemas::MapEnvironment::default()).unwrap()
+        };
+        let before = load("dns:\n  upstreams: [127.0.0.1:9]\n");
+        let before = DnsState::new(before.dns.as_ref().unwrap(), None, metrics.clone()).unwrap();
+        let answers = [
+            (
+                "mysql.default.svc.cluster.local.",
+                RecordType::A,
+                upstream_answer("mysql.default.svc.cluster.local.", RecordType::A, &[300]),
+            ),
+            (
+                "mysql.default.svc.cluster.local.",
+                RecordType::TXT,
+                upstream_answer("mysql.default.svc.cluster.local.", RecordType::TXT, &[300]),
+            ),
+        ];
+        cache_answers(&before, &answers);
+        let after = load("dns:\n  upstreams: [127.0.0.1:9]\n  hijack:\n    - service: mysql\n");
+        let after = DnsState::new(after.dns.as_ref().unwrap(), Some(&before), metrics).unwrap();
+        assert_eq!(after.cache_len(), before.cache_len(), "the cache is kept across the reload");
+
+        let a = query(1, "mysql.default.svc.cluster.local.", RecordType::A, (true, false), None);
+        let forwarded = before.answer_plain(&a).unwrap().response;
+        assert_eq!(Message::from_vec(&forwarded).unwrap().answers[0].data, RData::A(A::new(10, 1, 0, 1)));
+        let hijacked = Message::from_vec(&after.answer_plain(&a).unwrap().response).unwrap();
+        assert!(
+            matches!(hijacked.answers[0].data, RData::A(address) if address.0.octets()[..3] == [127, 0, 66])
+        );
+        let txt = query(1, "mysql.default.svc.cluster.local.", RecordType::TXT, (true, false), None);
+        assert!(after.answer_plain(&txt).is_none(), "a hijacked name's TXT is the generic path's");
+        let nodata = Message::from_vec(&decoded(&after, &txt)).unwrap();
+        assert!(nodata.answers.is_empty());
+        assert_eq!(nodata.metadata.response_code, ResponseCode::NoError);
     }
 }
