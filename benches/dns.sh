@@ -5,7 +5,9 @@
 # benches/dns.py: the same hijacked service names answered by Keel (dns.hijack), dnsmasq (address=) and
 # unbound (local-data), and cache-hit forwarding by Keel and unbound to the same local upstream (a
 # dnsmasq), each loaded with dnsperf. Prints QPS, average and p99 latency per server, medians over the
-# rounds, and Keel's ratios.
+# rounds, and Keel's ratios; then the same with every server held to one CFS quota of half a core (as a
+# sidecar's resources.limits.cpu), where dnsperf no longer competes with the server for the cores (needs
+# root and the cgroup cpu controller, v1 or v2; skipped with a line saying so otherwise).
 #
 #   benches/dns.sh                    # 5 rounds, 4 s per measurement
 #   ROUNDS=3 SECONDS_EACH=5 benches/dns.sh
