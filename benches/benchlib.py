@@ -184,11 +184,10 @@ class CpuLimit:
         self.path = os.path.join(self.root, f"keel-bench-{name}-{os.getpid()}")
         quota = int(cores * self.PERIOD_US)
         self.origins = {pid: self._cgroup_of(pid) for pid in pids}
+        os.mkdir(self.path)
         if self.version == 2:
-            os.mkdir(self.path)
             self._write("cpu.max", f"{quota} {self.PERIOD_US}")
         else:
-            os.mkdir(self.path)
             self._write("cpu.cfs_period_us", str(self.PERIOD_US))
             self._write("cpu.cfs_quota_us", str(quota))
         for pid in pids:

@@ -64,7 +64,7 @@ pub fn tunnel_frames(data: &[u8]) {
 pub fn dns_query(data: &[u8]) {
     static STATE: OnceLock<DnsState> = OnceLock::new();
     let state = STATE.get_or_init(|| {
-        let text = "dns:\n  listen: [127.0.0.1:0]\n  upstreams: [127.0.0.1:9]\n  hijack:\n    - service: mysql\n    - {name: v6.example, address: \"fd00::7\"}\n    - {name: \"*.internal.example\", address: 127.0.66.9}\n    - {name: web.default.svc.cluster.local, address: 127.0.66.10}\n";
+        let text = "dns:\n  listen: [127.0.0.1:0]\n  upstreams: [127.0.0.1:9]\n  cache: {min_ttl: 720h, max_ttl: 720h, negative_ttl: 720h}\n  hijack:\n    - service: mysql\n    - {name: v6.example, address: \"fd00::7\"}\n    - {name: \"*.internal.example\", address: 127.0.66.9}\n    - {name: web.default.svc.cluster.local, address: 127.0.66.10}\n";
         let config = keel_schemas::load(text, "fuzz.yaml", &MapEnvironment::default()).expect("the fuzz config loads");
         let dns = config.dns.as_ref().expect("the fuzz config has dns");
         let state = DnsState::new(dns, None, DnsMetrics::new(&Metrics::new())).expect("the fuzz DNS state builds");
@@ -82,7 +82,8 @@ pub fn dns_query(data: &[u8]) {
 
 /// Fills the fuzz state's cache with what an upstream could have answered: `fwd.example.` A (two
 /// addresses, an NS and its glue) and `gone.example.` AAAA (NXDOMAIN with an SOA), each asked with and
-/// without the DO bit, so that queries for them are answered from the cache both ways.
+/// without the DO bit, so that queries for them are answered from the cache both ways. The fuzz config
+/// keeps every answer for 30 days (`min_ttl`), so they stay fresh however long the fuzzer runs.
 fn cache_upstream_answers(state: &DnsState) {
     use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
     use hickory_proto::rr::rdata::{A, NS, SOA};
@@ -108,8 +109,9 @@ fn cache_upstream_answers(state: &DnsState) {
     let mut gone = question("gone.example.", RecordType::AAAA, false);
     gone.metadata.message_type = MessageType::Response;
     gone.metadata.response_code = ResponseCode::NXDomain;
-    let soa = SOA::new(name("example."), name("hostmaster.example."), 1, 60, 60, 60, 60);
-    gone.authorities.push(Record::from_rdata(name("example."), 60, RData::SOA(soa)));
+    let month = 30 * 86_400;
+    let soa = SOA::new(name("example."), name("hostmaster.example."), 1, 60, 60, 60, month);
+    gone.authorities.push(Record::from_rdata(name("example."), month, RData::SOA(soa)));
     for (owner, record_type, answer) in
         [("fwd.example.", RecordType::A, found), ("gone.example.", RecordType::AAAA, gone)]
     {

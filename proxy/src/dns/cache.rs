@@ -170,7 +170,10 @@ impl AnswerCache {
     pub fn answer_plain(&self, query: &PlainQuery<'_>, key: &[u8]) -> Option<Vec<u8>> {
         let entry = self.entries.get(key)?;
         let elapsed = entry.age();
-        let remaining = entry.fresh_for.checked_sub(elapsed).filter(|&left| left > 0)?;
+        if elapsed >= entry.fresh_for {
+            return None;
+        }
+        let remaining = entry.fresh_for - elapsed;
         wire::answer_cached(
             query,
             CachedAnswer {
