@@ -101,6 +101,20 @@ tunnels:
     return Chain("keel", k_iperf, k_web, procs)
 
 
+def floor_chain(relay, work, hops, iperf_port):
+    """`hops` minimal splice relays in a row in front of the iperf3 server (benches/floor_relay.rs): what
+    a chain of that many TCP connections costs on this machine with the cheapest relay there is. Only
+    iperf3 runs through it (a thread per direction serves requests poorly, and that is not what it
+    measures)."""
+    procs, port = [], iperf_port
+    for hop in range(hops):
+        listen = free_port()
+        procs.append(start([relay, str(listen), str(port)], work, f"floor{hops}-{hop}"))
+        wait_port(listen, work)
+        port = listen
+    return Chain(f"floor{hops}", port, None, procs)
+
+
 def wait_through(chain, limit=10.0):
     """Waits until a request goes through the chain end to end (tunnels register in the background)."""
     deadline = time.time() + limit
@@ -118,6 +132,8 @@ def main():
     args = sys.argv[1:]
     rathole = args[args.index("--rathole") + 1]
     del args[args.index("--rathole"):args.index("--rathole") + 2]
+    floor_relay = args[args.index("--floor-relay") + 1]
+    del args[args.index("--floor-relay"):args.index("--floor-relay") + 2]
     sys.argv[1:] = args
     opts, work = options_and_workdir("keel-tunnel-bench-")
     procs = []
@@ -131,13 +147,18 @@ def main():
             chains.append(chain)
         for chain in chains:
             wait_through(chain)
+        # The yardsticks: Keel's topology (three relays, four TCP connections) and rathole's (two, three).
+        floors = [floor_chain(floor_relay, work, hops, iperf_port) for hops in (3, 2)]
+        for chain in floors:
+            procs.extend(chain.procs)
         time.sleep(1.0)
         idle = {c.name: rss_kib(c.pids) / 1024 for c in chains if c.procs}
         per_process = {c.name: [rss_kib([p.pid]) / 1024 for p in c.procs] for c in chains if c.procs}
+        chains += floors
 
         keys = ("iperf1", "iperf8", "rps", "p50", "p99", "first", "first_max", "loaded")
         results = {c.name: {k: [] for k in keys} for c in chains}
-        samplers = {c.name: Sampler(c.pids) for c in chains}
+        samplers = {c.name: Sampler(c.pids) for c in chains if c not in floors}
         for sampler in samplers.values():
             sampler.start()
         rng = random.Random(5)
@@ -148,6 +169,8 @@ def main():
                 rng.shuffle(order)
                 for chain in order:
                     r = results[chain.name]
+                    if chain in floors and metric not in ("iperf1", "iperf8"):
+                        continue
                     if metric == "iperf1":
                         r["iperf1"].append(iperf(chain.iperf_port, 1, opts.seconds))
                     elif metric == "iperf8":
@@ -173,6 +196,10 @@ def main():
               f"{'p99 ms':>7} {'1st byte ms':>11} {'idle RSS MB':>11} {'loaded RSS MB':>13}")
         for chain in chains:
             m = med[chain.name]
+            if chain in floors:
+                print(f"{chain.name:<8} {m['iperf1']:>16.2f} {m['iperf8']:>16.2f} {'-':>10} {'-':>7} {'-':>7} {'-':>11} "
+                      f"{'-':>11} {'-':>13}")
+                continue
             idle_rss = f"{idle[chain.name]:.1f}" if chain.procs else "-"
             loaded = f"{m['loaded']:.1f}" if chain.procs else "-"
             print(f"{chain.name:<8} {m['iperf1']:>16.2f} {m['iperf8']:>16.2f} {m['rps']:>10.0f} {m['p50']:>7.3f} "
@@ -185,6 +212,11 @@ def main():
               f"(bar >= 1.50), req/s {k['rps'] / r['rps']:.2f}x, idle RSS {idle['keel'] / idle['rathole']:.2f}x, "
               f"loaded RSS {k['loaded'] / r['loaded']:.2f}x (bar <= 1.00); "
               f"keel first byte {k['first']:.3f} ms median (bar < 1)")
+        f3, f2 = med["floor3"], med["floor2"]
+        print(f"minimal splice relays (benches/floor_relay.rs), to rathole: three in a row (keel's topology) "
+              f"iperf3 1x {f3['iperf1'] / r['iperf1']:.2f}x, 8x {f3['iperf8'] / r['iperf8']:.2f}x; two (rathole's) "
+              f"1x {f2['iperf1'] / r['iperf1']:.2f}x, 8x {f2['iperf8'] / r['iperf8']:.2f}x; "
+              f"keel/three: 1x {k['iperf1'] / f3['iperf1']:.2f}x, 8x {k['iperf8'] / f3['iperf8']:.2f}x")
         d = med["direct"]
         print(f"first byte added to a direct connection: keel {k['first'] - d['first']:.3f} ms, "
               f"rathole {r['first'] - d['first']:.3f} ms (the direct figure, {d['first']:.3f} ms, is the "
