@@ -44,7 +44,7 @@ fn main() {
         for stream in [&downstream, &upstream] {
             let _ = stream.set_nodelay(true);
         }
-        let (down_again, up_again) = (downstream.try_clone().unwrap(), upstream.try_clone().unwrap());
+        let (Ok(down_again), Ok(up_again)) = (downstream.try_clone(), upstream.try_clone()) else { continue };
         thread::spawn(move || pump(&downstream, &upstream));
         thread::spawn(move || pump(&up_again, &down_again));
     }
