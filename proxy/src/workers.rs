@@ -1,26 +1,26 @@
-//! The data path's workers: threads that each run an event loop of their own (a current-thread tokio
-//! runtime), as Envoy's workers do. A listener hands each accepted connection to the worker with the
+//! The data path's workers: threads that each run an event loop of their own (a tokio runtime of one
+//! thread), as Envoy's workers do. A listener hands each accepted connection to the worker with the
 //! fewest connections, and the connection lives there until it ends: its sockets are registered with
 //! that worker's epoll, so their readiness wakes that one thread and no other.
 //!
 //! On the proxy's main (multi-thread) runtime a relayed connection's events woke whichever worker held
-//! the event loop, and each woken task woke a second worker to look for work to steal: on a two-core
-//! machine, with the two ends of a transfer busy on both cores, those wake-ups cost a single relayed
-//! stream about a fifth of its throughput against HAProxy, whose threads own their connections.
+//! the event loop, and a woken task woke a second worker to look for work to steal. On a two-core
+//! machine, with both ends of a transfer busy, that cost a single relayed stream: in paired runs against
+//! HAProxy (`benches/relay.sh`'s peers, six rounds) one iperf3 stream went from 0.74x to 0.82x HAProxy's
+//! throughput (and, in another run, the relay's CPU per GB from 0.67 to 0.57 core-seconds); eight
+//! streams and requests per second did not move out of the noise.
+//!
+//! Only the listeners' connections move here. The tunnels' relays stay on the main runtime: moved too,
+//! they made no difference to the tunnel benchmark's throughput and requests per second, and each
+//! process kept about 0.4 MB more code resident under load (the tunnel's RSS bar is rathole's).
 //!
 //! The threads start with the first connection handed over (a proxy without listeners has none); their
 //! number is `--concurrency`, the number of CPUs by default ([`set_count`]). A connection is handed over
 //! as a future that registers its sockets when it first runs, on the worker (see the listener).
 
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
-
-use tokio::sync::mpsc;
-
-/// A connection's task, handed to a worker.
-type Job = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 static COUNT: OnceLock<usize> = OnceLock::new();
 static WORKERS: OnceLock<Workers> = OnceLock::new();
@@ -33,7 +33,7 @@ pub fn set_count(count: usize) {
 
 /// Runs `task` on the worker with the fewest tasks, to its end.
 pub fn spawn(task: impl Future<Output = ()> + Send + 'static) {
-    WORKERS.get_or_init(|| Workers::start(*COUNT.get_or_init(default_count))).spawn(Box::pin(task));
+    WORKERS.get_or_init(|| Workers::start(*COUNT.get_or_init(default_count))).spawn(task);
 }
 
 fn default_count() -> usize {
@@ -46,7 +46,11 @@ struct Workers {
 }
 
 struct Worker {
-    jobs: mpsc::UnboundedSender<Job>,
+    /// A runtime of one thread, which runs every task handed to it. It is tokio's multi-thread
+    /// scheduler with one worker rather than the current-thread one: the same code as the main
+    /// runtime's, so the data path faults in no second scheduler's code pages (1.2 to 1.5 MB of
+    /// resident memory per process under load, measured, with the current-thread scheduler).
+    runtime: tokio::runtime::Runtime,
     /// Tasks handed to this worker and not yet ended.
     load: Arc<AtomicUsize>,
 }
@@ -54,24 +58,20 @@ struct Worker {
 impl Workers {
     fn start(count: usize) -> Self {
         let workers = (0..count)
-            .map(|index| {
-                let (jobs, queue) = mpsc::unbounded_channel();
-                let load = Arc::new(AtomicUsize::new(0));
-                let runtime = tokio::runtime::Builder::new_current_thread()
+            .map(|index| Worker {
+                runtime: tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(1)
+                    .thread_name(format!("keel-worker-{index}"))
                     .enable_all()
                     .build()
-                    .expect("cannot start a worker's event loop");
-                std::thread::Builder::new()
-                    .name(format!("keel-worker-{index}"))
-                    .spawn(move || runtime.block_on(run(queue)))
-                    .expect("cannot start a worker thread");
-                Worker { jobs, load }
+                    .expect("cannot start a data-path worker"),
+                load: Arc::new(AtomicUsize::new(0)),
             })
             .collect();
         Self { workers }
     }
 
-    fn spawn(&self, job: Job) {
+    fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
         // Fewest tasks first; among equals the first, so that connections fill the workers in turn.
         let worker = self
             .workers
@@ -79,22 +79,11 @@ impl Workers {
             .min_by_key(|worker| worker.load.load(Ordering::Relaxed))
             .expect("at least one worker");
         worker.load.fetch_add(1, Ordering::Relaxed);
-        let load = Arc::clone(&worker.load);
-        let counted: Job = Box::pin(async move {
-            let _ended = Decrement(load);
-            job.await;
+        let ended = Decrement(Arc::clone(&worker.load));
+        worker.runtime.spawn(async move {
+            let _ended = ended;
+            task.await;
         });
-        // A worker's loop ends only with the process, so the send cannot fail while it runs.
-        if worker.jobs.send(counted).is_err() {
-            tracing::error!("a data-path worker has stopped; connection dropped");
-        }
-    }
-}
-
-/// A worker's loop: spawns every task handed to it onto its own runtime.
-async fn run(mut queue: mpsc::UnboundedReceiver<Job>) {
-    while let Some(job) = queue.recv().await {
-        tokio::spawn(job);
     }
 }
 
@@ -112,6 +101,8 @@ mod tests {
     use std::collections::HashSet;
     use std::time::Duration;
 
+    use tokio::sync::mpsc;
+
     use super::*;
 
     #[test]
@@ -122,12 +113,12 @@ mod tests {
         for _ in 0..4 {
             let done = done.clone();
             let mut released = release.subscribe();
-            workers.spawn(Box::pin(async move {
+            workers.spawn(async move {
                 let before = std::thread::current().id();
                 let _ = released.recv().await;
                 tokio::time::sleep(Duration::from_millis(1)).await;
                 let _ = done.send((before, std::thread::current().id()));
-            }));
+            });
         }
         // Four tasks held open: two on each worker.
         let loads = || workers.workers.iter().map(|w| w.load.load(Ordering::Relaxed)).collect::<Vec<_>>();

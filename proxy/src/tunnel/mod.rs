@@ -20,13 +20,11 @@ pub mod tls;
 pub mod visitor;
 
 use std::future::Future;
-use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
 use metrics::Counter;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -94,13 +92,11 @@ impl ServiceMetrics {
 }
 
 /// Relays a paired connection to its end, counting it for the service: `sent` is what moves from the
-/// visitor's side towards the publisher's. Plain TCP on both sides is relayed with `splice(2)` on one of
-/// the data path's [`workers`](crate::workers), where both sockets move for the rest of their life (the
-/// caller waits for the end; dropping its future ends the relay, as `close` does); a TLS side is copied
-/// through user space here, and its bytes are counted when the relay ends.
+/// visitor's side towards the publisher's. Plain TCP on both sides is relayed with `splice(2)`; a TLS
+/// side is copied through user space, and its bytes are counted when the relay ends.
 pub async fn relay_counted(
-    visitor_side: Conn,
-    publisher_side: Conn,
+    visitor_side: &mut Conn,
+    publisher_side: &mut Conn,
     metrics: &ServiceMetrics,
     close: &CancellationToken,
 ) {
@@ -111,13 +107,14 @@ pub async fn relay_counted(
         (Conn::Plain(visitor), Conn::Plain(publisher)) => {
             let sent = DirectionCounters { from: handles.sent.clone(), to: Counter::noop() };
             let received = DirectionCounters { from: handles.received.clone(), to: Counter::noop() };
-            if let Err(error) = splice_on_a_worker(visitor, publisher, sent, received, close).await {
+            if let Err(error) = crate::splice::relay(visitor, publisher, None, &sent, &received, close).await
+            {
                 tracing::debug!(%error, "tunnel relay ended with an error");
             }
         }
-        (mut visitor, mut publisher) => {
+        (visitor, publisher) => {
             let copied = tokio::select! {
-                copied = tokio::io::copy_bidirectional_with_sizes(&mut visitor, &mut publisher, COPY_BUFFER, COPY_BUFFER) => copied,
+                copied = tokio::io::copy_bidirectional_with_sizes(visitor, publisher, COPY_BUFFER, COPY_BUFFER) => copied,
                 () = close.cancelled() => Ok((0, 0)),
             };
             match copied {
@@ -130,33 +127,6 @@ pub async fn relay_counted(
         }
     }
     handles.active.decrement(1.0);
-}
-
-/// Moves both sockets to a data-path worker and splices between them there until the relay ends.
-async fn splice_on_a_worker(
-    visitor: TcpStream,
-    publisher: TcpStream,
-    sent: DirectionCounters,
-    received: DirectionCounters,
-    close: &CancellationToken,
-) -> io::Result<()> {
-    let (visitor, publisher) = (visitor.into_std()?, publisher.into_std()?);
-    // Cancelled by `close`, and when this future is dropped before the relay ends.
-    let stop = close.child_token();
-    let _stop_if_dropped = stop.clone().drop_guard();
-    let (report, ended) = tokio::sync::oneshot::channel();
-    crate::workers::spawn(async move {
-        let relayed = async {
-            let (mut visitor, mut publisher) =
-                (TcpStream::from_std(visitor)?, TcpStream::from_std(publisher)?);
-            crate::splice::relay(&mut visitor, &mut publisher, None, &sent, &received, &stop)
-                .await
-                .map_err(|error| io::Error::other(error.to_string()))?;
-            Ok(())
-        };
-        let _ = report.send(relayed.await);
-    });
-    ended.await.unwrap_or_else(|_| Err(io::Error::other("the worker dropped the relay")))
 }
 
 /// Copy buffer per direction when a side is TLS.

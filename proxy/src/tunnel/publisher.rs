@@ -329,7 +329,7 @@ async fn serve_visitor(settings: &Settings, mut stream: Conn, open: Open, early:
         }
         settings.metrics.count_before_relay(early.len(), 0);
     }
-    relay_counted(stream, local, &settings.metrics, &settings.context.close).await;
+    relay_counted(&mut stream, &mut local, &settings.metrics, &settings.context.close).await;
 }
 
 async fn check_open(settings: &Settings, open: &Open) -> Result<(), Reason> {

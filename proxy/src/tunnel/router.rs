@@ -451,7 +451,8 @@ async fn serve_visitor(mut visitor: Conn, inner: Arc<RouterInner>, stop: Cancell
             let mut opened = Frame::Opened.encode();
             opened.extend_from_slice(&after);
             if tokio::io::AsyncWriteExt::write_all(&mut visitor, &opened).await.is_ok() {
-                let relay = super::relay_counted(visitor, publisher, &metrics, &inner.context.close);
+                let relay =
+                    super::relay_counted(&mut visitor, &mut publisher, &metrics, &inner.context.close);
                 inner.context.connections.track_future(relay).await;
             }
         }

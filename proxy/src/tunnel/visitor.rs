@@ -326,7 +326,7 @@ async fn carry(local: TcpStream, settings: &Settings, links: &[Arc<Link>]) {
                 if !after.is_empty() && local.write_all(&after).await.is_err() {
                     return;
                 }
-                relay_counted(local, remote, &settings.metrics, &settings.context.close).await;
+                relay_counted(&mut local, &mut remote, &settings.metrics, &settings.context.close).await;
                 return;
             }
             Ok(Answered { frame: Frame::Refused { reason, detail }, .. }) => {
