@@ -11,8 +11,9 @@
 //! streams and requests per second did not move out of the noise.
 //!
 //! Only the listeners' connections move here. The tunnels' relays stay on the main runtime: moved too,
-//! they made no difference to the tunnel benchmark's throughput and requests per second, and each
-//! process kept about 0.4 MB more code resident under load (the tunnel's RSS bar is rathole's).
+//! they left the tunnel benchmark's throughput and requests per second where they were (its p99 was
+//! lower, in the one run), and each process kept about 0.4 MB more code resident under load, against
+//! an RSS bar set by rathole's.
 //!
 //! The threads start with the first connection handed over (a proxy without listeners has none); their
 //! number is `--concurrency`, the number of CPUs by default ([`set_count`]). A connection is handed over
