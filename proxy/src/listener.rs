@@ -243,7 +243,9 @@ impl AcceptLoop {
             let _tracked = tracked;
             match TcpStream::from_std(stream) {
                 Ok(stream) => handle(stream, peer, settings, cluster, close, guard).await,
-                Err(error) => tracing::warn!(%peer, %error, "a worker cannot take the connection; closed"),
+                Err(error) => {
+                    tracing::warn!(listener = %settings.config.name, %peer, %error, "a worker cannot take the connection; closed");
+                }
             }
         });
     }
