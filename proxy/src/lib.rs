@@ -2,7 +2,7 @@
 //!
 //! A config flows file → [`source`] (read, version, watch) → `keel_schemas::load` (parse, validate) →
 //! [`Proxy::apply`] (diff, bind, swap; [`control_plane`] snapshots take the same road) → [`listener`]s that accept and hand each connection to a
-//! [`cluster`] for an upstream and to the [`relay`] for the bytes, on one of the data path's [`workers`]. [`dns`] answers the pod's queries;
+//! [`cluster`] for an upstream and to the [`relay`] for the bytes. [`dns`] answers the pod's queries;
 //! [`tunnel`] runs routers, publishers and visitors (relaying with [`splice`]); [`reporter`]s watch an
 //! address and report its changes. [`admin`] serves
 //! readiness, dumps, metrics and the reload/drain controls; [`serve`] runs it all until a shutdown
@@ -29,7 +29,6 @@ pub mod shorthand;
 pub mod source;
 pub mod splice;
 pub mod tunnel;
-pub mod workers;
 
 use std::time::Duration;
 

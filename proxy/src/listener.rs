@@ -3,9 +3,8 @@
 //! The accept loop reads the listener's current [`ListenerSettings`] through an `ArcSwap` on every
 //! connection, so a reload that changes a listener in place (its cluster, idle timeout, cap, allowed
 //! sources, even its name) never touches the socket or the connections already open. Each connection is
-//! a task on one of the data path's [`workers`], where it stays to its end, tracked by the listener's
-//! [`TaskTracker`], which is what a drain waits on; the listener's `close` token ends the connections
-//! still open when a drain runs out of time.
+//! a task tracked by the listener's [`TaskTracker`], which is what a drain waits on; the listener's
+//! `close` token ends the connections still open when a drain runs out of time.
 //!
 //! Accept errors (running out of file descriptors, say) back off exponentially instead of spinning.
 
@@ -25,7 +24,6 @@ use crate::cluster::Cluster;
 use crate::metrics::{ListenerMetrics, Metrics};
 use crate::relay::{self, DirectionCounters, RelayEnd};
 use crate::runtime::ClusterMap;
-use crate::workers;
 
 /// Pending connections the kernel queues before `accept`.
 const BACKLOG: i32 = 1024;
@@ -227,27 +225,8 @@ impl AcceptLoop {
         settings.metrics.active.increment(1.0);
         let guard = ActiveGuard { active: Arc::clone(&self.active), settings: Arc::clone(&settings) };
         let cluster = self.clusters.load().get(&config.cluster).cloned();
-        // The connection moves to a data-path worker for its whole life (`workers`): its socket leaves
-        // this runtime's event loop here and joins the worker's when the task first runs there.
-        let stream = match stream.into_std() {
-            Ok(stream) => stream,
-            Err(error) => {
-                tracing::warn!(listener = %config.name, %peer, %error, "cannot hand the connection to a worker; closed");
-                return;
-            }
-        };
-        let close = self.close.clone();
-        // Taken now, so that a drain starting before the worker runs the task still waits for it.
-        let tracked = (self.connections.token(), self.all_connections.token());
-        workers::spawn(async move {
-            let _tracked = tracked;
-            match TcpStream::from_std(stream) {
-                Ok(stream) => handle(stream, peer, settings, cluster, close, guard).await,
-                Err(error) => {
-                    tracing::warn!(listener = %settings.config.name, %peer, %error, "a worker cannot take the connection; closed");
-                }
-            }
-        });
+        let connection = handle(stream, peer, settings, cluster, self.close.clone(), guard);
+        self.connections.spawn(self.all_connections.track_future(connection));
     }
 }
 

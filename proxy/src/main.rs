@@ -168,7 +168,6 @@ fn run(config: Option<PathBuf>, concurrency: Option<u16>) -> anyhow::Result<()> 
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if let Some(workers) = concurrency {
         runtime.worker_threads(usize::from(workers));
-        keel_proxy::workers::set_count(usize::from(workers));
     }
     let runtime = runtime.enable_all().build()?;
     runtime.block_on(async {
