@@ -23,7 +23,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// Bytes read per syscall at most. A read that drains the socket is a sleep and a wake-up; 64 KiB reads
-/// drained it every few reads where HAProxy's 16 KiB rarely do. Paired runs beside HAProxy, one iperf3
+/// drained it every few reads where HAProxy's 16 KiB rarely do. A paired run beside HAProxy, one iperf3
 /// stream: 32 KiB 1.00x HAProxy's where 64 KiB gave 0.74x, eight streams 1.15x against 1.04x, requests
 /// per second and p99 within the noise (0.94x against 0.97x, 0.92x against 0.89x).
 const BUFFER_SIZE: usize = 32 * 1024;
