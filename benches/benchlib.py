@@ -85,13 +85,16 @@ def rss_kib(pids):
     return total
 
 
-def options_and_workdir(prefix):
-    """The options every benchmark takes (--keel, --rounds, --seconds) and a fresh work directory that
-    peers running as nobody (nginx workers) can read."""
+def options_and_workdir(prefix, binaries=()):
+    """The options every benchmark takes (--keel, --rounds, --seconds), plus a required path option for
+    each of `binaries` (name and help: `("rathole", "the rathole binary")` gives `opts.rathole`), and a
+    fresh work directory that peers running as nobody (nginx workers) can read."""
     args = argparse.ArgumentParser()
     args.add_argument("--keel", required=True, help="the proxy binary")
     args.add_argument("--rounds", type=int, default=5)
     args.add_argument("--seconds", type=int, default=4)
+    for name, help_text in binaries:
+        args.add_argument(f"--{name}", required=True, help=help_text)
     work = tempfile.mkdtemp(prefix=prefix)
     os.chmod(work, 0o755)
     return args.parse_args(), work

@@ -129,48 +129,43 @@ def wait_through(chain, limit=10.0):
 
 
 def main():
-    args = sys.argv[1:]
-    rathole = args[args.index("--rathole") + 1]
-    del args[args.index("--rathole"):args.index("--rathole") + 2]
-    floor_relay = args[args.index("--floor-relay") + 1]
-    del args[args.index("--floor-relay"):args.index("--floor-relay") + 2]
-    sys.argv[1:] = args
-    opts, work = options_and_workdir("keel-tunnel-bench-")
+    opts, work = options_and_workdir("keel-tunnel-bench-", [
+        ("rathole", "the rathole binary"),
+        ("floor-relay", "benches/floor_relay.rs, built"),
+    ])
     procs = []
     try:
         iperf_port, origin_port = start_origins(work, procs)
         chains = [Chain("direct", iperf_port, origin_port, [])]
         for build in (rathole_chain, keel_chain):
-            binary = rathole if build is rathole_chain else opts.keel
+            binary = opts.rathole if build is rathole_chain else opts.keel
             chain = build(binary, work, iperf_port, origin_port)
             procs.extend(chain.procs)
             chains.append(chain)
         for chain in chains:
             wait_through(chain)
         # The yardsticks: Keel's topology (three relays, four TCP connections) and rathole's (two, three).
-        floors = [floor_chain(floor_relay, work, hops, iperf_port) for hops in (3, 2)]
+        floors = [floor_chain(opts.floor_relay, work, hops, iperf_port) for hops in (3, 2)]
         for chain in floors:
             procs.extend(chain.procs)
         time.sleep(1.0)
         idle = {c.name: rss_kib(c.pids) / 1024 for c in chains if c.procs}
         per_process = {c.name: [rss_kib([p.pid]) / 1024 for p in c.procs] for c in chains if c.procs}
-        chains += floors
 
         keys = ("iperf1", "iperf8", "rps", "p50", "p99", "first", "first_max", "loaded")
-        results = {c.name: {k: [] for k in keys} for c in chains}
-        samplers = {c.name: Sampler(c.pids) for c in chains if c not in floors}
+        results = {c.name: {k: [] for k in keys} for c in chains + floors}
+        samplers = {c.name: Sampler(c.pids) for c in chains}
         for sampler in samplers.values():
             sampler.start()
         rng = random.Random(5)
         for round_number in range(opts.rounds):
             print(f"round {round_number + 1}/{opts.rounds}", file=sys.stderr)
             for metric in ("iperf1", "iperf8", "wrk", "first"):
-                order = chains[:]
+                # The yardsticks carry iperf3 only.
+                order = chains + floors if metric in ("iperf1", "iperf8") else chains[:]
                 rng.shuffle(order)
                 for chain in order:
                     r = results[chain.name]
-                    if chain in floors and metric not in ("iperf1", "iperf8"):
-                        continue
                     if metric == "iperf1":
                         r["iperf1"].append(iperf(chain.iperf_port, 1, opts.seconds))
                     elif metric == "iperf8":
@@ -196,14 +191,14 @@ def main():
               f"{'p99 ms':>7} {'1st byte ms':>11} {'idle RSS MB':>11} {'loaded RSS MB':>13}")
         for chain in chains:
             m = med[chain.name]
-            if chain in floors:
-                print(f"{chain.name:<8} {m['iperf1']:>16.2f} {m['iperf8']:>16.2f} {'-':>10} {'-':>7} {'-':>7} {'-':>11} "
-                      f"{'-':>11} {'-':>13}")
-                continue
             idle_rss = f"{idle[chain.name]:.1f}" if chain.procs else "-"
             loaded = f"{m['loaded']:.1f}" if chain.procs else "-"
             print(f"{chain.name:<8} {m['iperf1']:>16.2f} {m['iperf8']:>16.2f} {m['rps']:>10.0f} {m['p50']:>7.3f} "
                   f"{m['p99']:>7.3f} {m['first']:>11.3f} {idle_rss:>11} {loaded:>13}")
+        for chain in floors:
+            m = med[chain.name]
+            print(f"{chain.name:<8} {m['iperf1']:>16.2f} {m['iperf8']:>16.2f} {'-':>10} {'-':>7} {'-':>7} {'-':>11} "
+                  f"{'-':>11} {'-':>13}")
         for name, sizes in per_process.items():
             roles = ["server", "client"] if name == "rathole" else ["router", "publisher", "visitor"]
             print(f"  idle RSS of {name}: " + ", ".join(f"{role} {size:.1f} MB" for role, size in zip(roles, sizes)))
